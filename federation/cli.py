@@ -1,0 +1,153 @@
+"""The ``carbonfed`` command.
+
+    carbonfed run [--dataset seed|owid] [--privacy none|dp|he|dp+he] [--epsilon E] ... --out DIR
+    carbonfed keygen --out DIR
+    carbonfed report DIR [--keys DIR]
+    carbonfed verify DIR
+    carbonfed bench he --params N --clients K [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from federation.config import PRIVACY_MODES, RunConfig
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a federation in Flower's simulation engine and write a report")
+    defaults = RunConfig()
+    p.add_argument("--dataset", choices=("seed", "owid"), default=defaults.dataset)
+    p.add_argument("--data-dir", default=None, help="folder with the CSV files (else $CARBONFED_DATA_DIR, else ../shared/data)")
+    p.add_argument("--privacy", choices=PRIVACY_MODES, default=defaults.privacy)
+    p.add_argument("--out", required=False, default=None, help="output folder (default runs/<dataset>-<mode>-<time>)")
+    p.add_argument("--keys", default=None, help="folder from `carbonfed keygen` (default: fresh keys in a private temp dir)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    for f in fields(RunConfig):
+        if f.name in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
+
+
+def _progress(cfg: RunConfig):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[info]}"), transient=False)
+    task = progress.add_task("rounds", total=cfg.rounds, info="setup: statistics release")
+
+    def on_round(s: dict) -> None:
+        eps = f"ε_max={s['epsilon_max']:.3f}" if s.get("epsilon_max") is not None else "ε=∞ (no DP)"
+        up = f"{s['upload_bytes_per_client'] / 1e3:.1f} kB/client" if s.get("upload_bytes_per_client") else ""
+        progress.update(task, advance=1, info=f"{s['accepted']} accepted, {s['rejected']} rejected, {eps}, "
+                                             f"{s['seconds']:.1f}s {up}")
+    return progress, on_round
+
+
+def cmd_run(args) -> int:
+    from data import resolve_data_dir
+    from federation.report import build_report
+    from federation.simulation import run_simulation
+    from privacy.he import keygen
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+                 if f.name not in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir")
+                 and getattr(args, f.name, None) is not None}
+    data_dir = str(resolve_data_dir(args.data_dir))
+    out = Path(args.out or f"runs/{args.dataset}-{args.privacy.replace('+', '')}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if (out / "ledger.jsonl").exists():
+        print(f"error: {out} already holds a run (ledger.jsonl); choose another --out", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="carbonfed-keys-") as tmp:
+        keys = args.keys
+        if keys is None and args.privacy in ("he", "dp+he"):
+            keys = str(Path(tmp) / "keys")
+            keygen(keys)
+        cfg = RunConfig(dataset=args.dataset, data_dir=data_dir, privacy=args.privacy, keys_dir=keys or "",
+                        out_dir=str(out), **overrides)
+        print(f"carbonfed: {cfg.dataset} data, privacy={cfg.privacy}"
+              + (f", ε={cfg.epsilon}, δ={cfg.delta}" if cfg.dp else "") + f", {cfg.rounds} rounds → {out}")
+        if not args.verbose:
+            logging.getLogger("flwr").setLevel(logging.ERROR)
+        progress, on_round = _progress(cfg)
+        with progress:
+            run_simulation(cfg, on_round=on_round, verbose=args.verbose)
+        report = build_report(out, keys)
+    _print_summary(report, out)
+    return 0
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    m, p, h = report["metrics"], report["privacy"], report["he"]
+    print(f"held-out accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+          f"({report['clients']['test']} test countries, {report['clients']['train']} training)")
+    if p:
+        print(f"privacy: ε_max={p['epsilon_max']:.4f} (target {p['epsilon_target']}) at δ={p['delta']}, accountant {p['accountant']}")
+    if h:
+        print(f"HE: {h['scheme']} N={h['poly_modulus_degree']}, {h['security_bits']}-bit, "
+              f"{h['upload_bytes_per_client_round'] / 1e3:.1f} kB upload per client per round")
+    print(f"time: {report['timing']['total_s']:.1f}s ({report['timing']['per_round_s']:.2f}s per round)")
+    print(f"report: {out / 'report.json'}  ledger: {out / 'ledger.jsonl'}")
+
+
+def cmd_keygen(args) -> int:
+    from privacy.he import keygen
+
+    secret, public = keygen(args.out)
+    print(f"clients' secret context: {secret}\nserver's public context: {public}\n(both mode 0600; never commit them)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from federation.report import build_report
+
+    report = build_report(args.dir, args.keys)
+    _print_summary(report, Path(args.dir))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="carbonfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _run_parser(sub)
+    k = sub.add_parser("keygen", help="write the clients' secret and the server's public HE context")
+    k.add_argument("--out", required=True)
+    r = sub.add_parser("report", help="(re)build report.json of a run directory (needs the secret context for HE runs)")
+    r.add_argument("dir")
+    r.add_argument("--keys", default=None)
+    v = sub.add_parser("verify", help="check a run's ledger chain and recompute every ε independently")
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="benchmarks: `carbonfed bench he --params N --clients K [--json]`")
+    b.add_argument("what", choices=("he",))
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "keygen":
+            return cmd_keygen(args)
+        if args.cmd == "report":
+            return cmd_report(args)
+        if args.cmd == "verify":
+            from privacy.verify import main as verify_main
+            return verify_main(args.rest)
+        if args.cmd == "bench":
+            from privacy.bench_he import main as bench_main
+            return bench_main(args.rest)
+    except (ValueError, OSError) as exc:   # DataError, ContextFileError, config errors: say what, no traceback
+        print(f"carbonfed: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""One country's client: what it does with each request, independent of transport.
+
+The Flower ``ClientApp`` (:mod:`federation.client_app`) turns messages into calls on a
+:class:`Participant` and its replies back into messages. The participant keeps every piece of
+state that must survive between messages in :attr:`Participant.state` (a dict of plain lists and
+scalars that the ClientApp stores in ``context.state``), because a deployed client keeps nothing
+in memory between messages.
+
+Guarantees
+----------
+* The noise multiplier is calibrated once, for the whole planned run (``rounds`` rounds of
+  ``local_epochs`` epochs, plus the statistics release), so that the client's total ε at ``delta``
+  reaches at most the target ``epsilon``.
+* Before touching its data in a round, the client computes the ε it would have spent after
+  that round; if that exceeds its budget it refuses, says so, and spends nothing.
+* The statistics release happens at most once per run per client.
+* Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.dataset import FederatedDataset
+from data.partition import Partition
+from data.standardize import StatsLayout
+from federation.config import RunConfig
+from models.mlp import build_model
+from models.params import flatten_params, load_flat_params, num_params
+from privacy.accountant import ClientAccountant, calibrate_noise
+from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
+from privacy.fixed_point import FixedPointCodec
+from privacy.he import BFVCipher, HEParams, key_fingerprint
+from privacy.packing import CountLayout, UpdateLayout
+from privacy.secure_sum import PlainCipher
+
+PLAIN_FINGERPRINT = "plaintext"
+
+
+class BudgetExceeded(RuntimeError):
+    """The requested round would take the client past its (ε, δ) budget."""
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """The three integer layouts of a run, derived from its config and model size."""
+
+    update: UpdateLayout
+    stats: StatsLayout
+    metrics: CountLayout
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int) -> "Layouts":
+        t = HEParams().plain_modulus
+        n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
+        codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round)
+        return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec),
+                   stats=StatsLayout(n_features, cfg.max_client_samples, cfg.stats_noise_multiplier, t,
+                                     cfg.max_clients_per_round),
+                   metrics=CountLayout(n_classes * n_classes))
+
+
+def make_cipher(cfg: RunConfig, ctx, length: int):
+    """BFV under ``ctx`` when HE is on, else the plaintext twin with the same modulus."""
+    if cfg.he:
+        if ctx is None:
+            raise ValueError("HE is on but no TenSEAL context was given (keys-dir / secret-context unset)")
+        return BFVCipher(ctx, length)
+    return PlainCipher(length, HEParams().plain_modulus)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Participant:
+    cfg: RunConfig
+    dataset: FederatedDataset
+    partition: Partition
+    country: str
+    ctx: object = None            # secret TenSEAL context (HE on) or None
+    state: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.role = self.partition.role(self.country)
+        self.x, self.y = self.dataset.client_arrays(self.country)
+        self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
+        self.fingerprint = key_fingerprint(self.ctx) if self.cfg.he else PLAIN_FINGERPRINT
+        self.settings = TrainSettings(lr=self.cfg.lr, momentum=self.cfg.momentum, local_epochs=self.cfg.local_epochs,
+                                      batch_size=self.cfg.batch_size, max_grad_norm=self.cfg.max_grad_norm)
+
+    # -- privacy state ---------------------------------------------------------------------
+    @property
+    def accountant(self) -> ClientAccountant:
+        return ClientAccountant.from_state(self.state.get("accountant", {}))
+
+    def _save_accountant(self, acc: ClientAccountant) -> None:
+        self.state["accountant"] = acc.state_dict()
+
+    def stats_mechanism(self) -> list[tuple[float, float, int]]:
+        s = self.cfg.stats_noise_multiplier
+        return [(s, 1.0, 1)] if (self.cfg.dp and s > 0) else []
+
+    def noise_multiplier(self) -> float:
+        """Calibrated once for the whole planned run, then kept in the state."""
+        if "noise_multiplier" not in self.state:
+            q, steps = planned_mechanism(len(self.y), self.settings)
+            self.state["noise_multiplier"] = calibrate_noise(
+                self.cfg.epsilon, self.cfg.delta, q, steps * self.cfg.rounds, prior=self.stats_mechanism())
+        return float(self.state["noise_multiplier"])
+
+    # -- requests --------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Role, key fingerprint and (training clients) the encrypted noisy statistics."""
+        out = {"role": self.role, "country": self.country, "fingerprint": self.fingerprint, "stats": None}
+        if self.role != "train":
+            return out
+        if self.state.get("stats_released"):
+            raise RuntimeError(f"{self.country} already released its statistics in this run; "
+                               "a second release would spend more privacy budget")
+        if self.cfg.dp:
+            sigma = self.noise_multiplier()
+            acc = self.accountant
+            for mech in self.stats_mechanism():
+                acc.add(*mech)
+            self._save_accountant(acc)
+            out["noise_multiplier"] = sigma
+        rng = np.random.default_rng(_seed(self.cfg.seed, "stats", self.country))
+        out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
+            self.layouts.stats.pack(self.x, rng))
+        out["stats_mechanism"] = self.stats_mechanism()
+        self.state["stats_released"] = True
+        return out
+
+    def _global_model(self, model_bytes: bytes | None, model_terms: int):
+        model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed)
+        if model_bytes is not None:
+            vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
+            params, _ = self.layouts.update.unpack_sum(vec, model_terms)
+            load_flat_params(model, params)
+        return model
+
+    def _standardizer(self, stats_bytes: bytes, stats_terms: int):
+        vec = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).decrypt(stats_bytes)
+        return self.layouts.stats.unpack_sum(vec, stats_terms)
+
+    def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
+              stats_bytes: bytes, stats_terms: int) -> dict:
+        """Train one round; returns the encrypted update and the ledger facts of this round."""
+        torch.set_num_threads(1)
+        q, steps = planned_mechanism(len(self.y), self.settings)
+        facts = {"round": server_round, "country": self.country, "sample_rate": q, "steps": steps}
+        settings = self.settings
+        if self.cfg.dp:
+            sigma = self.noise_multiplier()
+            acc = self.accountant
+            eps_after = acc.epsilon_after(sigma, q, steps, self.cfg.delta)
+            facts.update(noise_multiplier=sigma, epsilon_before=acc.epsilon(self.cfg.delta))
+            if eps_after > self.cfg.epsilon:
+                raise BudgetExceeded(
+                    f"{self.country}: round {server_round} would raise ε from {facts['epsilon_before']:.4f} to "
+                    f"{eps_after:.4f}, above the budget ε={self.cfg.epsilon} at δ={self.cfg.delta}; refusing to train")
+            settings = TrainSettings(**{**settings.__dict__, "noise_multiplier": sigma})
+        scaler = self._standardizer(stats_bytes, stats_terms)
+        model = self._global_model(model_bytes, model_terms)
+        outcome = train_local(model, scaler.apply(self.x), self.y, settings,
+                              seed=_seed(self.cfg.seed, "train", self.country, server_round))
+        if self.cfg.dp:
+            acc.add(sigma, outcome.sample_rate, outcome.steps)
+            self._save_accountant(acc)
+            facts["epsilon"] = eps_after
+            facts["total_steps"] = acc.total_steps()
+        params = flatten_params(model)
+        if not np.all(np.isfinite(params)):
+            raise ValueError(f"{self.country}: local training produced NaN/inf parameters")
+        rng = np.random.default_rng(_seed(self.cfg.seed, "encode", self.country, server_round))
+        vec, clipped = self.layouts.update.pack(params, len(self.y), rng)
+        facts.update(steps=outcome.steps, sample_rate=outcome.sample_rate, clipped_params=clipped)
+        update = make_cipher(self.cfg, self.ctx, self.layouts.update.length).encrypt(vec)
+        return {"update": update, "facts": facts}
+
+    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats_bytes: bytes, stats_terms: int) -> bytes:
+        """Encrypted confusion matrix (true class × predicted class) of the global model here."""
+        torch.set_num_threads(1)
+        scaler = self._standardizer(stats_bytes, stats_terms)
+        model = self._global_model(model_bytes, model_terms).eval()
+        with torch.no_grad():
+            pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()
+        k = len(self.dataset.classes)
+        cm = np.zeros((k, k), dtype=np.int64)
+        np.add.at(cm, (self.y, pred), 1)
+        return make_cipher(self.cfg, self.ctx, self.layouts.metrics.length).encrypt(self.layouts.metrics.pack(cm))

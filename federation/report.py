@@ -1,0 +1,125 @@
+"""report.json: what a run achieved, computed by a key holder from the server's outputs.
+
+Every number comes from one of three places, and from nowhere else:
+* the ledger (``ledger.jsonl``): ε per client, the mechanism settings, who took part, timings;
+* the encrypted aggregates, decrypted here with the clients' secret context: the held-out
+  confusion matrices (accuracy, macro-F1) and the final global model;
+* ``server.json``: the config, HE parameters and total time as the server measured them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import load_dataset, sha256_file, split_countries
+from federation.config import RunConfig
+from federation.participant import Layouts, make_cipher
+from models.mlp import build_model
+from models.params import load_flat_params
+from privacy.accountant import ACCOUNTANT_NAME
+from privacy.he import SECRET_CONTEXT_FILE, load_secret_context
+from privacy.ledger import read_ledger
+
+
+def scores(cm: np.ndarray) -> dict:
+    """Accuracy and macro-F1 (over classes present in truth or prediction, as scikit-learn)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    tp = np.diag(cm)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    return {"accuracy": float(tp.sum() / total) if total else None,
+            "macro_f1": float(f1[present].mean()) if present.any() else None}
+
+
+def _one_or_range(values):
+    vals = sorted(set(v for v in values if v is not None))
+    if not vals:
+        return None
+    return vals[0] if len(vals) == 1 else {"min": vals[0], "max": vals[-1]}
+
+
+def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
+    run = Path(run_dir)
+    server = json.loads((run / "server.json").read_text())
+    cfg = RunConfig.from_flower(server["config"])
+    ledger = read_ledger(run / "ledger.jsonl")
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    part = split_countries(ds.countries(), cfg.holdout_offset)
+    layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+    ctx = None
+    if cfg.he:
+        keys = Path(keys_dir or cfg.keys_dir)
+        ctx = load_secret_context(keys / SECRET_CONTEXT_FILE)
+
+    def decrypt(name: str, length: int):
+        return make_cipher(cfg, ctx, length).decrypt((run / "aggregates" / name).read_bytes())
+
+    rounds = [r for r in ledger if r.get("kind") == "round"]
+    history = []
+    for r in rounds:
+        f = run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
+        entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
+                 "epsilon_max": r.get("epsilon_max"), "seconds": r["seconds"],
+                 "accepted": r["accepted"], "rejected": r["rejected"]}
+        if f.exists():
+            cm = layouts.metrics.unpack_sum(decrypt(f.name, layouts.metrics.length), r["evaluated"])
+            entry.update(scores(cm.reshape(len(ds.classes), -1)))
+        history.append(entry)
+
+    # Final model: decrypted by the key holder, saved next to the report.
+    final = None
+    if (run / "aggregates" / "model.bin").exists():
+        params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
+        model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
+        load_flat_params(model, params)
+        scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
+        torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
+                    "hidden": list(cfg.hidden_sizes), "scaler_mean": scaler.mean.tolist(),
+                    "scaler_std": scaler.std.tolist()}, run / "model.pt")
+        final = {"path": str(run / "model.pt"), "samples": total}
+
+    # Privacy, from the ledger: each client's last reported state.
+    last: dict[str, dict] = {}
+    for line in ledger:
+        if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
+            last[line["country"]] = line
+    privacy = None
+    if cfg.dp:
+        eps = {c: line["epsilon"] for c, line in sorted(last.items())}
+        train_lines = [l for l in ledger if l.get("kind") == "train" and l.get("noise_multiplier") is not None]
+        privacy = {"delta": cfg.delta, "epsilon_target": cfg.epsilon,
+                   "epsilon_max": max(eps.values()) if eps else None, "epsilon_per_client": eps,
+                   "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
+                   "max_grad_norm": cfg.max_grad_norm,
+                   "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
+                   "stats_noise_multiplier": cfg.stats_noise_multiplier,
+                   "stats_release_covered": cfg.stats_noise_multiplier > 0}
+    he = None
+    if cfg.he:
+        uploads = [r["upload_bytes_per_client"] for r in rounds if r.get("upload_bytes_per_client")]
+        he = {**{k: server["he"][k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes",
+                                               "plain_modulus", "security_bits", "server_has_secret_key")},
+              "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
+              "packing": "one BFV vector per update: [check, sample count, weighted fixed-point params]",
+              "fixed_point_resolution": layouts.update.codec.resolution}
+    last_scored = next((h for h in reversed(history) if h["accuracy"] is not None), None)
+    report = {
+        "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
+        "holdout_offset": cfg.holdout_offset,
+        "clients": {"train": len(part.train), "test": len(part.test)},
+        "metrics": {"accuracy": last_scored["accuracy"] if last_scored else None,
+                    "macro_f1": last_scored["macro_f1"] if last_scored else None},
+        "history": history, "privacy": privacy, "he": he,
+        "timing": {"total_s": server["total_s"], "per_round_s": float(np.mean([r["seconds"] for r in rounds])) if rounds else None},
+        "model": final,
+        "provenance": {"config_sha256": server["config_sha256"], "config": server["config"],
+                       "data": {**ds.source, "sha256": ds.source.get("sha256") or sha256_file(ds.source["path"])}},
+    }
+    (run / "report.json").write_text(json.dumps(report, indent=2))
+    return report

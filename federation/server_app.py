@@ -1,0 +1,77 @@
+"""The Flower ServerApp: loads the public context, runs :class:`EncryptedFedAvg`, writes the run.
+
+It never loads a secret key: with HE on it loads ``keys-dir/public.ctx`` and refuses to start if
+that file holds a secret key. It writes, under ``out-dir``: ``ledger.jsonl``, the encrypted
+aggregates (``aggregates/``) and ``server.json`` (config, HE parameters, timings). Decrypting
+the final model and the metrics is the key holders' job (``carbonfed report``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from data import load_dataset
+from federation.config import RunConfig
+from federation.participant import PLAIN_FINGERPRINT, Layouts, make_cipher
+from federation.strategy import EncryptedFedAvg
+from privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
+
+log = logging.getLogger("carbonfed")
+
+
+
+def out_dir_for(cfg: RunConfig, run_id: int) -> Path:
+    return Path(cfg.out_dir).resolve() if cfg.out_dir else Path.cwd() / "runs" / f"flwr-{run_id}"
+
+
+def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedFedAvg, object]:
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+    ctx, fingerprint = None, PLAIN_FINGERPRINT
+    if cfg.he:
+        if not cfg.keys_dir:
+            raise ValueError("HE is on: set run config keys-dir to the folder made by `carbonfed keygen`")
+        ctx = load_public_context(Path(cfg.keys_dir) / PUBLIC_CONTEXT_FILE)
+        fingerprint = key_fingerprint(ctx)
+    lengths = {"update": layouts.update.length, "stats": layouts.stats.length, "metrics": layouts.metrics.length}
+    return EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out, on_round), ctx
+
+
+def run_server(grid: Grid, context: Context, on_round=None) -> Path:
+    """The ServerApp's body; ``on_round`` receives each round's summary (progress display)."""
+    cfg = RunConfig.from_flower(dict(context.run_config))
+    out = out_dir_for(cfg, grid.run.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    strategy, ctx = build_strategy(cfg, out, on_round)
+    he = None
+    if ctx is not None:
+        he = {**params_of(ctx).describe(), "server_has_secret_key": ctx.has_secret_key(),
+              "key_fingerprint": strategy.fingerprint}
+    t0 = time.time()
+    strategy.start(grid)
+    server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
+              "plain_modulus": HEParams().plain_modulus, "total_s": time.time() - t0,
+              "model_terms": strategy.state.model_terms, "stats_terms": strategy.state.stats_terms,
+              "rounds_completed": strategy.state.round}
+    (out / "server.json").write_text(json.dumps(server, indent=2))
+    log.info("run written to %s", out)
+    return out
+
+
+def make_server_app(on_round=None) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, on_round)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,39 @@
+"""The seed project's emission-category MLP (21→32→16→5, ReLU), width configurable.
+
+Guarantees: only ``nn.Linear`` and ``nn.ReLU`` layers, which Opacus's GradSampleModule supports
+with exact per-sample gradients; the same seed gives the same initial weights on every machine
+(CPU, float32), which is how every client starts from one public initial model without the
+server sending it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class EmissionMLP(nn.Module):
+    def __init__(self, n_features: int = 21, n_classes: int = 5, hidden: Sequence[int] = (32, 16)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            width = int(h)
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16), seed: int = 0) -> EmissionMLP:
+    """A freshly initialised model; identical for identical arguments."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return EmissionMLP(n_features, n_classes, hidden)
+    finally:
+        torch.random.set_rng_state(gen_state)
