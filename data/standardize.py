@@ -2,21 +2,23 @@
 
 The public seed project fit one scaler on everyone's pooled rows, which federation forbids.
 Here each training client computes the sufficient statistics of its own rows,
-``(count, Σx, Σx²)`` per feature, adds Gaussian noise to them, and uploads them encrypted; the
+``(count per class, Σx, Σx²)`` per feature, adds Gaussian noise to them, and uploads them encrypted; the
 server only sums ciphertexts, and the key holders decrypt the sum and derive the scaler.
 
 Guarantees
 ----------
 * Features first pass a fixed, data-independent transform: signed ``log1p`` clipped to
   ``±LOG_BOUND`` and divided by it, so every transformed value lies in [-1, 1].
-* One record then changes a client's statistics vector ``(n, Σx̃, Σx̃²)`` by at most
-  ``sqrt(1 + 2d)`` in L2 norm (:attr:`StatsLayout.sensitivity`); the noise added to it is
-  ``N(0, (σ·sensitivity)²)`` per entry: the Gaussian mechanism with noise multiplier σ, charged
-  to the client's accountant as one unsubsampled release. With σ = 0 no noise is added and the
-  release is outside the DP guarantee (the report says so).
-* What the release reveals: the noisy *sum over all training clients* of the three statistics,
-  i.e. the global mean and variance of each transformed feature; no client's own statistics
-  leave it unencrypted.
+* Each record contributes ``r = (x̃, x̃²)`` clipped to L2 norm ``CONTRIB_CLIP`` (as DP-SGD clips
+  gradients; real rows are rarely clipped since |x̃| is small), plus 1 to the count of its class.
+  One record therefore changes a client's statistics vector ``(counts, Σr)`` by at most
+  ``sqrt(1 + CONTRIB_CLIP²)`` in L2 norm (:attr:`StatsLayout.sensitivity`); the noise added to it
+  is ``N(0, (σ·sensitivity)²)`` per entry: the Gaussian mechanism with noise multiplier σ,
+  charged to the client's accountant as one unsubsampled release. With σ = 0 no noise is added
+  and the release is outside the DP guarantee (the report says so).
+* What the release reveals: the noisy *sum over all training clients* of these statistics,
+  i.e. the global class frequencies and the mean and variance of each transformed feature; no
+  client's own statistics leave it unencrypted.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from privacy.fixed_point import FixedPointCodec
-from privacy.packing import IntegrityError
+from privacy.packing import checked_length, strip_checks, with_checks
 
+CONTRIB_CLIP = 1.0   # L2 bound of one record's (x̃, x̃²) contribution
 LOG_BOUND = 10.0     # signed log1p values are clipped to ±10 (|x| up to 22,000 passes unclipped)
 STD_FLOOR = 0.02     # in transformed units: a noisy variance never collapses to zero
 
@@ -41,9 +44,10 @@ def transform(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StatsLayout:
-    """Integer layout ``[check, n, Σx̃ (d), Σx̃² (d)]`` of one client's noisy statistics."""
+    """Integer layout ``[check, n per class (k), Σx̃ (d), Σx̃² (d)]`` of one client's noisy statistics."""
 
     n_features: int
+    n_classes: int
     max_client_samples: int
     noise_multiplier: float
     plain_modulus: int
@@ -51,34 +55,39 @@ class StatsLayout:
 
     @property
     def length(self) -> int:
-        return 2 + 2 * self.n_features
+        return checked_length(self.n_classes + 2 * self.n_features)
 
     @property
     def sensitivity(self) -> float:
-        return math.sqrt(1 + 2 * self.n_features)
+        return math.sqrt(1 + CONTRIB_CLIP ** 2)
 
     @property
     def codec(self) -> FixedPointCodec:
         tail = 8 * self.noise_multiplier * self.sensitivity
-        return FixedPointCodec(self.plain_modulus, clip=self.max_client_samples + tail + 1, max_terms=self.max_terms)
+        bound = self.max_client_samples * max(1.0, CONTRIB_CLIP)
+        return FixedPointCodec(self.plain_modulus, clip=bound + tail + 1, max_terms=self.max_terms)
 
-    def local_sums(self, x_raw: np.ndarray) -> np.ndarray:
-        xt = transform(x_raw)[: self.max_client_samples]
-        return np.concatenate([[len(xt)], xt.sum(axis=0), (xt ** 2).sum(axis=0)])
+    def local_sums(self, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:
+        xt = transform(x_raw)
+        if len(xt) > self.max_client_samples:
+            raise ValueError(f"{len(xt)} rows exceed max-client-samples={self.max_client_samples}")
+        r = np.concatenate([xt, xt ** 2], axis=1)
+        norms = np.linalg.norm(r, axis=1, keepdims=True)
+        r = r * np.minimum(1.0, CONTRIB_CLIP / np.maximum(norms, 1e-12))
+        counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=self.n_classes)[: self.n_classes]
+        return np.concatenate([counts, r.sum(axis=0)])
 
-    def pack(self, x_raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        sums = self.local_sums(x_raw)
+    def pack(self, x_raw: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        sums = self.local_sums(x_raw, y)
         if self.noise_multiplier > 0:
             sums = sums + rng.normal(0.0, self.noise_multiplier * self.sensitivity, size=sums.shape)
         z, _ = self.codec.encode(sums, rng)
-        return np.concatenate([[1], z]).astype(np.int64)
+        return with_checks(z)
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> "Standardizer":
-        vec = np.asarray(vec, dtype=np.int64)
-        if int(vec[0]) != terms:
-            raise IntegrityError(f"statistics aggregate: check slot reads {int(vec[0])}, expected {terms}")
-        self.codec.check_sum(vec[1:], terms)
-        return Standardizer.from_sums(self.codec.decode(vec[1:]), self.n_features)
+        payload = strip_checks(vec, terms, "statistics aggregate")
+        self.codec.check_sum(payload, terms)
+        return Standardizer.from_sums(self.codec.decode(payload), self.n_features, self.n_classes)
 
 
 @dataclass(frozen=True)
@@ -87,16 +96,27 @@ class Standardizer:
 
     mean: np.ndarray
     std: np.ndarray
-    count: float
+    class_counts: np.ndarray   # noisy, clipped at 1
+
+    @property
+    def count(self) -> float:
+        return float(self.class_counts.sum())
 
     @classmethod
-    def from_sums(cls, sums: np.ndarray, d: int) -> "Standardizer":
-        n = float(sums[0])
+    def from_sums(cls, sums: np.ndarray, d: int, k: int) -> "Standardizer":
+        counts = np.asarray(sums[:k], dtype=np.float64)
+        n = float(counts.sum())
         if n < 1:
             raise ValueError(f"federated row count {n:.1f} is not positive: too few clients for this noise")
-        mean = np.clip(sums[1:1 + d] / n, -1, 1)
-        var = sums[1 + d:1 + 2 * d] / n - mean ** 2
-        return cls(mean=mean, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)), count=n)
+        mean = np.clip(sums[k:k + d] / n, -1, 1)
+        var = sums[k + d:k + 2 * d] / n - mean ** 2
+        return cls(mean=mean, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)), class_counts=np.maximum(counts, 1.0))
+
+    def class_weights(self, power: float) -> np.ndarray:
+        """Loss weights ∝ (1/frequency)^power, normalised to average 1 over the federation's rows."""
+        freq = self.class_counts / self.class_counts.sum()
+        w = freq ** -power
+        return w / float((freq * w).sum())
 
     def apply(self, x_raw: np.ndarray) -> np.ndarray:
         return ((transform(x_raw) - self.mean) / self.std).astype(np.float32)

@@ -71,8 +71,12 @@ def _participant(context: Context) -> Participant:
     return Participant(cfg, ds, part, country, ctx, state)
 
 
-def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: dict) -> Message:
+def _save_state(context: Context, p: Participant) -> None:
     context.state.config_records[STATE_KEY] = _state_to_record(p.state)
+
+
+def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: dict) -> Message:
+    _save_state(context, p)
     content = RecordDict({"meta": ConfigRecord(meta), **arrays})
     return Message(content, reply_to=msg)
 
@@ -108,9 +112,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         out = p.train(rnd, model, model_terms, stats, stats_terms)
     except BudgetExceeded as exc:
+        _save_state(context, p)
         facts = {"epsilon": p.accountant.epsilon(p.cfg.delta), "history": p.accountant.history}
         return _reply(msg, context, p, {"status": "refused", "reason": str(exc), "fingerprint": p.fingerprint,
                                         "facts": json.dumps(facts)}, {})
+    finally:
+        _save_state(context, p)   # a spend charged before a failure is kept (the error reply follows)
     facts = {**out["facts"], "history": p.accountant.history if p.cfg.dp else []}
     meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": json.dumps(facts)}
     return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
@@ -121,5 +128,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     p = _participant(context)
     _, model, model_terms, stats, stats_terms = _inputs(msg, p)
     metrics = p.evaluate(model, model_terms, stats, stats_terms)
-    meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": json.dumps({"n": int(len(p.y))})}
+    meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": "{}"}
     return _reply(msg, context, p, meta, {"metrics": bytes_record(metrics, _stype(p))})

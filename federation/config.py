@@ -26,11 +26,12 @@ class RunConfig:
     rounds: int = 30
     seed: int = 0
     holdout_offset: int = 0
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 0.5
-    momentum: float = 0.0
+    local_epochs: int = 2
+    batches_per_epoch: int = 5
+    lr: float = 0.1
+    momentum: float = 0.9
     max_grad_norm: float = 1.0
+    class_weight_power: float = 0.0
     hidden: str = "32,16"
     stats_noise_multiplier: float = 4.0
     max_client_samples: int = 512
@@ -40,6 +41,8 @@ class RunConfig:
     round_timeout: float = 600.0
     keys_dir: str = ""
     out_dir: str = ""
+    fault_drill: str = ""
+    reproducible_noise: bool = False
 
     def __post_init__(self):
         errors = []
@@ -53,14 +56,19 @@ class RunConfig:
             errors.append("rounds must be >= 1")
         if self.holdout_offset not in range(5):
             errors.append(f"holdout-offset must be 0..4, got {self.holdout_offset}")
-        if self.batch_size < 1 or self.local_epochs < 1:
-            errors.append("batch-size and local-epochs must be >= 1")
+        if self.batches_per_epoch < 1 or self.local_epochs < 1:
+            errors.append("batches-per-epoch and local-epochs must be >= 1")
         if self.stats_noise_multiplier < 0:
             errors.append("stats-noise-multiplier must be >= 0")
         try:
             self.hidden_sizes
         except ValueError:
             errors.append(f"hidden must be comma-separated layer widths, got {self.hidden!r}")
+        try:
+            from federation.faults import parse_drill
+            parse_drill(self.fault_drill)
+        except ValueError as exc:
+            errors.append(str(exc))
         if errors:
             raise ValueError("invalid run config: " + "; ".join(errors))
 
@@ -90,8 +98,13 @@ class RunConfig:
             key = f.name.replace("_", "-")
             if key in run_config:
                 default = getattr(cls, f.name)
+                value = run_config[key]
+                if isinstance(default, bool) and isinstance(value, str):
+                    value = {"true": True, "false": False}.get(value.lower(), value)
                 try:
-                    kwargs[f.name] = type(default)(run_config[key])
+                    if isinstance(default, bool) and not isinstance(value, bool):
+                        raise TypeError
+                    kwargs[f.name] = type(default)(value)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"run config {key}={run_config[key]!r}: expected {type(default).__name__}") from exc
         return cls(**kwargs)

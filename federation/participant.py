@@ -20,6 +20,7 @@ Guarantees
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,12 +30,13 @@ from data.dataset import FederatedDataset
 from data.partition import Partition
 from data.standardize import StatsLayout
 from federation.config import RunConfig
+from federation.faults import corrupt, nan_params, parse_drill
 from models.mlp import build_model
 from models.params import flatten_params, load_flat_params, num_params
 from privacy.accountant import ClientAccountant, calibrate_noise
 from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
 from privacy.fixed_point import FixedPointCodec
-from privacy.he import BFVCipher, HEParams, key_fingerprint
+from privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
 from privacy.packing import CountLayout, UpdateLayout
 from privacy.secure_sum import PlainCipher
 
@@ -59,8 +61,8 @@ class Layouts:
         n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
         codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round)
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec),
-                   stats=StatsLayout(n_features, cfg.max_client_samples, cfg.stats_noise_multiplier, t,
-                                     cfg.max_clients_per_round),
+                   stats=StatsLayout(n_features, n_classes, cfg.max_client_samples,
+                                     cfg.stats_noise_multiplier if cfg.dp else 0.0, t, cfg.max_clients_per_round),
                    metrics=CountLayout(n_classes * n_classes))
 
 
@@ -88,11 +90,17 @@ class Participant:
 
     def __post_init__(self):
         self.role = self.partition.role(self.country)
+        self.fault = parse_drill(self.cfg.fault_drill).get(self.country, "")
+        if self.fault == "foreign-key" and self.cfg.he:
+            self.ctx = new_secret_context()
         self.x, self.y = self.dataset.client_arrays(self.country)
         self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
         self.fingerprint = key_fingerprint(self.ctx) if self.cfg.he else PLAIN_FINGERPRINT
+        if len(self.y) > self.cfg.max_client_samples:
+            raise ValueError(f"{self.country} holds {len(self.y)} rows, more than max-client-samples="
+                             f"{self.cfg.max_client_samples}: raise that public bound for this federation")
         self.settings = TrainSettings(lr=self.cfg.lr, momentum=self.cfg.momentum, local_epochs=self.cfg.local_epochs,
-                                      batch_size=self.cfg.batch_size, max_grad_norm=self.cfg.max_grad_norm)
+                                      batches_per_epoch=self.cfg.batches_per_epoch, max_grad_norm=self.cfg.max_grad_norm)
 
     # -- privacy state ---------------------------------------------------------------------
     @property
@@ -109,7 +117,7 @@ class Participant:
     def noise_multiplier(self) -> float:
         """Calibrated once for the whole planned run, then kept in the state."""
         if "noise_multiplier" not in self.state:
-            q, steps = planned_mechanism(len(self.y), self.settings)
+            q, steps = planned_mechanism(self.settings)
             self.state["noise_multiplier"] = calibrate_noise(
                 self.cfg.epsilon, self.cfg.delta, q, steps * self.cfg.rounds, prior=self.stats_mechanism())
         return float(self.state["noise_multiplier"])
@@ -130,9 +138,9 @@ class Participant:
                 acc.add(*mech)
             self._save_accountant(acc)
             out["noise_multiplier"] = sigma
-        rng = np.random.default_rng(_seed(self.cfg.seed, "stats", self.country))
+        rng = np.random.default_rng(self._noise_seed("stats", self.country))
         out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
-            self.layouts.stats.pack(self.x, rng))
+            self.layouts.stats.pack(self.x, self.y, rng))
         out["stats_mechanism"] = self.stats_mechanism()
         self.state["stats_released"] = True
         return out
@@ -149,44 +157,70 @@ class Participant:
         vec = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).decrypt(stats_bytes)
         return self.layouts.stats.unpack_sum(vec, stats_terms)
 
+    def _noise_seed(self, *purpose) -> int:
+        """Seed of the DP noise: secret (OS entropy) unless the run asked for reproducible noise."""
+        if self.cfg.dp and not self.cfg.reproducible_noise:
+            return secrets.randbits(63)
+        return _seed(self.cfg.seed, *purpose)
+
     def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
               stats_bytes: bytes, stats_terms: int) -> dict:
-        """Train one round; returns the encrypted update and the ledger facts of this round."""
+        """Train one round; returns the encrypted update and the ledger facts of this round.
+
+        With DP on, the round's mechanism is charged to the accountant (in ``state``) *before*
+        training starts: whatever fails afterwards, the spend is never forgotten.
+        """
         torch.set_num_threads(1)
-        q, steps = planned_mechanism(len(self.y), self.settings)
-        facts = {"round": server_round, "country": self.country, "sample_rate": q, "steps": steps}
+        self._check_terms(model_terms if model_bytes is not None else None, stats_terms)
+        q, steps = planned_mechanism(self.settings)
+        facts = {"round": server_round, "sample_rate": q, "steps": steps}
         settings = self.settings
         if self.cfg.dp:
             sigma = self.noise_multiplier()
             acc = self.accountant
+            eps_before = acc.epsilon(self.cfg.delta)
             eps_after = acc.epsilon_after(sigma, q, steps, self.cfg.delta)
-            facts.update(noise_multiplier=sigma, epsilon_before=acc.epsilon(self.cfg.delta))
+            facts.update(noise_multiplier=sigma, epsilon_before=eps_before)
             if eps_after > self.cfg.epsilon:
                 raise BudgetExceeded(
-                    f"{self.country}: round {server_round} would raise ε from {facts['epsilon_before']:.4f} to "
+                    f"{self.country}: round {server_round} would raise ε from {eps_before:.4f} to "
                     f"{eps_after:.4f}, above the budget ε={self.cfg.epsilon} at δ={self.cfg.delta}; refusing to train")
-            settings = TrainSettings(**{**settings.__dict__, "noise_multiplier": sigma})
+            acc.add(sigma, q, steps)
+            self._save_accountant(acc)
+            facts.update(epsilon=eps_after, total_steps=acc.total_steps())
+            settings = settings.with_noise(sigma)
         scaler = self._standardizer(stats_bytes, stats_terms)
         model = self._global_model(model_bytes, model_terms)
+        settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
-                              seed=_seed(self.cfg.seed, "train", self.country, server_round))
-        if self.cfg.dp:
-            acc.add(sigma, outcome.sample_rate, outcome.steps)
-            self._save_accountant(acc)
-            facts["epsilon"] = eps_after
-            facts["total_steps"] = acc.total_steps()
+                              seed=self._noise_seed("train", self.country, server_round))
         params = flatten_params(model)
+        if self.fault == "nan":
+            params = nan_params(params)
         if not np.all(np.isfinite(params)):
-            raise ValueError(f"{self.country}: local training produced NaN/inf parameters")
+            raise ValueError(f"{self.country}: local training produced NaN/inf parameters; update withheld")
         rng = np.random.default_rng(_seed(self.cfg.seed, "encode", self.country, server_round))
         vec, clipped = self.layouts.update.pack(params, len(self.y), rng)
-        facts.update(steps=outcome.steps, sample_rate=outcome.sample_rate, clipped_params=clipped)
-        update = make_cipher(self.cfg, self.ctx, self.layouts.update.length).encrypt(vec)
+        facts.update(steps=outcome.steps, clipped_params=clipped)
+        if self.fault == "wrong-length":
+            vec = vec[:-1]
+        update = make_cipher(self.cfg, self.ctx, len(vec)).encrypt(vec)
+        if self.fault == "corrupt":
+            update = corrupt(update)
         return {"update": update, "facts": facts}
+
+    def _check_terms(self, model_terms: int | None, stats_terms: int) -> None:
+        """An aggregate of fewer than min-train-clients terms could be one client's own data."""
+        low = [(k, v) for k, v in (("model", model_terms), ("statistics", stats_terms))
+               if v is not None and v < self.cfg.min_train_clients]
+        if low:
+            raise ValueError(f"refusing an aggregate of {low[0][1]} {low[0][0]} contributions "
+                             f"(< min-train-clients={self.cfg.min_train_clients}): it could expose single clients")
 
     def evaluate(self, model_bytes: bytes | None, model_terms: int, stats_bytes: bytes, stats_terms: int) -> bytes:
         """Encrypted confusion matrix (true class × predicted class) of the global model here."""
         torch.set_num_threads(1)
+        self._check_terms(model_terms if model_bytes is not None else None, stats_terms)
         scaler = self._standardizer(stats_bytes, stats_terms)
         model = self._global_model(model_bytes, model_terms).eval()
         with torch.no_grad():

@@ -132,8 +132,7 @@ class EncryptedFedAvg(Strategy):
                 self._reject(base, f"client error: {msg.error.reason}")
                 continue
             meta = dict(msg.content.config_records.get("meta", ConfigRecord()))
-            facts = json.loads(meta.get("facts", "{}"))
-            base.update({k: v for k, v in facts.items() if k not in base})
+            base.update(_facts(meta, base))
             base["delta"] = self.cfg.delta if self.cfg.dp else None
             if meta.get("status") == "refused":
                 self._reject(base, meta.get("reason", "refused"), status="refused")
@@ -211,8 +210,8 @@ class EncryptedFedAvg(Strategy):
             self.state.roles[node] = (meta["role"], base["country"])
             if meta["role"] != "train":
                 continue
-            facts = json.loads(meta.get("facts", "{}"))
-            base.update(facts)
+            base.update(_facts(meta, base))
+            base["delta"] = self.cfg.delta if self.cfg.dp else None
             try:
                 data = record_bytes(msg.content.array_records["stats"], total.cipher.stype)
                 total.add(data)
@@ -266,3 +265,16 @@ class EncryptedFedAvg(Strategy):
                 "upload_bytes_per_client": (sum(r["bytes"] for r in accepted) / len(accepted)) if accepted else None,
                 "model_terms": self.state.model_terms}
 
+
+LEDGER_FACTS = ("epsilon", "epsilon_before", "noise_multiplier", "sample_rate", "steps", "total_steps",
+                "history", "clipped_params")
+
+
+def _facts(meta: dict, base: dict) -> dict:
+    """The privacy facts a client reports, restricted to known keys (a client cannot overwrite
+    the server's own fields such as kind, round or status)."""
+    try:
+        facts = json.loads(meta.get("facts", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return {k: facts[k] for k in LEDGER_FACTS if k in facts and k not in base} if isinstance(facts, dict) else {}

@@ -86,7 +86,7 @@ def _epsilon_merged(history: tuple, delta: float) -> float:
     acc = PRVAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # log(1-q) at q=1 inside Opacus's PRV
+        warnings.simplefilter("ignore")  # log(1-q) at q=1, "optimal order" advice: not errors
         return float(acc.get_epsilon(delta=delta, eps_error=EPS_ERROR))
 
 

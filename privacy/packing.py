@@ -1,16 +1,18 @@
 """Integer layouts of what clients upload: model updates, metric counts, feature statistics.
 
-Every layout starts with a *check slot* holding 1. In an honest sum of K contributions that
-slot decrypts to exactly K, the number of replies the server says it added; a ciphertext made
-under another key, or corrupted in a way the parser cannot see, turns it (and every other slot)
-into noise, so the key holder detects the bad aggregate instead of using it.
+Every block of ``BLOCK`` slots (one BFV ciphertext's worth) starts with a *check slot* holding 1.
+In an honest sum of K contributions each check slot decrypts to exactly K, the number of replies
+the server says it added. A ciphertext made under another key, or corrupted in a way the parser
+cannot see, turns the slots of the ciphertext it hits into noise, including that ciphertext's
+check slot, so the key holder detects the bad aggregate instead of using it
+(:func:`with_checks` / :func:`strip_checks`).
 
 Guarantees
 ----------
-* :class:`UpdateLayout` carries the sample weight *inside* the vector: slot 1 holds the client's
-  sample count (capped at the public ``max_client_samples``) and the parameters are encoded
-  already multiplied by ``count / max_client_samples``; the server learns neither. Unpacking the
-  sum gives the sample-weighted FedAvg of the (fixed-point) parameters.
+* :class:`UpdateLayout` carries the sample weight *inside* the vector: the first payload value is
+  the client's sample count (at most the public ``max_client_samples``) and the parameters are
+  encoded already multiplied by ``count / max_client_samples``; the server learns neither.
+  Unpacking the sum gives the sample-weighted FedAvg of the (fixed-point) parameters.
 * :class:`CountLayout` carries exact integer counts (confusion matrices).
 """
 
@@ -22,16 +24,33 @@ import numpy as np
 
 from privacy.fixed_point import FixedPointCodec, WrapError
 
+BLOCK = 4096  # slots per BFV ciphertext (HEParams.poly_modulus_degree)
+
 
 class IntegrityError(ValueError):
-    """A decrypted aggregate fails its check slot: a foreign-key or corrupted term was summed."""
+    """A decrypted aggregate fails a check slot: a foreign-key or corrupted term was summed."""
 
 
-def _check(vec: np.ndarray, terms: int, what: str) -> None:
-    if int(vec[0]) != terms:
+def checked_length(payload: int) -> int:
+    """Vector length for ``payload`` values with one check slot per block."""
+    return payload + -(-payload // (BLOCK - 1))
+
+
+def with_checks(payload: np.ndarray) -> np.ndarray:
+    payload = np.asarray(payload, dtype=np.int64)
+    chunks = [payload[i:i + BLOCK - 1] for i in range(0, len(payload), BLOCK - 1)]
+    return np.concatenate([np.concatenate([[1], c]) for c in chunks]).astype(np.int64)
+
+
+def strip_checks(vec: np.ndarray, terms: int, what: str) -> np.ndarray:
+    vec = np.asarray(vec, dtype=np.int64)
+    checks = vec[::BLOCK]
+    bad = np.flatnonzero(checks != terms)
+    if bad.size:
         raise IntegrityError(
-            f"{what}: check slot reads {int(vec[0])}, expected {terms} contributions; a ciphertext under "
-            f"another key, or a corrupted one, was summed")
+            f"{what}: check slot of block {int(bad[0])} reads {int(checks[bad[0]])}, expected {terms} "
+            f"contributions; a ciphertext under another key, or a corrupted one, was summed")
+    return np.delete(vec, np.arange(0, len(vec), BLOCK))
 
 
 @dataclass(frozen=True)
@@ -42,28 +61,27 @@ class UpdateLayout:
 
     @property
     def length(self) -> int:
-        return 2 + self.n_params
+        return checked_length(1 + self.n_params)
 
     def pack(self, params: np.ndarray, n_samples: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         """Returns the integer vector and the number of parameters clipped by the codec."""
         params = np.asarray(params, dtype=np.float64)
         if params.shape != (self.n_params,):
             raise ValueError(f"update has {params.shape} values, the layout expects {self.n_params}")
-        count = min(int(n_samples), self.max_client_samples)
-        if count < 1:
-            raise ValueError("a client with no samples has no update")
+        count = int(n_samples)
+        if not (1 <= count <= self.max_client_samples):
+            raise ValueError(f"sample count {count} outside 1..max-client-samples={self.max_client_samples}")
         z, clipped = self.codec.encode(params * (count / self.max_client_samples), rng)
-        return np.concatenate([[1, count], z]).astype(np.int64), clipped
+        return with_checks(np.concatenate([[count], z])), clipped
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> tuple[np.ndarray, int]:
         """(weighted mean parameters, total samples) from the sum of ``terms`` packed updates."""
-        vec = np.asarray(vec, dtype=np.int64)
-        _check(vec, terms, "model aggregate")
-        total = int(vec[1])
+        payload = strip_checks(vec, terms, "model aggregate")
+        total = int(payload[0])
         if not (terms <= total <= terms * self.max_client_samples):
             raise WrapError(f"sample count {total} impossible for {terms} clients")
-        self.codec.check_sum(vec[2:], terms)
-        return self.codec.decode(vec[2:]) * (self.max_client_samples / total), total
+        self.codec.check_sum(payload[1:], terms)
+        return self.codec.decode(payload[1:]) * (self.max_client_samples / total), total
 
 
 @dataclass(frozen=True)
@@ -74,17 +92,16 @@ class CountLayout:
 
     @property
     def length(self) -> int:
-        return 1 + self.n_counts
+        return checked_length(self.n_counts)
 
     def pack(self, counts: np.ndarray) -> np.ndarray:
         counts = np.asarray(counts, dtype=np.int64).ravel()
         if counts.shape != (self.n_counts,) or (counts < 0).any():
             raise ValueError(f"expected {self.n_counts} non-negative counts")
-        return np.concatenate([[1], counts]).astype(np.int64)
+        return with_checks(counts)
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> np.ndarray:
-        vec = np.asarray(vec, dtype=np.int64)
-        _check(vec, terms, "count aggregate")
-        if (vec[1:] < 0).any():
+        counts = strip_checks(vec, terms, "count aggregate")
+        if (counts < 0).any():
             raise WrapError("negative count in an aggregate of non-negative counts: the sum wrapped")
-        return vec[1:]
+        return counts

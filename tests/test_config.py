@@ -1,0 +1,38 @@
+"""The Flower app config in pyproject.toml and RunConfig must describe the same job."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from federation.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_mirrors_runconfig_defaults():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "federation.server_app:app", "clientapp": "federation.client_app:app"}
+    assert flwr["config"] == RunConfig().to_flower()
+
+
+def test_from_flower_round_trip_and_errors():
+    cfg = RunConfig(privacy="dp", epsilon=1.5, rounds=7, hidden="64,32")
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg
+    assert cfg.hidden_sizes == (64, 32)
+    with pytest.raises(ValueError, match="privacy must be one of"):
+        RunConfig(privacy="dp+tee")
+    with pytest.raises(ValueError, match="holdout-offset"):
+        RunConfig(holdout_offset=5)
+    with pytest.raises(ValueError, match="epsilon"):
+        RunConfig(privacy="dp", epsilon=float("inf"))
+    with pytest.raises(ValueError, match="fault-drill"):
+        RunConfig(fault_drill="Albania:explode")
+    with pytest.raises(ValueError, match="rounds"):
+        RunConfig.from_flower({"rounds": "many"})
+
+
+def test_digest_ignores_paths_but_not_settings():
+    a = RunConfig(out_dir="/x", keys_dir="/k")
+    assert a.digest() == RunConfig().digest()
+    assert RunConfig(epsilon=1.0).digest() != RunConfig().digest()

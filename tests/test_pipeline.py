@@ -1,0 +1,99 @@
+"""End to end through Flower's simulation engine (Ray), on the real seed data, real TenSEAL/Opacus."""
+
+import json
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from dp_accounting.pld import pld_privacy_accountant
+
+from federation.config import RunConfig
+from federation.report import build_report
+from federation.simulation import run_simulation
+from privacy.ledger import check_chain, read_ledger
+
+FAULTS = "Albania:corrupt,Algeria:wrong-length,Angola:nan,Argentina:foreign-key"
+
+
+def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
+    cfg = RunConfig(privacy=privacy, rounds=rounds, keys_dir=str(keys_dir) if "he" in privacy else "",
+                    out_dir=str(tmp_path / privacy.replace("+", "")), **kw)
+    run_simulation(cfg)
+    return cfg, build_report(cfg.out_dir, keys_dir)
+
+
+@pytest.fixture(scope="module")
+def dphe(tmp_path_factory, keys_dir):
+    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS)
+
+
+def pld_epsilon(history, delta):
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        event = dpa.GaussianDpEvent(sigma) if q == 1.0 else dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
+        acc.compose(event, int(steps))
+    return acc.get_epsilon(delta)
+
+
+def test_report_shape_and_privacy(dphe):
+    cfg, rep = dphe
+    assert rep["dataset"] == "seed" and rep["privacy_mode"] == "dp+he" and rep["rounds"] == 2
+    assert rep["clients"] == {"train": 131, "test": 33}
+    assert 0 <= rep["metrics"]["accuracy"] <= 1 and 0 <= rep["metrics"]["macro_f1"] <= 1
+    assert [h["round"] for h in rep["history"]] == [1, 2]
+    p = rep["privacy"]
+    assert p["epsilon_max"] <= cfg.epsilon and p["delta"] == cfg.delta and p["accountant"] == "opacus.prv"
+    assert len(p["epsilon_per_client"]) == 131 - 1       # the foreign-key client never got a role
+    he = rep["he"]
+    assert he["server_has_secret_key"] is False and he["security_bits"] >= 128
+    assert he["upload_bytes_per_client_round"] < 1.41e6 / 20
+    for k in ("total_s", "per_round_s"):
+        assert rep["timing"][k] > 0
+
+
+def test_epsilon_recomputed_by_independent_accountant(dphe):
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    assert check_chain(ledger) == []
+    last = {}
+    for line in ledger:
+        if line["kind"] in ("stats", "train") and line.get("history"):
+            last[line["country"]] = line
+    histories = {json.dumps(l["history"]) for l in last.values()}
+    for h in histories:                                   # every client of the seed set has 73 rows
+        hist = json.loads(h)
+        claimed = {l["epsilon"] for l in last.values() if json.dumps(l["history"]) == h}
+        independent = pld_epsilon(hist, cfg.delta)
+        for c in claimed:
+            assert c == pytest.approx(independent, rel=0.05)
+        assert independent <= cfg.epsilon * 1.05
+
+
+def test_bad_clients_rejected_without_failing_the_round(dphe):
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    by = {(l["country"], l["kind"], l.get("round")): l for l in ledger if "country" in l}
+    assert by[("Argentina", "stats", 0)]["status"] == "rejected"
+    assert "fingerprint" in by[("Argentina", "stats", 0)]["reason"]
+    for rnd in (1, 2):
+        assert by[("Albania", "train", rnd)]["status"] == "rejected"
+        assert "malformed update" in by[("Albania", "train", rnd)]["reason"]
+        assert by[("Algeria", "train", rnd)]["status"] == "rejected"
+        assert "expected" in by[("Algeria", "train", rnd)]["reason"]
+        assert by[("Angola", "train", rnd)]["status"] == "rejected"
+        assert "NaN" in by[("Angola", "train", rnd)]["reason"]
+    for h in rep["history"]:
+        assert h["accepted"] == 131 - 4 and h["accuracy"] is not None   # the round went on with the rest
+
+
+def test_he_equals_plaintext(tmp_path, keys_dir):
+    """The encrypted sum equals the plaintext one, so `he` and `none` train the same model."""
+    _, plain = _run(tmp_path, keys_dir, "none")
+    _, enc = _run(tmp_path, keys_dir, "he")
+    a, b = torch.load(plain["model"]["path"]), torch.load(enc["model"]["path"])
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert plain["history"] == [{**h, "seconds": p["seconds"]} for h, p in zip(enc["history"], plain["history"])]
+    assert enc["he"]["upload_bytes_per_client_round"] > 10 * 1318 * 8 / 100   # really ciphertexts
+    assert plain["he"] is None and plain["privacy"] is None
