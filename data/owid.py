@@ -113,14 +113,19 @@ def load_owid(data_dir: str | os.PathLike | None = None,
     """Load the OWID CO2 table as a country-level :class:`FederatedDataset`.
 
     ``path`` (a CSV in OWID's schema) wins; otherwise ``owid-co2-data-2020.csv`` in
-    ``resolve_data_dir(data_dir)``. If ``<path>.sha256`` exists (as written by
+    ``resolve_data_dir(data_dir)``, or, if that folder holds only OWID's current file
+    (``owid-co2-data.csv``, as :func:`download_owid` names it), that one. If ``<path>.sha256`` exists (as written by
     :func:`download_owid`) the file must match it.
 
     Raises:
         DataError: missing file, missing columns, non-numeric values, checksum
             mismatch, or no usable rows.
     """
-    csv_path = Path(path) if path is not None else resolve_data_dir(data_dir) / OWID_FILENAME
+    if path is None:
+        folder = resolve_data_dir(data_dir)
+        current = folder / "owid-co2-data.csv"
+        path = current if not (folder / OWID_FILENAME).exists() and current.exists() else folder / OWID_FILENAME
+    csv_path = Path(path)
     table = read_table(csv_path, ("iso_code", "country"),
                        ("year", OWID_LABEL_SOURCE, *_RAW_FEATURE_COLUMNS))
     _check_sidecar(csv_path, table.sha256)

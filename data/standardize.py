@@ -9,7 +9,7 @@ Guarantees
 ----------
 * Features first pass a fixed, data-independent transform: signed ``log1p`` clipped to
   ``±LOG_BOUND`` and divided by it, so every transformed value lies in [-1, 1].
-* Each record contributes ``r = (x̃, x̃²)`` clipped to L2 norm ``CONTRIB_CLIP`` (as DP-SGD clips
+* Each record contributes ``r = (x̃, a·x̃²)`` (a = ``SECOND_MOMENT_WEIGHT``) clipped to L2 norm ``CONTRIB_CLIP`` (as DP-SGD clips
   gradients; real rows are rarely clipped since |x̃| is small), plus 1 to the count of its class.
   One record therefore changes a client's statistics vector ``(counts, Σr)`` by at most
   ``sqrt(1 + CONTRIB_CLIP²)`` in L2 norm (:attr:`StatsLayout.sensitivity`); the noise added to it
@@ -31,7 +31,8 @@ import numpy as np
 from privacy.fixed_point import FixedPointCodec
 from privacy.packing import checked_length, strip_checks, with_checks
 
-CONTRIB_CLIP = 1.0   # L2 bound of one record's (x̃, x̃²) contribution
+CONTRIB_CLIP = 1.0   # L2 bound of one record's (x̃, a·x̃²) contribution
+SECOND_MOMENT_WEIGHT = 3.0  # a: x̃² is small next to x̃; weighting it lifts its signal above the noise
 LOG_BOUND = 10.0     # signed log1p values are clipped to ±10 (|x| up to 22,000 passes unclipped)
 STD_FLOOR = 0.02     # in transformed units: a noisy variance never collapses to zero
 
@@ -71,7 +72,7 @@ class StatsLayout:
         xt = transform(x_raw)
         if len(xt) > self.max_client_samples:
             raise ValueError(f"{len(xt)} rows exceed max-client-samples={self.max_client_samples}")
-        r = np.concatenate([xt, xt ** 2], axis=1)
+        r = np.concatenate([xt, SECOND_MOMENT_WEIGHT * xt ** 2], axis=1)
         norms = np.linalg.norm(r, axis=1, keepdims=True)
         r = r * np.minimum(1.0, CONTRIB_CLIP / np.maximum(norms, 1e-12))
         counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=self.n_classes)[: self.n_classes]
@@ -109,7 +110,7 @@ class Standardizer:
         if n < 1:
             raise ValueError(f"federated row count {n:.1f} is not positive: too few clients for this noise")
         mean = np.clip(sums[k:k + d] / n, -1, 1)
-        var = sums[k + d:k + 2 * d] / n - mean ** 2
+        var = sums[k + d:k + 2 * d] / SECOND_MOMENT_WEIGHT / n - mean ** 2
         return cls(mean=mean, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)), class_counts=np.maximum(counts, 1.0))
 
     def class_weights(self, power: float) -> np.ndarray:

@@ -2,8 +2,9 @@
 
     carbonfed run [--dataset seed|owid] [--privacy none|dp|he|dp+he] [--epsilon E] ... --out DIR
     carbonfed keygen --out DIR
-    carbonfed report DIR [--keys DIR]
+    carbonfed report DIR [--keys DIR] [--baseline DIR]
     carbonfed verify DIR
+    carbonfed audit-attack DIR [--canaries M] [--json]
     carbonfed bench he --params N --clients K [--json]
 """
 
@@ -27,6 +28,8 @@ def _run_parser(sub) -> None:
     defaults = RunConfig()
     p.add_argument("--dataset", choices=("seed", "owid"), default=defaults.dataset)
     p.add_argument("--data-dir", default=None, help="folder with the CSV files (else $CARBONFED_DATA_DIR, else ../shared/data)")
+    p.add_argument("--download-owid", metavar="CACHE_DIR", default=None,
+                   help="download OWID's current CSV into CACHE_DIR (SHA-256 written beside it) and use it")
     p.add_argument("--privacy", choices=PRIVACY_MODES, default=defaults.privacy)
     p.add_argument("--out", required=False, default=None, help="output folder (default runs/<dataset>-<mode>-<time>)")
     p.add_argument("--keys", default=None, help="folder from `carbonfed keygen` (default: fresh keys in a private temp dir)")
@@ -61,6 +64,12 @@ def cmd_run(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)
                  if f.name not in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir")
                  and getattr(args, f.name, None) is not None}
+    if args.download_owid:
+        from data import download_owid
+
+        path = download_owid(args.download_owid)
+        print(f"downloaded {path} (sha256 in {path}.sha256)")
+        args.data_dir = str(path.parent)
     data_dir = str(resolve_data_dir(args.data_dir))
     out = Path(args.out or f"runs/{args.dataset}-{args.privacy.replace('+', '')}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if (out / "ledger.jsonl").exists():
@@ -82,8 +91,23 @@ def cmd_run(args) -> int:
         with progress:
             run_simulation(cfg, on_round=on_round, verbose=args.verbose)
         report = build_report(out, keys)
+        # while the keys still exist: a run with temporary keys cannot be decrypted later
+        page, statement, audit = _audit_pages(out, report)
     _print_summary(report, out)
-    return 0
+    print(f"html: {page}  privacy statement: {statement}  audit: {'passed' if audit.ok else 'FAILED'}")
+    if not audit.ok:
+        for problem in audit.problems:
+            print(f"  {problem}", file=sys.stderr)
+    return 0 if audit.ok else 1
+
+
+def _audit_pages(out: Path, report: dict):
+    from federation.html_report import write_all
+    from privacy.verify import verify_run
+
+    audit = verify_run(out)
+    page, statement = write_all(out, report, audit)
+    return page, statement, audit
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -107,25 +131,20 @@ def cmd_keygen(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from federation.report import build_report
-
-    report = build_report(args.dir, args.keys)
-    _print_summary(report, Path(args.dir))
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="carbonfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     k = sub.add_parser("keygen", help="write the clients' secret and the server's public HE context")
     k.add_argument("--out", required=True)
-    r = sub.add_parser("report", help="(re)build report.json of a run directory (needs the secret context for HE runs)")
-    r.add_argument("dir")
-    r.add_argument("--keys", default=None)
+    r = sub.add_parser("report", help="rebuild report.json, report.html and privacy_statement.md of a run "
+                                      "(`DIR [--keys DIR] [--baseline DIR]`; HE runs need the secret context)")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
     v = sub.add_parser("verify", help="check a run's ledger chain and recompute every ε independently")
     v.add_argument("rest", nargs=argparse.REMAINDER)
+    a = sub.add_parser("audit-attack", help="empirical privacy audit: one-run canary ε lower bound and a "
+                                            "loss-based membership-inference attack (`DIR [--canaries M] [--json]`)")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="benchmarks: `carbonfed bench he --params N --clients K [--json]`")
     b.add_argument("what", choices=("he",))
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -136,10 +155,14 @@ def main(argv=None) -> int:
         if args.cmd == "keygen":
             return cmd_keygen(args)
         if args.cmd == "report":
-            return cmd_report(args)
+            from federation.html_report import main as report_main
+            return report_main(args.rest)
         if args.cmd == "verify":
             from privacy.verify import main as verify_main
             return verify_main(args.rest)
+        if args.cmd == "audit-attack":
+            from privacy.audit import main as audit_main
+            return audit_main(args.rest)
         if args.cmd == "bench":
             from privacy.bench_he import main as bench_main
             return bench_main(args.rest)

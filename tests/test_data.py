@@ -251,6 +251,8 @@ def test_download_owid_from_file_url(tmp_path, data_dir):
     ds = load_owid(path=path)
     assert ds.countries() == ["France"] and len(ds.frame) == 2
     assert ds.source["sha256"] == digest
+    # a data folder holding only the downloaded current release is read as the OWID data set
+    assert load_dataset("owid", tmp_path / "cache").source["sha256"] == digest
 
     path.write_bytes(path.read_bytes() + b"\n")  # tampered: no longer matches the sidecar
     with pytest.raises(DataError, match="checksum"):
