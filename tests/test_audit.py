@@ -112,7 +112,7 @@ def test_canary_data_adds_exactly_the_included_rows(tmp_path, seed_data):
     assert np.isfinite(c["x"]).all()
 
 
-# -- end to end (real Flower simulation, 2 rounds each) -------------------------------------------
+# -- end to end (real Flower simulation, 1 round each) -------------------------------------------
 KEYS = ("epsilon_lower_bound", "confidence", "mia_auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr",
         "claimed_epsilon", "label", "guesses", "correct", "m")
 
@@ -122,7 +122,7 @@ def _original_run(tmp_path, privacy):
     from federation.report import build_report
     from federation.simulation import run_simulation
 
-    cfg = RunConfig(privacy=privacy, rounds=2, out_dir=str(tmp_path / privacy))
+    cfg = RunConfig(privacy=privacy, rounds=1, out_dir=str(tmp_path / privacy))
     run_simulation(cfg)
     build_report(cfg.out_dir)
     return cfg
