@@ -2,8 +2,10 @@
 
     carbonfed run [--dataset seed|owid] [--privacy none|dp|he|dp+he] [--epsilon E] ... --out DIR
     carbonfed keygen --out DIR
+    carbonfed deploy local --clients N --out DIR [run options]
     carbonfed report DIR [--keys DIR] [--baseline DIR]
     carbonfed verify DIR
+    carbonfed sweep --epsilons inf,8,3,1 --seeds 0,1,2 --out DIR
     carbonfed audit-attack DIR [--canaries M] [--json]
     carbonfed bench he --params N --clients K [--json]
 """
@@ -145,6 +147,13 @@ def main(argv=None) -> int:
     a = sub.add_parser("audit-attack", help="empirical privacy audit: one-run canary ε lower bound and a "
                                             "loss-based membership-inference attack (`DIR [--canaries M] [--json]`)")
     a.add_argument("rest", nargs=argparse.REMAINDER)
+    from federation.sweep import add_arguments as sweep_arguments
+
+    sweep_arguments(sub.add_parser("sweep", help="accuracy–privacy sweep over ε and seeds with a centralized "
+                                                 "ceiling: sweep.csv, tradeoff.png, tradeoff.md"))
+    d = sub.add_parser("deploy", help="Flower's deployment engine on loopback with TLS and node authentication: "
+                                      "`carbonfed deploy local --clients N --out DIR [run options]`")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="benchmarks: `carbonfed bench he --params N --clients K [--json]`")
     b.add_argument("what", choices=("he",))
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -160,6 +169,12 @@ def main(argv=None) -> int:
         if args.cmd == "verify":
             from privacy.verify import main as verify_main
             return verify_main(args.rest)
+        if args.cmd == "sweep":
+            from federation.sweep import cmd_sweep
+            return cmd_sweep(args)
+        if args.cmd == "deploy":
+            from federation.deploy import main as deploy_main
+            return deploy_main(args.rest)
         if args.cmd == "audit-attack":
             from privacy.audit import main as audit_main
             return audit_main(args.rest)

@@ -4,15 +4,38 @@ Each message rebuilds the participant from the run config, the node config and t
 ``context.state`` (where the accountant history lives), and writes the state back before
 replying: a deployed client keeps nothing in memory between messages.
 
-Node config (``--node-config`` of a SuperNode) may set ``country``, ``data-dir`` and
-``secret-context`` (absolute path). In simulation the country is the node's ``partition-id``
-in the sorted country list and the secret context is ``keys-dir/secret.ctx`` from the run config.
+Node config (``--node-config`` of a SuperNode) may set ``country``, ``data-dir``,
+``secret-context`` (absolute path) and ``state-dir`` (absolute path). In simulation the country
+is the node's ``partition-id`` in the sorted country list and the secret context is
+``keys-dir/secret.ctx`` from the run config.
+
+Guarantees with ``state-dir`` (deployment)
+------------------------------------------
+* The participant's state (accountant history, calibrated σ, whether the statistics were
+  released) is also kept in ``state-dir/<country>-<config digest>.json``, written atomically
+  (temporary file, fsync, ``os.replace``) *every time it changes*: the charge of a round is on
+  disk before local training starts, so killing the node mid-round cannot lose it.
+* At each message the state is whichever of ``context.state`` and that file holds *more*
+  accountant steps (the statistics count as released if either says so). A restarted SuperNode
+  (whose ``context.state`` is empty) or a new Flower run of the same job (a restarted server)
+  continues from the file: ε never goes backwards.
+* A request answered before (same kind, round, global model and statistics: round k sent again
+  by a server resumed from its checkpoint) is answered with the very same bytes, cached in
+  ``state-dir``: re-sending a DP release already made costs no privacy budget, and the
+  accountant is not charged twice for one release.
+* With DP on, a training client whose state has no record of its statistics release (its state
+  was lost: restarted without ``state-dir``) refuses to train instead of accounting from zero.
+* ``query.role`` answers role, country and key fingerprint only (no data, no budget): a resumed
+  server uses it to learn which node is which country.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -41,8 +64,76 @@ def _secret_context(path: str):
     return load_secret_context(path)
 
 
+# -- state: context.state, and a file that survives restarts ------------------------------------
+
 def _state_to_record(state: dict) -> ConfigRecord:
     return ConfigRecord({"json": json.dumps(state)})
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old or the new content."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def accountant_steps(state: dict) -> int:
+    return int(sum((state or {}).get("accountant", {}).get("steps", [])))
+
+
+def merge_states(*states: dict) -> dict:
+    """The state with the most accountant steps (on a tie, the later argument); the statistics
+    count as released if any state says so. Never less spent budget than any input."""
+    best: dict = {}
+    for st in states:
+        if st and (not best or accountant_steps(st) >= accountant_steps(best)):
+            best = st
+    out = json.loads(json.dumps(best))
+    if any(st.get("stats_released") for st in states if st):
+        out["stats_released"] = True
+    return out
+
+
+class PersistentState(dict):
+    """A participant's state that writes itself to ``path`` whenever a key is set.
+
+    :class:`~federation.participant.Participant` sets ``state["accountant"]`` when it charges a
+    mechanism, before it trains: with this dict that charge is on disk at that moment."""
+
+    def __init__(self, data: dict, path: Path | None):
+        super().__init__(data)
+        self.path = path
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path is not None:
+            atomic_write(self.path, json.dumps(dict(self), sort_keys=True).encode())
+
+
+def state_file(state_dir: str | os.PathLike, country: str, cfg: RunConfig) -> Path:
+    """``state-dir/<country>-<config digest>.json``: one accountant per country and job."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", country).strip("_") or "country"
+    return Path(state_dir) / f"{slug}-{cfg.digest()[:16]}.json"
+
+
+def _load_state(context: Context, path: Path | None) -> PersistentState:
+    records = context.state.config_records
+    ctx_state = json.loads(records[STATE_KEY]["json"]) if STATE_KEY in records else {}
+    disk = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    return PersistentState(merge_states(ctx_state, disk), path)
 
 
 def _participant(context: Context) -> Participant:
@@ -67,13 +158,56 @@ def _participant(context: Context) -> Participant:
         if not secret:
             raise ValueError("HE is on but neither node config 'secret-context' nor run config 'keys-dir' is set")
         ctx = _secret_context(str(secret))
-    state = json.loads(context.state.config_records[STATE_KEY]["json"]) if STATE_KEY in context.state.config_records else {}
-    return Participant(cfg, ds, part, country, ctx, state)
+    path = None
+    if node.get("state-dir"):
+        path = state_file(str(node["state-dir"]), country, cfg)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Participant(cfg, ds, part, country, ctx, _load_state(context, path))
 
 
 def _save_state(context: Context, p: Participant) -> None:
-    context.state.config_records[STATE_KEY] = _state_to_record(p.state)
+    if isinstance(p.state, PersistentState):
+        p.state.flush()
+    context.state.config_records[STATE_KEY] = _state_to_record(dict(p.state))
 
+
+# -- replies already given are replayed, never recomputed ---------------------------------------
+
+def _request_key(kind: str, rnd: int, *parts) -> str:
+    h = hashlib.sha256(f"{kind}:{rnd}".encode())
+    for part in parts:
+        h.update(b"\0" + (part if isinstance(part, bytes) else str(part).encode()))
+    return h.hexdigest()
+
+
+def _replay_path(p: Participant, kind: str) -> Path | None:
+    path = getattr(p.state, "path", None)
+    return path.with_name(f"{path.stem}.{kind}.bin") if path is not None else None
+
+
+def _remember(p: Participant, kind: str, key: str, meta: dict, payload: bytes) -> None:
+    """Cache this reply as the answer to request ``key`` (only with a state-dir)."""
+    path = _replay_path(p, kind)
+    if path is None:
+        return
+    atomic_write(path, payload)
+    replay = dict(p.state.get("replay", {}))
+    replay[kind] = {"key": key, "meta": meta, "sha256": hashlib.sha256(payload).hexdigest()}
+    p.state["replay"] = replay
+
+
+def _recall(p: Participant, kind: str, key: str) -> tuple[dict, bytes] | None:
+    entry = p.state.get("replay", {}).get(kind)
+    path = _replay_path(p, kind)
+    if not entry or entry.get("key") != key or path is None or not path.exists():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return None
+    return dict(entry["meta"]), data
+
+
+# -- messages -----------------------------------------------------------------------------------
 
 def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: dict) -> Message:
     _save_state(context, p)
@@ -89,26 +223,55 @@ def _inputs(msg: Message, p: Participant):
     return int(c["server-round"]), model_bytes, int(c["model-terms"]), stats_bytes, int(c["stats-terms"])
 
 
+def _stype(p: Participant) -> str:
+    return "tenseal.bfv_vector" if p.cfg.he else "numpy.int64"
+
+
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     p = _participant(context)
+    key = _request_key("setup", 0, p.cfg.digest())
+    cached = _recall(p, "setup", key)
+    if cached is not None:              # the release made before, sent again: no new spend
+        meta, stats = cached
+        return _reply(msg, context, p, meta, {"stats": bytes_record(stats, _stype(p))})
     out = p.setup()
     meta = {"role": out["role"], "country": out["country"], "fingerprint": out["fingerprint"],
             "facts": json.dumps({"noise_multiplier": out.get("noise_multiplier"),
                                  "history": out.get("stats_mechanism", []),
                                  "epsilon": p.accountant.epsilon(p.cfg.delta) if p.cfg.dp else None})}
-    arrays = {"stats": bytes_record(out["stats"], _stype(p))} if out["stats"] is not None else {}
+    arrays = {}
+    if out["stats"] is not None:
+        _remember(p, "setup", key, meta, out["stats"])
+        arrays["stats"] = bytes_record(out["stats"], _stype(p))
     return _reply(msg, context, p, meta, arrays)
 
 
-def _stype(p: Participant) -> str:
-    return "tenseal.bfv_vector" if p.cfg.he else "numpy.int64"
+@app.query("role")
+def role(msg: Message, context: Context) -> Message:
+    """Who this node is, for a resumed server: no data touched, no budget spent."""
+    p = _participant(context)
+    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint, "facts": "{}"}
+    return _reply(msg, context, p, meta, {})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     p = _participant(context)
     rnd, model, model_terms, stats, stats_terms = _inputs(msg, p)
+    key = _request_key("train", rnd, model or b"", model_terms, stats, stats_terms, p.cfg.digest())
+    cached = _recall(p, "train", key)
+    if cached is not None:              # this very request was answered before: same bytes
+        meta, update = cached
+        return _reply(msg, context, p, meta, {"update": bytes_record(update, _stype(p))})
+    if p.cfg.dp and not p.state.get("stats_released"):
+        # Every training client released its statistics at the setup; a state without that
+        # release is a lost state (a restart without state-dir): training on it would account
+        # from zero and under-state ε.
+        return _reply(msg, context, p, {"status": "refused", "fingerprint": p.fingerprint, "facts": "{}",
+                                        "reason": f"{p.country}: no record of this client's statistics release: "
+                                                  "its accountant state was lost (restart without node config "
+                                                  "state-dir?); refusing to train rather than under-state ε"}, {})
     try:
         out = p.train(rnd, model, model_terms, stats, stats_terms)
     except BudgetExceeded as exc:
@@ -120,6 +283,7 @@ def train(msg: Message, context: Context) -> Message:
         _save_state(context, p)   # a spend charged before a failure is kept (the error reply follows)
     facts = {**out["facts"], "history": p.accountant.history if p.cfg.dp else []}
     meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": json.dumps(facts)}
+    _remember(p, "train", key, meta, out["update"])
     return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
 
 

@@ -1,25 +1,31 @@
 """The Flower ServerApp: loads the public context, runs :class:`EncryptedFedAvg`, writes the run.
 
 It never loads a secret key: with HE on it loads ``keys-dir/public.ctx`` and refuses to start if
-that file holds a secret key. It writes, under ``out-dir``: ``ledger.jsonl``, the encrypted
-aggregates (``aggregates/``) and ``server.json`` (config, HE parameters, timings). Decrypting
-the final model and the metrics is the key holders' job (``carbonfed report``).
+that file holds a secret key. It reads no data either: the vector lengths follow from the data
+set's public schema (feature and class lists), so ``data-dir`` need not exist on the server. It writes, under ``out-dir``: ``ledger.jsonl``, the encrypted
+aggregates (``aggregates/``), a checkpoint after every round (``checkpoint.json``,
+``checkpoint/``) and ``server.json`` (config, HE parameters, timings). Decrypting the final
+model and the metrics is the key holders' job (``carbonfed report``).
+
+Started again on an out-dir that holds a checkpoint of the same config and key (a restarted
+server: ``flwr run`` once more with the same run config), it resumes after the last complete
+round; ``server.json`` then counts the time of every server that worked on the run and lists
+the rounds it resumed after (``resumed_from``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from data import load_dataset
+from data import OWID_CLASSES, OWID_FEATURES, SEED_CLASSES, SEED_FEATURES
 from federation.config import RunConfig
 from federation.participant import PLAIN_FINGERPRINT, Layouts, make_cipher
-from federation.strategy import EncryptedFedAvg
+from federation.strategy import EncryptedFedAvg, _atomic_write
 from privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
 
 log = logging.getLogger("carbonfed")
@@ -30,9 +36,20 @@ def out_dir_for(cfg: RunConfig, run_id: int) -> Path:
     return Path(cfg.out_dir).resolve() if cfg.out_dir else Path.cwd() / "runs" / f"flwr-{run_id}"
 
 
+# The public schema of each data set: the server needs the vector lengths, never the data.
+SCHEMAS = {"seed": (SEED_FEATURES, SEED_CLASSES), "owid": (OWID_FEATURES, OWID_CLASSES)}
+
+
+def schema(dataset: str) -> tuple[int, int]:
+    """(number of features, number of classes) of ``dataset``, without reading any data."""
+    if dataset not in SCHEMAS:
+        raise ValueError(f"unknown data set {dataset!r}; valid names are {sorted(SCHEMAS)}")
+    features, classes = SCHEMAS[dataset]
+    return len(features), len(classes)
+
+
 def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedFedAvg, object]:
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-    layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+    layouts = Layouts.for_run(cfg, *schema(cfg.dataset))
     ctx, fingerprint = None, PLAIN_FINGERPRINT
     if cfg.he:
         if not cfg.keys_dir:
@@ -53,13 +70,12 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
     if ctx is not None:
         he = {**params_of(ctx).describe(), "server_has_secret_key": ctx.has_secret_key(),
               "key_fingerprint": strategy.fingerprint}
-    t0 = time.time()
     strategy.start(grid)
     server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
-              "plain_modulus": HEParams().plain_modulus, "total_s": time.time() - t0,
+              "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
               "model_terms": strategy.state.model_terms, "stats_terms": strategy.state.stats_terms,
-              "rounds_completed": strategy.state.round}
-    (out / "server.json").write_text(json.dumps(server, indent=2))
+              "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
+    _atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)
     return out
 

@@ -10,14 +10,25 @@ Guarantees
   length, a refusal, or beyond the encoding's headroom is rejected *for that client alone*,
   recorded in the ledger with the reason, and the round goes on with the rest. A round with
   fewer than ``min_train_clients`` accepted updates keeps the previous global model.
-* Clients that did not answer before the round's timeout are recorded as ``missing``.
+* Clients that did not answer before the round's timeout are recorded as ``missing``; so are
+  clients Flower reports gone (no heartbeat within its patience, error ``NODE_UNAVAILABLE``),
+  as soon as Flower says so: the round does not wait for a dead node until its timeout.
 * After every round the ledger has one line per addressed client and one ``round`` line, and
   the encrypted aggregates are on disk (written atomically): nothing recorded is lost if the
   server stops.
+* After the setup and after every round the server writes a checkpoint (``checkpoint.json``,
+  atomically, last): the encrypted global model and statistics aggregate (with their SHA-256),
+  the term counts, the roles of the nodes, the round number and the ledger position. A server
+  started again on the same out-dir with the same config and key resumes after the last
+  complete round: no second statistics release, rounds 1..R each summarised once, the ledger
+  chain continued (a ``resume`` line says from where, and how many lines of the interrupted
+  round precede it). A checkpoint of another config or key, or a ledger that no longer
+  contains the checkpoint's last line, is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,17 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from federation.config import RunConfig
 from privacy.he import CiphertextError
-from privacy.ledger import Ledger
+from privacy.ledger import Ledger, read_ledger
 from privacy.secure_sum import SecureSum
 
 log = logging.getLogger("carbonfed")
 
 SETUP = "query.setup"
+ROLE = "query.role"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_FORMAT = 1
+POLL_MIN_S, POLL_MAX_S = 0.05, 0.5     # pause between polls for replies
+
+
+class CheckpointError(RuntimeError):
+    """The out-dir's checkpoint cannot be resumed (other config or key, damaged, ledger cut)."""
 
 
 def bytes_record(data: bytes, stype: str) -> ArrayRecord:
@@ -61,6 +81,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def gone(msg: Message) -> bool:
+    """An error reply made by the SuperLink because the node is gone (no heartbeat)."""
+    return msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 @dataclass
@@ -89,6 +123,10 @@ class EncryptedFedAvg(Strategy):
         self.state = ServerState()
         self.on_round = on_round
         self._round_lines: list[dict] = []   # ledger lines of the round under way
+        self._addressee: dict[str, int] = {}  # message id -> node it was sent to (current request)
+        self.resumed_from: list[int] = []    # rounds this server resumed after (from checkpoints)
+        self.elapsed_before = 0.0            # seconds spent by earlier servers of this run
+        self._t0 = time.monotonic()
 
     # -- Strategy API -----------------------------------------------------------------------
     def summary(self) -> None:
@@ -125,7 +163,7 @@ class EncryptedFedAvg(Strategy):
         """Add every acceptable reply's ``key`` vector into one running sum; ledger every reply."""
         total = SecureSum(self.cipher_for(key))
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             role, country = self.state.roles.get(node, ("?", f"node-{node}"))
             base = {"kind": kind, "round": server_round, "node_id": node, "country": country}
             if msg.has_error():
@@ -173,22 +211,46 @@ class EncryptedFedAvg(Strategy):
         return MetricRecord({"terms": total.terms})
 
     # -- the run -----------------------------------------------------------------------------
-    def _stream(self, grid: Grid, messages: list[Message], kind: str, server_round: int) -> Iterator[Message]:
-        """Push, then yield replies as they arrive; ledger the ones missing at the timeout."""
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the addressee of the message it replies to (an error
+        reply made by the SuperLink for a node that is gone carries the SuperLink's id)."""
+        return self._addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _stream(self, grid: Grid, messages: list[Message], kind: str, server_round: int,
+                record_missing: bool = True) -> Iterator[Message]:
+        """Push, then yield replies as they arrive; at the end, ledger as ``missing`` the nodes
+        that did not answer before the timeout and those Flower reported gone.
+
+        A node whose heartbeats stopped gets an error reply from the SuperLink
+        (``NODE_UNAVAILABLE``, after Flower's heartbeat patience): the wait for it ends then,
+        not at the timeout. ``missing`` lines record an absence (no data, no budget spent on
+        the server's side), so they are written once the wait is over."""
         ids = list(grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        self._addressee = dict(pending)
+        offline: list[tuple[int, str]] = []
         deadline = time.monotonic() + self.cfg.round_timeout
+        pause = POLL_MIN_S
         while pending and time.monotonic() < deadline:
             got = list(grid.pull_messages(list(pending)))
             for msg in got:
-                pending.pop(msg.metadata.reply_to_message_id, None)
+                node = pending.pop(msg.metadata.reply_to_message_id, None)
+                if gone(msg) and node is not None:
+                    offline.append((node, f"node offline (no heartbeat within Flower's patience): {msg.error.reason}"))
+                    continue
                 yield msg
+            # poll fast while replies come, back off while none do (each poll of a deployed
+            # SuperLink is an HTTPS request)
+            pause = POLL_MIN_S if got else min(2 * pause, POLL_MAX_S)
             if not got:
-                time.sleep(0.05)
-        for node in pending.values():
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        if not record_missing:
+            return
+        late = [(node, f"no reply within round-timeout={self.cfg.round_timeout}s") for node in pending.values()]
+        for node, reason in sorted(offline + late):
             role, country = self.state.roles.get(node, ("?", f"node-{node}"))
             self._reject({"kind": kind, "round": server_round, "node_id": node, "country": country},
-                         f"no reply within round-timeout={self.cfg.round_timeout}s", status="missing")
+                         reason, status="missing")
 
     def setup(self, grid: Grid) -> None:
         """Round 0: learn each node's role and country, and sum the training clients' statistics."""
@@ -197,7 +259,7 @@ class EncryptedFedAvg(Strategy):
                         dst_node_id=n) for n in nodes]
         total = SecureSum(self.cipher_for("stats"))
         for msg in self._stream(grid, msgs, "setup", 0):
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             base = {"kind": "stats", "round": 0, "node_id": node, "country": f"node-{node}"}
             if msg.has_error():
                 self._reject(base, f"client error: {msg.error.reason}")
@@ -227,12 +289,118 @@ class EncryptedFedAvg(Strategy):
         _atomic_write(self.out / "aggregates" / "stats.bin", self.state.stats)
         log.info("setup: %d training and %d evaluation clients", len(self._nodes("train")), len(self._nodes("test")))
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds this run has taken so far, over every server that worked on it."""
+        return self.elapsed_before + (time.monotonic() - self._t0)
+
+    def checkpoint(self) -> Path:
+        """Write the state after the setup (round 0) or a complete round; ``checkpoint.json`` is
+        replaced last and atomically, so a crash leaves the previous checkpoint intact."""
+        d = self.out / "checkpoint"
+        d.mkdir(exist_ok=True)
+        rnd = self.state.round
+        files = {}
+        for name, data in (("model", self.state.model), ("stats", self.state.stats)):
+            if data is not None:
+                f = d / f"{name}-{rnd:04d}.bin"
+                _atomic_write(f, data)
+                files[name] = {"file": f"checkpoint/{f.name}", "sha256": _sha256(data)}
+        doc = {"format": CHECKPOINT_FORMAT, "round": rnd, "config_sha256": self.cfg.digest(),
+               "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
+               "roles": {str(n): [r, c] for n, (r, c) in sorted(self.state.roles.items())},
+               "model_terms": self.state.model_terms, "stats_terms": self.state.stats_terms, "files": files,
+               "ledger": {"lines": self.ledger._seq, "last_hash": self.ledger._prev},
+               "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from}
+        path = self.out / CHECKPOINT_FILE
+        _atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        keep = {Path(v["file"]).name for v in files.values()}
+        for old in d.glob("*.bin"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self) -> dict | None:
+        """Restore the state from ``checkpoint.json``; None if there is none. Raises
+        :class:`CheckpointError` if it belongs to another job or does not match the ledger."""
+        path = self.out / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        try:
+            ck = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: unknown checkpoint format {ck.get('format')!r}")
+        if ck["config_sha256"] != self.cfg.digest():
+            raise CheckpointError(f"{path} was written by a run with another config "
+                                  f"(sha256 {ck['config_sha256'][:12]}…, this run {self.cfg.digest()[:12]}…): "
+                                  "use another out-dir, or the same config to resume")
+        if ck["fingerprint"] != self.fingerprint:
+            raise CheckpointError(f"{path} was written under another public key or HE setting")
+        records = read_ledger(self.ledger.path) if self.ledger.path.exists() else []
+        n, last = ck["ledger"]["lines"], ck["ledger"]["last_hash"]
+        if len(records) < n or (n and records[n - 1].get("hash") != last):
+            raise CheckpointError(f"{self.ledger.path} does not contain the checkpoint's ledger line {n}: "
+                                  "the ledger was cut or replaced since the checkpoint")
+        data = {}
+        for name, meta in ck["files"].items():
+            blob = (self.out / meta["file"]).read_bytes()
+            if _sha256(blob) != meta["sha256"]:
+                raise CheckpointError(f"{meta['file']} does not match its SHA-256 in {path}")
+            data[name] = blob
+        self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
+                                 stats=data.get("stats"), stats_terms=ck["stats_terms"],
+                                 model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
+        self.elapsed_before = float(ck.get("elapsed_s", 0.0))
+        self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]
+        self._t0 = time.monotonic()
+        self.ledger.append({"kind": "resume", "round": ck["round"], "checkpoint_lines": n,
+                            "interrupted_lines": len(records) - n,
+                            "reason": f"server restarted; resuming after round {ck['round']} from its checkpoint"
+                                      + (f"; lines {n + 1}..{len(records)} belong to the interrupted round "
+                                         f"{ck['round'] + 1} and are superseded by the lines that follow"
+                                         if len(records) > n else "")})
+        log.warning("resuming after round %d from %s", ck["round"], path)
+        return ck
+
+    def rebind(self, grid: Grid) -> None:
+        """After a resume: ask nodes unknown to the checkpoint who they are (``query.role``) and
+        give a known country's role to its new node id. Unknown countries take no part."""
+        online = set(grid.get_node_ids())
+        unknown = sorted(online - set(self.state.roles))
+        if not unknown:
+            return
+        by_country = {c: (n, r) for n, (r, c) in self.state.roles.items()}
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"server-round": self.state.round})}),
+                        message_type=ROLE, dst_node_id=n) for n in unknown]
+        for msg in self._stream(grid, msgs, "role", self.state.round, record_missing=False):
+            node = self._node_of(msg)
+            if msg.has_error():
+                log.warning("node %d did not say who it is: %s", node, msg.error.reason)
+                continue
+            meta = dict(msg.content.config_records["meta"])
+            country, role = meta.get("country"), meta.get("role")
+            if country not in by_country or by_country[country][1] != role or meta.get("fingerprint") != self.fingerprint:
+                log.warning("node %d (%s) is not a %s client of this run's setup; it takes no part", node, country, role)
+                continue
+            old, _ = by_country[country]
+            self.state.roles.pop(old, None)
+            self.state.roles[node] = (role, country)
+            log.warning("%s is now node %d (was %d)", country, node, old)
+
+    # -- the run ---------------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
         num_rounds = num_rounds or self.cfg.rounds
         self.summary()
-        self.setup(grid)
+        self._t0 = time.monotonic()
+        if self.load_checkpoint() is not None:
+            self.rebind(grid)
+        else:
+            self.setup(grid)
+            self.checkpoint()
         result = Result()
         for rnd in range(self.state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
@@ -249,6 +417,7 @@ class EncryptedFedAvg(Strategy):
             self.state.round = rnd
             summary = self._round_summary(rnd, time.monotonic() - t0)
             self.ledger.append(summary)
+            self.checkpoint()
             if self.on_round:
                 self.on_round(summary)
         return result
