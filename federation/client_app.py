@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 
 from data import load_dataset, split_countries
 from federation.config import RunConfig
+from federation.durable import atomic_write
 from federation.participant import BudgetExceeded, Participant
 from federation.strategy import bytes_record, record_bytes
 from privacy.he import SECRET_CONTEXT_FILE, load_secret_context
@@ -68,23 +69,6 @@ def _secret_context(path: str):
 
 def _state_to_record(state: dict) -> ConfigRecord:
     return ConfigRecord({"json": json.dumps(state)})
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def accountant_steps(state: dict) -> int:

@@ -129,7 +129,12 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
     report = {
         "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
         "holdout_offset": cfg.holdout_offset,
-        "clients": {"train": len(part.train), "test": len(part.test)},
+        # who took part, from the ledger (a deployment may federate a subset of the partition)
+        "clients": {"train": len({l["country"] for l in ledger if l.get("kind") == "stats"
+                                  and l.get("status") == "accepted"}) or len(part.train),
+                    "test": len({l["country"] for l in ledger if l.get("kind") == "evaluate"
+                                 and l.get("status") == "accepted"}) or len(part.test),
+                    "partition": {"train": len(part.train), "test": len(part.test)}},
         "metrics": {"accuracy": last_scored["accuracy"] if last_scored else None,
                     "macro_f1": last_scored["macro_f1"] if last_scored else None},
         "history": history, "privacy": privacy, "he": he, "preprocessing": preprocessing,

@@ -25,7 +25,8 @@ from flwr.serverapp import Grid, ServerApp
 from data import OWID_CLASSES, OWID_FEATURES, SEED_CLASSES, SEED_FEATURES
 from federation.config import RunConfig
 from federation.participant import PLAIN_FINGERPRINT, Layouts, make_cipher
-from federation.strategy import EncryptedFedAvg, _atomic_write
+from federation.durable import atomic_write
+from federation.strategy import EncryptedFedAvg
 from privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
 
 log = logging.getLogger("carbonfed")
@@ -75,7 +76,7 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
               "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
               "model_terms": strategy.state.model_terms, "stats_terms": strategy.state.stats_terms,
               "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
-    _atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
+    atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)
     return out
 

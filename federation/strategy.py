@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from federation.config import RunConfig
+from federation.durable import atomic_write
 from privacy.he import CiphertextError
 from privacy.ledger import Ledger, read_ledger
 from privacy.secure_sum import SecureSum
@@ -72,20 +73,6 @@ def record_bytes(record: ArrayRecord, stype: str) -> bytes:
     if arr.stype != stype:
         raise CiphertextError(f"payload is of type {arr.stype!r}, expected {stype!r} (HE on one side only?)")
     return bytes(arr.data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _sha256(data: bytes) -> str:
@@ -200,14 +187,14 @@ class EncryptedFedAvg(Strategy):
                         server_round, total.terms, self.cfg.min_train_clients)
             return None, metrics
         self.state.model, self.state.model_terms = total.serialize(), total.terms
-        _atomic_write(self.out / "aggregates" / "model.bin", self.state.model)
+        atomic_write(self.out / "aggregates" / "model.bin", self.state.model)
         return bytes_record(self.state.model, total.cipher.stype), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         total = self._accumulate("evaluate", server_round, replies, "metrics")
         if total.terms == 0:
             return None
-        _atomic_write(self.out / "aggregates" / f"metrics_round_{server_round:03d}.bin", total.serialize())
+        atomic_write(self.out / "aggregates" / f"metrics_round_{server_round:03d}.bin", total.serialize())
         return MetricRecord({"terms": total.terms})
 
     # -- the run -----------------------------------------------------------------------------
@@ -286,7 +273,7 @@ class EncryptedFedAvg(Strategy):
             raise RuntimeError(f"only {total.terms} training clients answered the setup "
                                f"(min-train-clients={self.cfg.min_train_clients})")
         self.state.stats, self.state.stats_terms = total.serialize(), total.terms
-        _atomic_write(self.out / "aggregates" / "stats.bin", self.state.stats)
+        atomic_write(self.out / "aggregates" / "stats.bin", self.state.stats)
         log.info("setup: %d training and %d evaluation clients", len(self._nodes("train")), len(self._nodes("test")))
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -304,7 +291,7 @@ class EncryptedFedAvg(Strategy):
         for name, data in (("model", self.state.model), ("stats", self.state.stats)):
             if data is not None:
                 f = d / f"{name}-{rnd:04d}.bin"
-                _atomic_write(f, data)
+                atomic_write(f, data)
                 files[name] = {"file": f"checkpoint/{f.name}", "sha256": _sha256(data)}
         doc = {"format": CHECKPOINT_FORMAT, "round": rnd, "config_sha256": self.cfg.digest(),
                "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
@@ -313,7 +300,7 @@ class EncryptedFedAvg(Strategy):
                "ledger": {"lines": self.ledger._seq, "last_hash": self.ledger._prev},
                "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from}
         path = self.out / CHECKPOINT_FILE
-        _atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
         keep = {Path(v["file"]).name for v in files.values()}
         for old in d.glob("*.bin"):
             if old.name not in keep:

@@ -163,6 +163,20 @@ def _blank_lines(path: Path) -> list[int]:
 
 # -- the audit -----------------------------------------------------------------------------------
 
+def _effective_lines(records: list[dict]) -> list[tuple[int, dict]]:
+    """(line number, record) pairs, without the lines a server restart superseded.
+
+    A ``resume`` line at seq s with ``checkpoint_lines`` c marks lines c..s-1 as belonging to a
+    round that was interrupted and is run again; the clients' later lines carry their full
+    accountant history, so what those lines spent is still accounted.
+    """
+    superseded: set[int] = set()
+    for rec in records:
+        if rec.get("kind") == "resume" and isinstance(rec.get("checkpoint_lines"), int):
+            superseded.update(range(rec["checkpoint_lines"], int(rec.get("seq", 0))))
+    return [(n, rec) for n, rec in enumerate(records, 1) if n - 1 not in superseded]
+
+
 def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None = None,
                rel_tol: float = 0.05) -> VerifyResult:
     """Audit ``run_dir/ledger.jsonl`` (``run_dir`` may also be the ledger file itself)."""
@@ -213,7 +227,8 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
     # 2. per-client claims
     clients: dict[str, list[tuple[int, dict]]] = {}
     unreported: dict[str, list[int]] = {}   # train requests that may have spent ε off the record
-    for n, rec in enumerate(records, 1):
+    effective = _effective_lines(records)
+    for n, rec in effective:
         if rec.get("kind") in ("stats", "train"):
             who = str(rec.get("country") or f"node-{rec.get('node_id')}")
             if "history" in rec:
@@ -323,10 +338,10 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
 
     # 4. round summaries against the lines of their round
     train_by_round: dict = {}
-    for rec in records:
+    for _, rec in effective:
         if rec.get("kind") == "train":
             train_by_round.setdefault(rec.get("round"), []).append(rec)
-    for n, rec in enumerate(records, 1):
+    for n, rec in effective:
         if rec.get("kind") != "round":
             continue
         rnd = rec.get("round")

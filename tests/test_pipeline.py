@@ -39,7 +39,8 @@ def pld_epsilon(history, delta):
 def test_report_shape_and_privacy(dphe):
     cfg, rep = dphe
     assert rep["dataset"] == "seed" and rep["privacy_mode"] == "dp+he" and rep["rounds"] == 2
-    assert rep["clients"] == {"train": 131, "test": 33}
+    # the foreign-key client was refused at setup, so 130 of the partition's 131 trained
+    assert rep["clients"] == {"train": 130, "test": 33, "partition": {"train": 131, "test": 33}}
     assert 0 <= rep["metrics"]["accuracy"] <= 1 and 0 <= rep["metrics"]["macro_f1"] <= 1
     assert [h["round"] for h in rep["history"]] == [1, 2]
     p = rep["privacy"]

@@ -259,3 +259,46 @@ def test_calibrate_noise_cross_checked_by_pld():
     eps = pld_epsilon([STATS, (sigma, q, steps)], DELTA)
     assert eps <= EPS * 1.05
     assert eps >= EPS * 0.9          # and it is not wastefully loose
+
+
+def test_resumed_run_with_superseded_lines_verifies(tmp_path, sigmas):
+    """A server crash in round 2 after one reply was ledgered, then a resume: the interrupted
+    round's line is superseded (the client replays the same upload, no second charge)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _server_json(run)
+    led = Ledger(run / "ledger.jsonl")
+    hist = {c: [STATS] for c, *_ in CLIENTS}
+
+    def train_line(node, c, q, st, rnd):
+        return {"kind": "train", "round": rnd, "node_id": node, "country": c, "sample_rate": q, "steps": st,
+                "noise_multiplier": sigmas[c], "epsilon": epsilon_of(hist[c], DELTA),
+                "total_steps": sum(s for *_, s in hist[c]), "history": [list(h) for h in hist[c]],
+                "delta": DELTA, "status": "accepted", "reason": "", "bytes": 100}
+
+    def round_line(rnd, lines):
+        return {"kind": "round", "round": rnd, "seconds": 1.0, "accepted": len(lines), "rejected": 0,
+                "evaluated": 0, "epsilon_max": max(l["epsilon"] for l in lines), "model_terms": len(lines)}
+
+    for node, (c, *_) in enumerate(CLIENTS, 1):
+        led.append({"kind": "stats", "round": 0, "node_id": node, "country": c, "status": "accepted", "reason": "",
+                    "noise_multiplier": sigmas[c], "history": [list(STATS)], "epsilon": epsilon_of([STATS], DELTA)})
+    lines = []
+    for node, (c, q, st) in enumerate(CLIENTS, 1):
+        hist[c] = hist[c] + [(sigmas[c], q, st)]
+        lines.append(led.append(train_line(node, c, q, st, 1)))
+    led.append(round_line(1, lines))
+    checkpoint_lines = len(read_ledger(run / "ledger.jsonl"))
+    c, q, st = CLIENTS[0]
+    hist[c] = hist[c] + [(sigmas[c], q, st)]
+    led.append(train_line(1, c, q, st, 2))                       # then the server dies
+    seq = len(read_ledger(run / "ledger.jsonl"))
+    led.append({"kind": "resume", "round": 1, "checkpoint_lines": checkpoint_lines,
+                "interrupted_lines": seq - checkpoint_lines, "reason": "server restarted"})
+    lines = [led.append(train_line(1, c, q, st, 2))]              # replayed: same history, no new charge
+    for node, (c, q, st) in list(enumerate(CLIENTS, 1))[1:]:
+        hist[c] = hist[c] + [(sigmas[c], q, st)]
+        lines.append(led.append(train_line(node, c, q, st, 2)))
+    led.append(round_line(2, lines))
+    res = verify_run(run)
+    assert res.ok, res.problems
