@@ -38,6 +38,7 @@ class RunConfig:
     param_clip: float = 8.0
     max_clients_per_round: int = 256
     min_train_clients: int = 2
+    min_nodes: int = 0
     round_timeout: float = 600.0
     keys_dir: str = ""
     out_dir: str = ""
@@ -110,8 +111,8 @@ class RunConfig:
         return cls(**kwargs)
 
     def digest(self) -> str:
-        """SHA-256 of the settings that determine results (paths excluded)."""
+        """SHA-256 of the settings that determine results (paths and the node-count wait excluded)."""
         d = asdict(self)
-        for k in ("data_dir", "keys_dir", "out_dir"):
+        for k in ("data_dir", "keys_dir", "out_dir", "min_nodes"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

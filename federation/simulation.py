@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
@@ -43,6 +44,8 @@ def run_simulation(cfg: RunConfig, on_round=None, verbose: bool = False) -> Path
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     num_nodes = len(load_dataset(cfg.dataset, cfg.data_dir or None).countries())
+    if not cfg.min_nodes:   # the server waits for every simulated SuperNode before its setup round
+        cfg = replace(cfg, min_nodes=num_nodes)
     with tempfile.TemporaryDirectory(prefix="carbonfed-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(
             {"project": {"name": "carbonfed-run", "version": "0.1.0"}, **app_config_toml(cfg)}))

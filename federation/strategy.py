@@ -239,9 +239,27 @@ class EncryptedFedAvg(Strategy):
             self._reject({"kind": kind, "round": server_round, "node_id": node, "country": country},
                          reason, status="missing")
 
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        """SuperNodes connect over time: wait for ``min-nodes`` of them (0: until their number has
+        not changed for a few seconds), at most ``round-timeout``."""
+        want, settle = self.cfg.min_nodes, 5.0
+        deadline = time.monotonic() + self.cfg.round_timeout
+        last, since = -1, time.monotonic()
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            now = time.monotonic()
+            if len(nodes) != last:
+                last, since = len(nodes), now
+            if (want and len(nodes) >= want) or (not want and nodes and now - since >= settle):
+                return nodes
+            if now > deadline:
+                raise RuntimeError(f"{len(nodes)} SuperNodes connected within round-timeout="
+                                   f"{self.cfg.round_timeout}s; min-nodes={want}")
+            time.sleep(0.2)
+
     def setup(self, grid: Grid) -> None:
         """Round 0: learn each node's role and country, and sum the training clients' statistics."""
-        nodes = sorted(grid.get_node_ids())
+        nodes = self._wait_for_nodes(grid)
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=SETUP,
                         dst_node_id=n) for n in nodes]
         total = SecureSum(self.cipher_for("stats"))
