@@ -46,7 +46,8 @@ from federation.config import RunConfig
 from federation.durable import atomic_write
 from federation.participant import BudgetExceeded, Participant
 from federation.strategy import bytes_record, record_bytes
-from privacy.he import SECRET_CONTEXT_FILE, load_secret_context
+from privacy.secure_sum import PlainCipher
+from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, load_secret_context
 
 STATE_KEY = "carbonfed"
 
@@ -208,7 +209,8 @@ def _inputs(msg: Message, p: Participant):
 
 
 def _stype(p: Participant) -> str:
-    return "tenseal.bfv_vector" if p.cfg.he else "numpy.int64"
+    """The record type of this run's vectors: the cipher's own (BFV or its plaintext twin)."""
+    return BFVCipher.stype if p.cfg.he else PlainCipher.stype
 
 
 @app.query("setup")

@@ -107,7 +107,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         he = {**{k: server["he"][k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes",
                                                "plain_modulus", "security_bits", "server_has_secret_key")},
               "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
-              "packing": "one BFV vector per update: [check, sample count, weighted fixed-point params]",
+              "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
+                         "the sample-weighted fixed-point parameters",
               "fixed_point_resolution": layouts.update.codec.resolution}
     covered = cfg.dp and cfg.stats_noise_multiplier > 0
     preprocessing = {
