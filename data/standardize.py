@@ -14,8 +14,9 @@ Guarantees
   One record therefore changes a client's statistics vector ``(counts, Σr)`` by at most
   ``sqrt(1 + CONTRIB_CLIP²)`` in L2 norm (:attr:`StatsLayout.sensitivity`); the noise added to it
   is ``N(0, (σ·sensitivity)²)`` per entry: the Gaussian mechanism with noise multiplier σ,
-  charged to the client's accountant as one unsubsampled release. With σ = 0 no noise is added
-  and the release is outside the DP guarantee (the report says so).
+  charged to the client's accountant as one unsubsampled release. With σ = 0 no noise is added,
+  no row is clipped (the statistics are exact) and the release is outside the DP guarantee (the
+  report says so).
 * What the release reveals: the noisy *sum over all training clients* of these statistics,
   i.e. the global class frequencies and the mean and variance of each transformed feature; no
   client's own statistics leave it unencrypted.
@@ -65,7 +66,8 @@ class StatsLayout:
     @property
     def codec(self) -> FixedPointCodec:
         tail = 8 * self.noise_multiplier * self.sensitivity
-        bound = self.max_client_samples * max(1.0, CONTRIB_CLIP)
+        # |x̃| ≤ 1, so an unclipped row contributes at most a = SECOND_MOMENT_WEIGHT per entry
+        bound = self.max_client_samples * max(1.0, CONTRIB_CLIP, SECOND_MOMENT_WEIGHT)
         return FixedPointCodec(self.plain_modulus, clip=bound + tail + 1, max_terms=self.max_terms)
 
     def local_sums(self, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -73,8 +75,9 @@ class StatsLayout:
         if len(xt) > self.max_client_samples:
             raise ValueError(f"{len(xt)} rows exceed max-client-samples={self.max_client_samples}")
         r = np.concatenate([xt, SECOND_MOMENT_WEIGHT * xt ** 2], axis=1)
-        norms = np.linalg.norm(r, axis=1, keepdims=True)
-        r = r * np.minimum(1.0, CONTRIB_CLIP / np.maximum(norms, 1e-12))
+        if self.noise_multiplier > 0:  # the clip bounds the sensitivity of the noisy (DP) release only
+            norms = np.linalg.norm(r, axis=1, keepdims=True)
+            r = r * np.minimum(1.0, CONTRIB_CLIP / np.maximum(norms, 1e-12))
         counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=self.n_classes)[: self.n_classes]
         return np.concatenate([counts, r.sum(axis=0)])
 

@@ -115,9 +115,11 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         "transform": f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
                      "with the federated mean and std",
         "released": f"the sum over all training clients of (rows per class, Σx, {SECOND_MOMENT_WEIGHT:g}·Σx²) of the "
-                    f"transformed features, each record's (x, {SECOND_MOMENT_WEIGHT:g}·x²) clipped to L2 norm "
-                    f"{CONTRIB_CLIP:g}; it reveals the global class frequencies and each feature's mean and "
-                    "variance, never one client's own statistics",
+                    "transformed features"
+                    + (f", each record's (x, {SECOND_MOMENT_WEIGHT:g}·x²) clipped to L2 norm {CONTRIB_CLIP:g}"
+                       if covered else "")
+                    + "; it reveals the global class frequencies and each feature's mean and variance, never "
+                      "one client's own statistics",
         "noise_multiplier": cfg.stats_noise_multiplier if cfg.dp else 0.0,
         "covered_by_epsilon": covered,
         "statement": ("charged to every training client's accountant as one Gaussian release "
