@@ -47,7 +47,7 @@ from federation.durable import atomic_write
 from federation.participant import BudgetExceeded, Participant
 from federation.strategy import bytes_record, record_bytes
 from privacy.secure_sum import PlainCipher
-from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, load_secret_context
+from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
 
 STATE_KEY = "carbonfed"
 
@@ -63,7 +63,9 @@ def _dataset(name: str, data_dir: str):
 
 @functools.lru_cache(maxsize=4)
 def _secret_context(path: str):
-    return load_secret_context(path)
+    """The key holders' context and its public-key fingerprint (which costs a key serialisation)."""
+    ctx = load_secret_context(path)
+    return ctx, key_fingerprint(ctx)
 
 
 # -- state: context.state, and a file that survives restarts ------------------------------------
@@ -137,17 +139,17 @@ def _participant(context: Context) -> Participant:
         country = part.country_of(pid)
     else:
         raise ValueError("node config needs 'country' (deployment) or 'partition-id' (simulation)")
-    ctx = None
+    ctx, fingerprint = None, ""
     if cfg.he:
         secret = node.get("secret-context") or (str(Path(cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.keys_dir else "")
         if not secret:
             raise ValueError("HE is on but neither node config 'secret-context' nor run config 'keys-dir' is set")
-        ctx = _secret_context(str(secret))
+        ctx, fingerprint = _secret_context(str(secret))
     path = None
     if node.get("state-dir"):
         path = state_file(str(node["state-dir"]), country, cfg)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Participant(cfg, ds, part, country, ctx, _load_state(context, path))
+    return Participant(cfg, ds, part, country, ctx, _load_state(context, path), fingerprint)
 
 
 def _save_state(context: Context, p: Participant) -> None:

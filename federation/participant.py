@@ -19,6 +19,7 @@ Guarantees
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Layouts:
     metrics: CountLayout
 
     @classmethod
+    @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
     def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int) -> "Layouts":
         t = HEParams().plain_modulus
         n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
@@ -87,15 +89,19 @@ class Participant:
     country: str
     ctx: object = None            # secret TenSEAL context (HE on) or None
     state: dict = field(default_factory=dict)
+    fingerprint: str = ""         # of ``ctx``'s public key; computed here unless the caller has it
 
     def __post_init__(self):
         self.role = self.partition.role(self.country)
         self.fault = parse_drill(self.cfg.fault_drill).get(self.country, "")
         if self.fault == "foreign-key" and self.cfg.he:
-            self.ctx = new_secret_context()
+            self.ctx, self.fingerprint = new_secret_context(), ""
         self.x, self.y = self.dataset.client_arrays(self.country)
         self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
-        self.fingerprint = key_fingerprint(self.ctx) if self.cfg.he else PLAIN_FINGERPRINT
+        if not self.cfg.he:
+            self.fingerprint = PLAIN_FINGERPRINT
+        elif not self.fingerprint:
+            self.fingerprint = key_fingerprint(self.ctx)
         if len(self.y) > self.cfg.max_client_samples:
             raise ValueError(f"{self.country} holds {len(self.y)} rows, more than max-client-samples="
                              f"{self.cfg.max_client_samples}: raise that public bound for this federation")

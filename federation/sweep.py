@@ -63,34 +63,32 @@ def format_eps(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
-def parse_epsilons(text) -> list[float]:
+def _parse_list(text, convert, what: str) -> list:
+    """Comma-separated (or iterable) values, converted, de-duplicated in order; at least one."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out = []
     for item in items:
         s = str(item).strip().lower()
-        if not s:
-            continue
-        eps = INF if s in ("inf", "infinity", "∞") else float(s)
-        if math.isnan(eps) or eps <= 0:
-            raise ValueError(f"epsilons must be positive numbers or inf, got {item!r}")
-        if eps not in out:
-            out.append(eps)
+        if s and (v := convert(s, item)) not in out:
+            out.append(v)
     if not out:
-        raise ValueError("no epsilons given")
+        raise ValueError(f"no {what} given")
     return out
+
+
+def _epsilon(s: str, item) -> float:
+    eps = INF if s in ("inf", "infinity", "∞") else float(s)
+    if math.isnan(eps) or eps <= 0:
+        raise ValueError(f"epsilons must be positive numbers or inf, got {item!r}")
+    return eps
+
+
+def parse_epsilons(text) -> list[float]:
+    return _parse_list(text, _epsilon, "epsilons")
 
 
 def parse_ints(text) -> list[int]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = []
-    for item in items:
-        if str(item).strip():
-            v = int(str(item).strip())
-            if v not in out:
-                out.append(v)
-    if not out:
-        raise ValueError("no seeds given")
-    return out
+    return _parse_list(text, lambda s, _: int(s), "seeds")
 
 
 def parse_modes(text) -> list[str]:
