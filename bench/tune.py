@@ -3,6 +3,10 @@
 Not the product path (that is Flower, see federation/strategy.py); a quick way to compare
 settings. Usage: python bench/tune.py '{"privacy": "none", "lr": 0.5}' '{"privacy": "dp", ...}'
 Prints one JSON line per config: accuracy and macro-F1 on the held-out countries per round.
+
+Extra keys, not RunConfig settings (exploration only, never in the product): ``avg_last`` (score the
+float average of the last K global models), ``server_momentum`` / ``server_lr`` (FedAvgM applied to
+the decrypted aggregate).
 """
 
 import json
@@ -11,6 +15,29 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+
+def _apply_hacks(h: dict) -> None:
+    """Exploration-only patches, in this worker process: another activation, per-layer clipping
+    (equal split of max_grad_norm), clamped standardised inputs."""
+    import opacus
+    import torch
+
+    from data.standardize import Standardizer
+
+    if h.get("activation") == "tanh":
+        torch.nn.ReLU = torch.nn.Tanh
+    if h.get("per_layer"):
+        orig = opacus.PrivacyEngine.make_private
+
+        def per_layer(self, *, module, max_grad_norm, **kw):
+            n = sum(1 for p in module.parameters() if p.requires_grad)
+            return orig(self, module=module, max_grad_norm=[max_grad_norm / n ** 0.5] * n,
+                        clipping="per_layer", **kw)
+        opacus.PrivacyEngine.make_private = per_layer
+    if h.get("clamp"):
+        k, apply = float(h["clamp"]), Standardizer.apply
+        Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
 
 
 def run(cfg_json: str) -> dict:
@@ -25,8 +52,12 @@ def run(cfg_json: str) -> dict:
     torch.set_num_threads(1)
     kw = json.loads(cfg_json)
     avg_last = kw.pop("avg_last", 1)
+    beta = kw.pop("server_momentum", 0.0)
+    eta = kw.pop("server_lr", 1.0)
+    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp") if k in kw}
+    _apply_hacks(hacks)
     cfg = RunConfig(**kw)
-    kw["avg_last"] = avg_last
+    kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, **hacks)
     ds = load_dataset(cfg.dataset)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     ps = {c: Participant(cfg, ds, part, c) for c in ds.countries()}
@@ -40,6 +71,7 @@ def run(cfg_json: str) -> dict:
     model, mt = None, 0
     recent = []
     hist = []
+    w = m = None
     t0 = time.time()
     for rnd in range(1, cfg.rounds + 1):
         agg = SecureSum(make_cipher(cfg, None, lay.update.length))
@@ -49,14 +81,33 @@ def run(cfg_json: str) -> dict:
             agg.add(out["update"])
             eps = max(eps, out["facts"].get("epsilon") or 0)
         model, mt = agg.serialize(), agg.terms
-        recent = (recent + [model])[-avg_last:] if rnd > 1 else [model]
+        params, _ = lay.update.unpack_sum(np.frombuffer(model, dtype=np.int64), mt)
+        if beta or eta != 1.0:
+            if w is None:
+                from models.mlp import build_model
+                from models.params import flatten_params
+                w = flatten_params(build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed))
+                m = np.zeros_like(w)
+            m = beta * m + (params - w)
+            w = w + eta * m
+            params = w
+            plain = make_cipher(cfg, None, lay.update.length)
+            vec, _ = lay.update.pack(w, 1, np.random.default_rng(rnd))
+            s2 = SecureSum(plain)
+            s2.add(plain.encrypt(vec))
+            s2.add(plain.encrypt(vec))
+            model, mt = s2.serialize(), s2.terms
+        recent = (recent + [params])[-avg_last:]
         if rnd % 5 == 0 or rnd == cfg.rounds:
-            avg = SecureSum(make_cipher(cfg, None, lay.update.length))
-            for m in recent:
-                avg.add(m)
+            # Tail average (float), re-packed as a two-term aggregate for the clients' evaluate().
+            plain = make_cipher(cfg, None, lay.update.length)
+            avg = SecureSum(plain)
+            vec, _ = lay.update.pack(np.mean(recent, axis=0), 1, np.random.default_rng(0))
+            avg.add(plain.encrypt(vec))
+            avg.add(plain.encrypt(vec))
             msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
             for p in test:
-                msum.add(p.evaluate(avg.serialize(), avg.terms * mt, sb, st))
+                msum.add(p.evaluate(avg.serialize(), avg.terms, sb, st))
             cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
             hist.append((rnd, *[round(v, 4) for v in scores(cm.reshape(5, 5)).values()], round(eps, 3)))
     return {"cfg": kw, "final": hist[-1], "hist": hist, "s": round(time.time() - t0, 1)}

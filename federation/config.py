@@ -83,7 +83,10 @@ class RunConfig:
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
-        sizes = tuple(int(h) for h in str(self.hidden).split(",") if h.strip())
+        text = str(self.hidden).strip().lower()
+        if text in ("linear", "none", "0"):
+            return ()       # no hidden layer: multinomial logistic regression
+        sizes = tuple(int(h) for h in text.split(",") if h.strip())
         if not sizes or min(sizes) < 1:
             raise ValueError(self.hidden)
         return sizes

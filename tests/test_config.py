@@ -20,6 +20,9 @@ def test_from_flower_round_trip_and_errors():
     cfg = RunConfig(privacy="dp", epsilon=1.5, rounds=7, hidden="64,32")
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
     assert cfg.hidden_sizes == (64, 32)
+    assert RunConfig(hidden="linear").hidden_sizes == ()     # multinomial logistic regression
+    with pytest.raises(ValueError, match="hidden"):
+        RunConfig(hidden="32,-1")
     with pytest.raises(ValueError, match="privacy must be one of"):
         RunConfig(privacy="dp+tee")
     with pytest.raises(ValueError, match="holdout-offset"):
