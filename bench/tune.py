@@ -6,7 +6,10 @@ Prints one JSON line per config: accuracy and macro-F1 on the held-out countries
 
 Extra keys, not RunConfig settings (exploration only, never in the product): ``avg_last`` (score the
 float average of the last K global models), ``server_momentum`` / ``server_lr`` (FedAvgM applied to
-the decrypted aggregate).
+the decrypted aggregate), and patches applied in the worker process: ``activation: "tanh"``,
+``per_layer: true`` (Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs
+clipped to ±k), ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise
+standard deviations above 0).
 """
 
 import json
@@ -35,6 +38,23 @@ def _apply_hacks(h: dict) -> None:
             return orig(self, module=module, max_grad_norm=[max_grad_norm / n ** 0.5] * n,
                         clipping="per_layer", **kw)
         opacus.PrivacyEngine.make_private = per_layer
+    if h.get("scale"):
+        import data.standardize as S
+        orig_from = S.Standardizer.from_sums.__func__
+
+        def from_sums(cls, sums, d, k):
+            std = orig_from(cls, sums, d, k)
+            n = float(np.asarray(sums[:k]).sum())
+            mean = np.clip(sums[k:k + d] / n, -1, 1)
+            var = sums[k + d:k + 2 * d] / S.SECOND_MOMENT_WEIGHT / n - mean ** 2
+            tau = 4.0 * np.sqrt(2) * np.sqrt(131) / (S.SECOND_MOMENT_WEIGHT * n)
+            fallback = np.maximum(np.abs(mean), S.STD_FLOOR)
+            if h["scale"] == "mean":
+                sd = fallback
+            else:
+                sd = np.where(var > float(h["scale"]) * tau, np.sqrt(np.maximum(var, 1e-12)), fallback)
+            return cls(mean=std.mean, std=sd, class_counts=std.class_counts)
+        S.Standardizer.from_sums = classmethod(from_sums)
     if h.get("clamp"):
         k, apply = float(h["clamp"]), Standardizer.apply
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
@@ -54,7 +74,7 @@ def run(cfg_json: str) -> dict:
     avg_last = kw.pop("avg_last", 1)
     beta = kw.pop("server_momentum", 0.0)
     eta = kw.pop("server_lr", 1.0)
-    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp") if k in kw}
+    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
     kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, **hacks)
