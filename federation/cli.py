@@ -43,17 +43,24 @@ def _run_parser(sub) -> None:
 
 
 def _progress(cfg: RunConfig):
+    """A live progress bar on a terminal; one plain line per round otherwise (logs, CI, pipes)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console()
+    live = console.is_terminal
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), transient=False)
+                        TextColumn("{task.fields[info]}"), transient=False, console=console, disable=not live)
     task = progress.add_task("rounds", total=cfg.rounds, info="setup: statistics release")
 
     def on_round(s: dict) -> None:
         eps = f"ε_max={s['epsilon_max']:.3f}" if s.get("epsilon_max") is not None else "ε=∞ (no DP)"
-        up = f"{s['upload_bytes_per_client'] / 1e3:.1f} kB/client" if s.get("upload_bytes_per_client") else ""
-        progress.update(task, advance=1, info=f"{s['accepted']} accepted, {s['rejected']} rejected, {eps}, "
-                                             f"{s['seconds']:.1f}s {up}")
+        up = f", {s['upload_bytes_per_client'] / 1e3:.1f} kB/client" if s.get("upload_bytes_per_client") else ""
+        info = f"{s['accepted']} accepted, {s['rejected']} rejected, {eps}, {s['seconds']:.1f}s{up}"
+        if live:
+            progress.update(task, advance=1, info=info)
+        else:
+            print(f"round {s['round']}/{cfg.rounds}: {info}", flush=True)
     return progress, on_round
 
 

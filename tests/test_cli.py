@@ -1,0 +1,48 @@
+"""``carbonfed run`` as a user runs it: a subprocess, output to a pipe (not a terminal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import resolve_data_dir
+
+BIN = Path(sys.executable).parent / "carbonfed"
+pytestmark = pytest.mark.skipif(not BIN.exists(), reason="the carbonfed console script is not installed")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return subprocess.run([str(BIN), "run", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_run_prints_one_line_per_round_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    data = str(resolve_data_dir(None))
+    res = _run("--data-dir", data, "--rounds", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    rounds = [ln for ln in lines if ln.startswith("round ")]
+    # Not a terminal: plain lines, one per round, with the round's ledger summary.
+    assert [ln.split(":")[0] for ln in rounds] == ["round 1/2", "round 2/2"]
+    assert all("131 accepted, 0 rejected, ε_max=" in ln and "kB/client" in ln for ln in rounds)
+    assert any(ln.startswith("held-out accuracy") for ln in lines) and "audit: passed" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["privacy_mode"] == "dp+he" and report["rounds"] == 2
+    assert f"ε_max={report['privacy']['epsilon_max']:.3f}" in rounds[-1]
+
+    again = _run("--data-dir", data, "--rounds", "2", "--out", str(out))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert json.loads((out / "report.json").read_text()) == report       # nothing recorded was touched
+
+
+def test_run_with_a_missing_data_dir_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    res = _run("--data-dir", str(missing), "--rounds", "1", "--out", str(tmp_path / "run"))
+    assert res.returncode != 0
+    assert str(missing) in res.stderr and "Traceback" not in res.stderr
