@@ -230,11 +230,19 @@ def _row(job: Job, report: dict) -> dict:
 
 
 def _progress_display(enabled: bool):
+    """(rich progress bars on a terminal, log) — ``log(text)`` prints a plain line on stderr when
+    the progress display is on but stderr is not a terminal (logs, CI), and does nothing otherwise."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    live = enabled and console.is_terminal
+
+    def log(text: str) -> None:
+        if enabled and not live:
+            print(text, file=sys.stderr, flush=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not enabled)
+                    TextColumn("{task.fields[info]}"), console=console, disable=not live), log
 
 
 def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed", data_dir=None,
@@ -265,7 +273,7 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
             keygen(keys)
 
     rows, ran, skipped = [], [], []
-    display = _progress_display(progress)
+    display, log = _progress_display(progress)
     with display:
         overall = display.add_task("sweep", total=len(jobs), info="")
         rounds_task = display.add_task("round", total=base.rounds, info="", visible=False)
@@ -281,6 +289,7 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
                                      "use another --out or remove it")
                 skipped.append(job.name)
                 display.update(overall, advance=1, info=f"{job.name}: done earlier, skipped")
+                log(f"sweep {len(rows) + 1}/{len(jobs)}: {job.name}: done earlier, skipped")
                 rows.append(_row(job, report))
                 continue
             if run_dir.exists():          # half-finished (interrupted or failed): start it afresh
@@ -302,6 +311,8 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
             rows.append(_row(job, report))
             m = report["metrics"]
             display.update(overall, advance=1, info=f"{job.name}: acc {m['accuracy']:.3f}, F1 {m['macro_f1']:.3f}")
+            log(f"sweep {len(rows)}/{len(jobs)}: {job.name}: accuracy {m['accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}, {report['timing']['total_s']:.1f}s")
 
     df = pd.DataFrame(rows, columns=CSV_COLUMNS)
     df.to_csv(out / "sweep.csv", index=False)
