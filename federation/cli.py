@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -140,6 +141,12 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+# subcommand → (module, function taking the remaining argv); imported only when used
+DELEGATED = {"report": ("federation.html_report", "main"), "verify": ("privacy.verify", "main"),
+             "deploy": ("federation.deploy", "main"), "audit-attack": ("privacy.audit", "main"),
+             "bench": ("privacy.bench_he", "main")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="carbonfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -170,24 +177,11 @@ def main(argv=None) -> int:
             return cmd_run(args)
         if args.cmd == "keygen":
             return cmd_keygen(args)
-        if args.cmd == "report":
-            from federation.html_report import main as report_main
-            return report_main(args.rest)
-        if args.cmd == "verify":
-            from privacy.verify import main as verify_main
-            return verify_main(args.rest)
         if args.cmd == "sweep":
             from federation.sweep import cmd_sweep
             return cmd_sweep(args)
-        if args.cmd == "deploy":
-            from federation.deploy import main as deploy_main
-            return deploy_main(args.rest)
-        if args.cmd == "audit-attack":
-            from privacy.audit import main as audit_main
-            return audit_main(args.rest)
-        if args.cmd == "bench":
-            from privacy.bench_he import main as bench_main
-            return bench_main(args.rest)
+        module, func = DELEGATED[args.cmd]          # commands that parse their own arguments
+        return getattr(importlib.import_module(module), func)(args.rest)
     except (ValueError, OSError) as exc:   # DataError, ContextFileError, config errors: say what, no traceback
         print(f"carbonfed: error: {exc}", file=sys.stderr)
         return 2

@@ -58,8 +58,12 @@ footer { margin-top: 32px; color: #5b6372; font-size: .85em; }
 # -- plots ----------------------------------------------------------------------------------------
 
 def _png(fig) -> str:
+    """The figure as an embeddable data URI; closes the figure."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -75,9 +79,7 @@ def _plot_epsilon(facts: dict) -> str:
         ax.text(0.5, 0.5, f"mode '{cfg.privacy}': no DP, ε = ∞", ha="center", va="center", fontsize=16,
                 color="#c62828", transform=ax.transAxes)
         ax.set_axis_off()
-        src = _png(fig)
-        plt.close(fig)
-        return src
+        return _png(fig)
     cmap = plt.get_cmap("tab20")
     for i, (who, pts) in enumerate(sorted(series.items())):
         xs, ys = zip(*pts)
@@ -100,9 +102,7 @@ def _plot_epsilon(facts: dict) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     ax.set_title("ε per client over rounds (from the ledger)")
-    src = _png(fig)
-    plt.close(fig)
-    return src
+    return _png(fig)
 
 
 def _plot_accuracy(facts: dict) -> str:
@@ -135,9 +135,7 @@ def _plot_accuracy(facts: dict) -> str:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=9)
     ax.set_title("held-out accuracy and macro-F1 per round (exact, not DP)")
-    src = _png(fig)
-    plt.close(fig)
-    return src
+    return _png(fig)
 
 
 # -- page -----------------------------------------------------------------------------------------
