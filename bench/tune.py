@@ -55,6 +55,14 @@ def _apply_hacks(h: dict) -> None:
                 sd = np.where(var > float(h["scale"]) * tau, np.sqrt(np.maximum(var, 1e-12)), fallback)
             return cls(mean=std.mean, std=sd, class_counts=std.class_counts)
         S.Standardizer.from_sums = classmethod(from_sums)
+    if h.get("log_unit"):
+        import data.standardize as S
+        c, b = float(h["log_unit"]), float(h.get("log_bound", 16.0))
+
+        def transform(x):
+            x = np.asarray(x, dtype=np.float64)
+            return np.clip(np.sign(x) * np.log1p(np.abs(x) / c), -b, b) / b
+        S.transform = transform
     if h.get("clamp"):
         k, apply = float(h["clamp"]), Standardizer.apply
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
@@ -74,7 +82,7 @@ def run(cfg_json: str) -> dict:
     avg_last = kw.pop("avg_last", 1)
     beta = kw.pop("server_momentum", 0.0)
     eta = kw.pop("server_lr", 1.0)
-    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale") if k in kw}
+    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale", "log_unit", "log_bound") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
     kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, **hacks)

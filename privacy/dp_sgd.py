@@ -90,14 +90,16 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     for _ in range(settings.local_epochs):
         for xb, yb in loader:
             optimizer.zero_grad()
-            if len(xb):
+            # An empty Poisson batch is still a (noise-only) DP step: Opacus needs the backward
+            # pass to set the (empty) per-sample gradients before it adds the noise.
+            if len(xb) or engine is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # Opacus hooks on input-free modules
                     loss = loss_fn(module(xb), yb)
                     loss.backward()
-                total += float(loss.detach()) * len(xb)
-                seen += len(xb)
-            if len(xb) or engine is not None:  # an empty Poisson batch is still a (noise-only) DP step
+                if len(xb):
+                    total += float(loss.detach()) * len(xb)
+                    seen += len(xb)
                 optimizer.step()
             steps += 1
     if engine is not None:

@@ -60,6 +60,20 @@ def test_opacus_clips_per_sample_gradients(seed_data):
     assert np.linalg.norm(flatten_params(free) - before) > 10 * moved
 
 
+def test_empty_poisson_batches_are_noise_only_steps(seed_data):
+    """A client with fewer rows than batches often draws an empty Poisson batch: that step still
+    runs (noise only, as the accountant assumes) instead of failing inside Opacus."""
+    x, y = seed_data.client_arrays("France")
+    x, y = transform(x[:3]).astype(np.float32), y[:3]
+    model = build_model(21, 5)
+    before = flatten_params(model)
+    s = TrainSettings(lr=0.1, momentum=0.0, batches_per_epoch=20, max_grad_norm=1.0, noise_multiplier=1.0)
+    out = train_local(model, x, y, s, seed=0)   # P(empty batch) = 0.95³ ≈ 0.86 per step
+    assert (out.sample_rate, out.steps) == planned_mechanism(s) == (1 / 20, 40)
+    after = flatten_params(model)
+    assert np.all(np.isfinite(after)) and np.linalg.norm(after - before) > 0
+
+
 def test_stats_release_sensitivity_bound(seed_data):
     x, y = seed_data.client_arrays("China")
     layout = StatsLayout(21, 5, 512, 4.0, HEParams().plain_modulus, 256)
