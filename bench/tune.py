@@ -63,6 +63,17 @@ def _apply_hacks(h: dict) -> None:
             x = np.asarray(x, dtype=np.float64)
             return np.clip(np.sign(x) * np.log1p(np.abs(x) / c), -b, b) / b
         S.transform = transform
+    if h.get("prior_bias"):
+        import federation.participant as FP
+        orig_build = FP.build_model
+        prior = np.log(np.array([8367, 172, 507, 2765, 161]) / 11972.0)   # seed data class shares
+
+        def build(*a, **k):
+            m = orig_build(*a, **k)
+            with torch.no_grad():
+                list(m.parameters())[-1].copy_(torch.tensor(prior * float(h["prior_bias"]), dtype=torch.float32))
+            return m
+        FP.build_model = build
     if h.get("clamp"):
         k, apply = float(h["clamp"]), Standardizer.apply
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
@@ -82,10 +93,12 @@ def run(cfg_json: str) -> dict:
     avg_last = kw.pop("avg_last", 1)
     beta = kw.pop("server_momentum", 0.0)
     eta = kw.pop("server_lr", 1.0)
-    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale", "log_unit", "log_bound") if k in kw}
+    adam = kw.pop("server_adam", 0.0)   # FedAdam server lr (Reddi et al. 2021); 0 = off
+    tau = kw.pop("server_tau", 1e-3)
+    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
-    kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, **hacks)
+    kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)
     ds = load_dataset(cfg.dataset)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     ps = {c: Participant(cfg, ds, part, c) for c in ds.countries()}
@@ -95,29 +108,41 @@ def run(cfg_json: str) -> dict:
     stats = SecureSum(make_cipher(cfg, None, lay.stats.length))
     for p in train:
         stats.add(p.setup()["stats"])
-    sb, st = stats.serialize(), stats.terms
+    sagg = [(stats.serialize(), stats.terms)]
+    if lay.refine is not None:
+        stats2 = SecureSum(make_cipher(cfg, None, lay.refine.length))
+        for p in train:
+            stats2.add(p.refine(sagg)["stats2"])
+        sagg.append((stats2.serialize(), stats2.terms))
     model, mt = None, 0
     recent = []
     hist = []
-    w = m = None
+    w = m = v = None
     t0 = time.time()
     for rnd in range(1, cfg.rounds + 1):
         agg = SecureSum(make_cipher(cfg, None, lay.update.length))
         eps = 0
         for p in train:
-            out = p.train(rnd, model, mt, sb, st)
+            out = p.train(rnd, model, mt, sagg)
             agg.add(out["update"])
             eps = max(eps, out["facts"].get("epsilon") or 0)
         model, mt = agg.serialize(), agg.terms
         params, _ = lay.update.unpack_sum(np.frombuffer(model, dtype=np.int64), mt)
-        if beta or eta != 1.0:
+        if beta or eta != 1.0 or adam:
             if w is None:
                 from models.mlp import build_model
                 from models.params import flatten_params
                 w = flatten_params(build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed))
                 m = np.zeros_like(w)
-            m = beta * m + (params - w)
-            w = w + eta * m
+                v = np.zeros_like(w)
+            if adam:
+                d = params - w
+                m = 0.9 * m + 0.1 * d
+                v = 0.99 * v + 0.01 * d * d
+                w = w + adam * m / (np.sqrt(v) + tau)
+            else:
+                m = beta * m + (params - w)
+                w = w + eta * m
             params = w
             plain = make_cipher(cfg, None, lay.update.length)
             vec, _ = lay.update.pack(w, 1, np.random.default_rng(rnd))
@@ -135,7 +160,7 @@ def run(cfg_json: str) -> dict:
             avg.add(plain.encrypt(vec))
             msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
             for p in test:
-                msum.add(p.evaluate(avg.serialize(), avg.terms, sb, st))
+                msum.add(p.evaluate(avg.serialize(), avg.terms, sagg))
             cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
             hist.append((rnd, *[round(v, 4) for v in scores(cm.reshape(5, 5)).values()], round(eps, 3)))
     return {"cfg": kw, "final": hist[-1], "hist": hist, "s": round(time.time() - t0, 1)}

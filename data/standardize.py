@@ -20,6 +20,17 @@ Guarantees
 * What the release reveals: the noisy *sum over all training clients* of these statistics,
   i.e. the global class frequencies and the mean and variance of each transformed feature; no
   client's own statistics leave it unencrypted.
+
+Second stage (``stats-stages = 2``, DP runs only)
+-------------------------------------------------
+Many transformed features have a std of 0.01–0.06 while one record may contribute up to 1: the
+noise of the first release swamps their variance (estimates off by 0.3× to 3×). A second
+release measures each feature in its own unit: every record contributes
+``(z, z²)`` with ``z = clip((x̃ − m₁) / s₁, ±REFINE_Z_BOUND)``, where ``m₁`` is the first-stage mean
+and ``s₁ = max(|m₁|, std₁, STD_FLOOR)`` (public after stage 1), clipped to L2 norm ``REFINE_CLIP``: one
+record changes a client's vector by at most ``REFINE_CLIP`` (:attr:`RefineLayout.sensitivity`),
+and the release adds ``N(0, (σ·REFINE_CLIP)²)`` per entry: a second Gaussian mechanism, charged
+to the same accountant. Counts are not released again (stage 1's are used).
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ CONTRIB_CLIP = 1.0   # L2 bound of one record's (x̃, a·x̃²) contribution
 SECOND_MOMENT_WEIGHT = 3.0  # a: x̃² is small next to x̃; weighting it lifts its signal above the noise
 LOG_BOUND = 10.0     # signed log1p values are clipped to ±10 (|x| up to 22,000 passes unclipped)
 STD_FLOOR = 0.02     # in transformed units: a noisy variance never collapses to zero
+REFINE_Z_BOUND = 5.0  # stage 2: |z| is clipped to 5 first-stage units
+REFINE_CLIP = 20.0    # stage 2: L2 bound of one record's (z, z²) contribution
 
 
 def transform(x: np.ndarray) -> np.ndarray:
@@ -95,6 +108,51 @@ class StatsLayout:
 
 
 @dataclass(frozen=True)
+class RefineLayout:
+    """Integer layout ``[check, Σz (d), Σz² (d)]`` of one client's noisy second-stage statistics."""
+
+    n_features: int
+    max_client_samples: int
+    noise_multiplier: float
+    plain_modulus: int
+    max_terms: int
+
+    @property
+    def length(self) -> int:
+        return checked_length(2 * self.n_features)
+
+    @property
+    def sensitivity(self) -> float:
+        return REFINE_CLIP
+
+    @property
+    def codec(self) -> FixedPointCodec:
+        tail = 8 * self.noise_multiplier * self.sensitivity
+        return FixedPointCodec(self.plain_modulus, clip=self.max_client_samples * REFINE_CLIP + tail + 1,
+                               max_terms=self.max_terms)
+
+    def local_sums(self, x_raw: np.ndarray, base: "Standardizer") -> np.ndarray:
+        if len(x_raw) > self.max_client_samples:
+            raise ValueError(f"{len(x_raw)} rows exceed max-client-samples={self.max_client_samples}")
+        z = np.clip((transform(x_raw) - base.mean) / base.unit, -REFINE_Z_BOUND, REFINE_Z_BOUND)
+        r = np.concatenate([z, z ** 2], axis=1)
+        norms = np.linalg.norm(r, axis=1, keepdims=True)
+        r = r * np.minimum(1.0, REFINE_CLIP / np.maximum(norms, 1e-12))
+        return r.sum(axis=0)
+
+    def pack(self, x_raw: np.ndarray, base: "Standardizer", rng: np.random.Generator) -> np.ndarray:
+        sums = self.local_sums(x_raw, base)
+        sums = sums + rng.normal(0.0, self.noise_multiplier * self.sensitivity, size=sums.shape)
+        z, _ = self.codec.encode(sums, rng)
+        return with_checks(z)
+
+    def unpack_sum(self, vec: np.ndarray, terms: int, base: "Standardizer") -> "Standardizer":
+        payload = strip_checks(vec, terms, "second-stage statistics aggregate")
+        self.codec.check_sum(payload, terms)
+        return base.refined(self.codec.decode(payload))
+
+
+@dataclass(frozen=True)
 class Standardizer:
     """``(transform(x) - mean) / std`` with the federated mean and std of the transformed features."""
 
@@ -115,6 +173,20 @@ class Standardizer:
         mean = np.clip(sums[k:k + d] / n, -1, 1)
         var = sums[k + d:k + 2 * d] / SECOND_MOMENT_WEIGHT / n - mean ** 2
         return cls(mean=mean, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)), class_counts=np.maximum(counts, 1.0))
+
+    @property
+    def unit(self) -> np.ndarray:
+        """Per-feature unit of the second stage: ``max(|mean|, std, STD_FLOOR)`` of this
+        (first-stage) scaler; for the skewed, non-negative features here |mean| ≈ std."""
+        return np.maximum(np.maximum(np.abs(self.mean), self.std), STD_FLOOR)
+
+    def refined(self, sums: np.ndarray) -> "Standardizer":
+        """Mean and std from the second-stage sums ``(Σz, Σz²)`` measured in :attr:`unit`."""
+        d, n = len(self.mean), self.count
+        mz = np.clip(sums[:d] / n, -REFINE_Z_BOUND, REFINE_Z_BOUND)
+        var = self.unit ** 2 * (sums[d:2 * d] / n - mz ** 2)
+        return Standardizer(mean=self.mean + self.unit * mz, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)),
+                            class_counts=self.class_counts)
 
     def class_weights(self, power: float) -> np.ndarray:
         """Loss weights ∝ (1/frequency)^power, normalised to average 1 over the federation's rows."""

@@ -86,8 +86,9 @@ def merge_states(*states: dict) -> dict:
         if st and (not best or accountant_steps(st) >= accountant_steps(best)):
             best = st
     out = json.loads(json.dumps(best))
-    if any(st.get("stats_released") for st in states if st):
-        out["stats_released"] = True
+    for release in ("stats_released", "refine_released"):
+        if any(st.get(release) for st in states if st):
+            out[release] = True
     return out
 
 
@@ -202,12 +203,20 @@ def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: d
     return Message(content, reply_to=msg)
 
 
+def _stats(msg: Message, p: Participant) -> list[tuple[bytes, int]]:
+    """The statistics aggregates of a request: stage 1, and stage 2 when the server sent it."""
+    c, arrays = msg.content.config_records["config"], msg.content.array_records
+    stats = [(record_bytes(arrays["stats"], _stype(p)), int(c["stats-terms"]))]
+    if "stats2" in arrays:
+        stats.append((record_bytes(arrays["stats2"], _stype(p)), int(c["stats2-terms"])))
+    return stats
+
+
 def _inputs(msg: Message, p: Participant):
     c = msg.content.config_records["config"]
     model = msg.content.array_records.get("model")
     model_bytes = record_bytes(model, _stype(p)) if model is not None else None
-    stats_bytes = record_bytes(msg.content.array_records["stats"], _stype(p))
-    return int(c["server-round"]), model_bytes, int(c["model-terms"]), stats_bytes, int(c["stats-terms"])
+    return int(c["server-round"]), model_bytes, int(c["model-terms"]), _stats(msg, p)
 
 
 def _stype(p: Participant) -> str:
@@ -225,14 +234,36 @@ def setup(msg: Message, context: Context) -> Message:
         return _reply(msg, context, p, meta, {"stats": bytes_record(stats, _stype(p))})
     out = p.setup()
     meta = {"role": out["role"], "country": out["country"], "fingerprint": out["fingerprint"],
-            "facts": json.dumps({"noise_multiplier": out.get("noise_multiplier"),
-                                 "history": out.get("stats_mechanism", []),
-                                 "epsilon": p.accountant.epsilon(p.cfg.delta) if p.cfg.dp else None})}
+            "facts": _release_facts(p, out)}
     arrays = {}
     if out["stats"] is not None:
         _remember(p, "setup", key, meta, out["stats"])
         arrays["stats"] = bytes_record(out["stats"], _stype(p))
     return _reply(msg, context, p, meta, arrays)
+
+
+def _release_facts(p: Participant, out: dict) -> str:
+    """Ledger facts of a statistics release: σ, the accountant history and ε after it."""
+    dp = p.cfg.dp and out.get("noise_multiplier") is not None
+    return json.dumps({"noise_multiplier": out.get("noise_multiplier"),
+                       "history": p.accountant.history if dp else [],
+                       "epsilon": p.accountant.epsilon(p.cfg.delta) if dp else None})
+
+
+@app.query("refine")
+def refine(msg: Message, context: Context) -> Message:
+    """Second-stage statistics (two-stage DP runs): measured in the units of the stage-1 aggregate."""
+    p = _participant(context)
+    stats = _stats(msg, p)
+    key = _request_key("refine", 0, stats[0][0], stats[0][1], p.cfg.digest())
+    cached = _recall(p, "refine", key)
+    if cached is not None:              # the release made before, sent again: no new spend
+        meta, data = cached
+        return _reply(msg, context, p, meta, {"stats2": bytes_record(data, _stype(p))})
+    out = p.refine(stats)
+    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint, "facts": _release_facts(p, out)}
+    _remember(p, "refine", key, meta, out["stats2"])
+    return _reply(msg, context, p, meta, {"stats2": bytes_record(out["stats2"], _stype(p))})
 
 
 @app.query("role")
@@ -246,8 +277,8 @@ def role(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    rnd, model, model_terms, stats, stats_terms = _inputs(msg, p)
-    key = _request_key("train", rnd, model or b"", model_terms, stats, stats_terms, p.cfg.digest())
+    rnd, model, model_terms, stats = _inputs(msg, p)
+    key = _request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair], p.cfg.digest())
     cached = _recall(p, "train", key)
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached
@@ -261,7 +292,7 @@ def train(msg: Message, context: Context) -> Message:
                                                   "its accountant state was lost (restart without node config "
                                                   "state-dir?); refusing to train rather than under-state ε"}, {})
     try:
-        out = p.train(rnd, model, model_terms, stats, stats_terms)
+        out = p.train(rnd, model, model_terms, stats)
     except BudgetExceeded as exc:
         _save_state(context, p)
         facts = {"epsilon": p.accountant.epsilon(p.cfg.delta), "history": p.accountant.history}
@@ -278,7 +309,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    _, model, model_terms, stats, stats_terms = _inputs(msg, p)
-    metrics = p.evaluate(model, model_terms, stats, stats_terms)
+    _, model, model_terms, stats = _inputs(msg, p)
+    metrics = p.evaluate(model, model_terms, stats)
     meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": "{}"}
     return _reply(msg, context, p, meta, {"metrics": bytes_record(metrics, _stype(p))})

@@ -34,6 +34,7 @@ class RunConfig:
     class_weight_power: float = 0.0
     hidden: str = "32,16"
     stats_noise_multiplier: float = 4.0
+    stats_stages: int = 2
     max_client_samples: int = 512
     param_clip: float = 8.0
     max_clients_per_round: int = 256
@@ -61,6 +62,8 @@ class RunConfig:
             errors.append("batches-per-epoch and local-epochs must be >= 1")
         if self.stats_noise_multiplier < 0:
             errors.append("stats-noise-multiplier must be >= 0")
+        if self.stats_stages not in (1, 2):
+            errors.append(f"stats-stages must be 1 or 2, got {self.stats_stages}")
         try:
             self.hidden_sizes
         except ValueError:
@@ -76,6 +79,12 @@ class RunConfig:
     @property
     def dp(self) -> bool:
         return self.privacy in ("dp", "dp+he")
+
+    @property
+    def two_stage_stats(self) -> bool:
+        """A second, per-feature statistics release (DP runs with noisy statistics only: exact
+        statistics need no refinement)."""
+        return self.dp and self.stats_noise_multiplier > 0 and self.stats_stages == 2
 
     @property
     def he(self) -> bool:

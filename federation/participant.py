@@ -13,7 +13,8 @@ Guarantees
   reaches at most the target ``epsilon``.
 * Before touching its data in a round, the client computes the ε it would have spent after
   that round; if that exceeds its budget it refuses, says so, and spends nothing.
-* The statistics release happens at most once per run per client.
+* Each statistics release (stage 1 at the setup; stage 2, :meth:`Participant.refine`, in
+  two-stage DP runs) happens at most once per run per client, and is charged before it is made.
 * Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from data.dataset import FederatedDataset
 from data.partition import Partition
-from data.standardize import StatsLayout
+from data.standardize import RefineLayout, StatsLayout
 from federation.config import RunConfig
 from federation.faults import corrupt, nan_params, parse_drill
 from models.mlp import build_model
@@ -55,6 +56,7 @@ class Layouts:
     update: UpdateLayout
     stats: StatsLayout
     metrics: CountLayout
+    refine: RefineLayout | None = None   # second-stage statistics (two-stage DP runs only)
 
     @classmethod
     @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
@@ -65,7 +67,9 @@ class Layouts:
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec),
                    stats=StatsLayout(n_features, n_classes, cfg.max_client_samples,
                                      cfg.stats_noise_multiplier if cfg.dp else 0.0, t, cfg.max_clients_per_round),
-                   metrics=CountLayout(n_classes * n_classes))
+                   metrics=CountLayout(n_classes * n_classes),
+                   refine=RefineLayout(n_features, cfg.max_client_samples, cfg.stats_noise_multiplier, t,
+                                       cfg.max_clients_per_round) if cfg.two_stage_stats else None)
 
 
 def make_cipher(cfg: RunConfig, ctx, length: int):
@@ -117,8 +121,21 @@ class Participant:
         self.state["accountant"] = acc.state_dict()
 
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
+        """The planned statistics releases: one unsubsampled Gaussian step per stage."""
         s = self.cfg.stats_noise_multiplier
-        return [(s, 1.0, 1)] if (self.cfg.dp and s > 0) else []
+        if not (self.cfg.dp and s > 0):
+            return []
+        return [(s, 1.0, 1)] * (2 if self.cfg.two_stage_stats else 1)
+
+    def _charge_release(self, stage: int) -> None:
+        """Charge statistics stage ``stage`` (1 or 2) to the accountant, before it is made."""
+        if self.cfg.dp:
+            self.noise_multiplier()
+            acc = self.accountant
+            plan = self.stats_mechanism()
+            if stage <= len(plan):
+                acc.add(*plan[stage - 1])
+            self._save_accountant(acc)
 
     def noise_multiplier(self) -> float:
         """Calibrated once for the whole planned run, then kept in the state."""
@@ -137,19 +154,35 @@ class Participant:
         if self.state.get("stats_released"):
             raise RuntimeError(f"{self.country} already released its statistics in this run; "
                                "a second release would spend more privacy budget")
+        self._charge_release(1)
         if self.cfg.dp:
-            sigma = self.noise_multiplier()
-            acc = self.accountant
-            for mech in self.stats_mechanism():
-                acc.add(*mech)
-            self._save_accountant(acc)
-            out["noise_multiplier"] = sigma
+            out["noise_multiplier"] = self.noise_multiplier()
         rng = np.random.default_rng(self._noise_seed("stats", self.country))
         out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
             self.layouts.stats.pack(self.x, self.y, rng))
-        out["stats_mechanism"] = self.stats_mechanism()
         self.state["stats_released"] = True
         return out
+
+    def refine(self, stats: list[tuple[bytes, int]]) -> dict:
+        """Second-stage statistics, measured in the units of the stage-1 aggregate ``stats[0]``."""
+        if self.role != "train":
+            raise RuntimeError(f"{self.country} is an evaluation client: it releases no statistics")
+        if self.layouts.refine is None:
+            raise RuntimeError("this run has no second statistics stage (stats-stages=1, or no DP noise)")
+        if not self.state.get("stats_released"):
+            raise RuntimeError(f"{self.country} has no record of its stage-1 statistics release; "
+                               "refusing the second stage")
+        if self.state.get("refine_released"):
+            raise RuntimeError(f"{self.country} already released its second-stage statistics in this run; "
+                               "another release would spend more privacy budget")
+        self._check_terms(None, stats[:1])
+        base = self._stage1(*stats[0])
+        self._charge_release(2)
+        rng = np.random.default_rng(self._noise_seed("refine", self.country))
+        data = make_cipher(self.cfg, self.ctx, self.layouts.refine.length).encrypt(
+            self.layouts.refine.pack(self.x, base, rng))
+        self.state["refine_released"] = True
+        return {"stats2": data, "noise_multiplier": self.noise_multiplier()}
 
     def _global_model(self, model_bytes: bytes | None, model_terms: int):
         model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed)
@@ -159,9 +192,22 @@ class Participant:
             load_flat_params(model, params)
         return model
 
-    def _standardizer(self, stats_bytes: bytes, stats_terms: int):
+    def _stage1(self, stats_bytes: bytes, stats_terms: int):
         vec = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).decrypt(stats_bytes)
         return self.layouts.stats.unpack_sum(vec, stats_terms)
+
+    def _standardizer(self, stats: list[tuple[bytes, int]]):
+        """The scaler from the statistics aggregates: ``[(stage 1, terms)]`` or, in two-stage runs,
+        ``[(stage 1, terms), (stage 2, terms)]``."""
+        base = self._stage1(*stats[0])
+        lay = self.layouts.refine
+        if lay is None:
+            return base
+        if len(stats) < 2:
+            raise ValueError("this run refines its statistics in a second stage, but no second-stage "
+                             "aggregate came with the request")
+        vec = make_cipher(self.cfg, self.ctx, lay.length).decrypt(stats[1][0])
+        return lay.unpack_sum(vec, stats[1][1], base)
 
     def _noise_seed(self, *purpose) -> int:
         """Seed of the DP noise: secret (OS entropy) unless the run asked for reproducible noise."""
@@ -170,14 +216,14 @@ class Participant:
         return _seed(self.cfg.seed, *purpose)
 
     def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
-              stats_bytes: bytes, stats_terms: int) -> dict:
+              stats: list[tuple[bytes, int]]) -> dict:
         """Train one round; returns the encrypted update and the ledger facts of this round.
 
         With DP on, the round's mechanism is charged to the accountant (in ``state``) *before*
         training starts: whatever fails afterwards, the spend is never forgotten.
         """
         torch.set_num_threads(1)
-        self._check_terms(model_terms if model_bytes is not None else None, stats_terms)
+        self._check_terms(model_terms if model_bytes is not None else None, stats)
         q, steps = planned_mechanism(self.settings)
         facts = {"round": server_round, "sample_rate": q, "steps": steps}
         settings = self.settings
@@ -195,7 +241,7 @@ class Participant:
             self._save_accountant(acc)
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)
-        scaler = self._standardizer(stats_bytes, stats_terms)
+        scaler = self._standardizer(stats)
         model = self._global_model(model_bytes, model_terms)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
@@ -215,19 +261,19 @@ class Participant:
             update = corrupt(update)
         return {"update": update, "facts": facts}
 
-    def _check_terms(self, model_terms: int | None, stats_terms: int) -> None:
+    def _check_terms(self, model_terms: int | None, stats: list[tuple[bytes, int]]) -> None:
         """An aggregate of fewer than min-train-clients terms could be one client's own data."""
-        low = [(k, v) for k, v in (("model", model_terms), ("statistics", stats_terms))
-               if v is not None and v < self.cfg.min_train_clients]
+        counts = [("model", model_terms)] + [("statistics", t) for _, t in stats]
+        low = [(k, v) for k, v in counts if v is not None and v < self.cfg.min_train_clients]
         if low:
             raise ValueError(f"refusing an aggregate of {low[0][1]} {low[0][0]} contributions "
                              f"(< min-train-clients={self.cfg.min_train_clients}): it could expose single clients")
 
-    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats_bytes: bytes, stats_terms: int) -> bytes:
+    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats: list[tuple[bytes, int]]) -> bytes:
         """Encrypted confusion matrix (true class × predicted class) of the global model here."""
         torch.set_num_threads(1)
-        self._check_terms(model_terms if model_bytes is not None else None, stats_terms)
-        scaler = self._standardizer(stats_bytes, stats_terms)
+        self._check_terms(model_terms if model_bytes is not None else None, stats)
+        scaler = self._standardizer(stats)
         model = self._global_model(model_bytes, model_terms).eval()
         with torch.no_grad():
             pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data import load_dataset, sha256_file, split_countries
-from data.standardize import CONTRIB_CLIP, LOG_BOUND, SECOND_MOMENT_WEIGHT
+from data.standardize import CONTRIB_CLIP, LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT
 from federation.config import RunConfig
 from federation.participant import Layouts, make_cipher
 from models.mlp import build_model
@@ -80,6 +80,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
         load_flat_params(model, params)
         scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
+        if layouts.refine is not None:
+            scaler = layouts.refine.unpack_sum(decrypt("stats2.bin", layouts.refine.length),
+                                               server["stats2_terms"], scaler)
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler_mean": scaler.mean.tolist(),
                     "scaler_std": scaler.std.tolist()}, run / "model.pt")
@@ -120,11 +123,21 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                        if covered else "")
                     + "; it reveals the global class frequencies and each feature's mean and variance, never "
                       "one client's own statistics",
+        "stages": 2 if layouts.refine is not None else 1,
+        "second_stage": (f"then the sum of (Σz, Σz²) with z = clip((x - m1) / u, ±{REFINE_Z_BOUND:g}), m1 the "
+                         "stage-1 mean and u = max(|m1|, stage-1 std, 0.02) per feature, each record's (z, z²) "
+                         f"clipped to L2 norm {REFINE_CLIP:g}; the final mean and std come from it (stage-1 "
+                         "counts): each feature's variance is measured in its own unit"
+                         if layouts.refine is not None else None),
         "noise_multiplier": cfg.stats_noise_multiplier if cfg.dp else 0.0,
         "covered_by_epsilon": covered,
-        "statement": ("charged to every training client's accountant as one Gaussian release "
-                      f"(noise multiplier {cfg.stats_noise_multiplier}, L2 sensitivity "
-                      f"{layouts.stats.sensitivity:.4f}): inside ε"
+        "statement": (("charged to every training client's accountant as two Gaussian releases "
+                       f"(noise multiplier {cfg.stats_noise_multiplier} each; L2 sensitivity "
+                       f"{layouts.stats.sensitivity:.4f} and {layouts.refine.sensitivity:.4f}): inside ε"
+                       if layouts.refine is not None else
+                       "charged to every training client's accountant as one Gaussian release "
+                       f"(noise multiplier {cfg.stats_noise_multiplier}, L2 sensitivity "
+                       f"{layouts.stats.sensitivity:.4f}): inside ε")
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),
     }

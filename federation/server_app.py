@@ -57,7 +57,8 @@ def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedF
             raise ValueError("HE is on: set run config keys-dir to the folder made by `carbonfed keygen`")
         ctx = load_public_context(Path(cfg.keys_dir) / PUBLIC_CONTEXT_FILE)
         fingerprint = key_fingerprint(ctx)
-    lengths = {"update": layouts.update.length, "stats": layouts.stats.length, "metrics": layouts.metrics.length}
+    lengths = {"update": layouts.update.length, "stats": layouts.stats.length, "metrics": layouts.metrics.length,
+               "stats2": layouts.refine.length if layouts.refine is not None else 0}
     return EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out, on_round), ctx
 
 
@@ -75,7 +76,7 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
     server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
               "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
               "model_terms": strategy.state.model_terms, "stats_terms": strategy.state.stats_terms,
-              "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
+              "stats2_terms": strategy.state.stats2_terms, "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
     atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)
     return out

@@ -51,6 +51,7 @@ from privacy.secure_sum import SecureSum
 log = logging.getLogger("carbonfed")
 
 SETUP = "query.setup"
+REFINE = "query.refine"
 ROLE = "query.role"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
@@ -91,6 +92,8 @@ class ServerState:
     roles: dict[int, tuple[str, str]] = field(default_factory=dict)   # node id -> (role, country)
     stats: bytes | None = None
     stats_terms: int = 0
+    stats2: bytes | None = None      # second-stage statistics (two-stage DP runs)
+    stats2_terms: int = 0
     model: bytes | None = None
     model_terms: int = 0
     round: int = 0
@@ -122,8 +125,10 @@ class EncryptedFedAvg(Strategy):
 
     def _payload(self, server_round: int, config: ConfigRecord) -> RecordDict:
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": self.state.model_terms,
-                            "stats-terms": self.state.stats_terms})
+                            "stats-terms": self.state.stats_terms, "stats2-terms": self.state.stats2_terms})
         content = {"config": cfg, "stats": bytes_record(self.state.stats, self.cipher_for("stats").stype)}
+        if self.state.stats2 is not None:
+            content["stats2"] = bytes_record(self.state.stats2, self.cipher_for("stats2").stype)
         if self.state.model is not None:
             content["model"] = bytes_record(self.state.model, self.cipher_for("update").stype)
         return RecordDict(content)
@@ -292,7 +297,42 @@ class EncryptedFedAvg(Strategy):
                                f"(min-train-clients={self.cfg.min_train_clients})")
         self.state.stats, self.state.stats_terms = total.serialize(), total.terms
         atomic_write(self.out / "aggregates" / "stats.bin", self.state.stats)
+        if self.cfg.two_stage_stats:
+            self._refine(grid)
         log.info("setup: %d training and %d evaluation clients", len(self._nodes("train")), len(self._nodes("test")))
+
+    def _refine(self, grid: Grid) -> None:
+        """Round 0, second stage: the training clients whose statistics were summed release their
+        second-stage statistics, measured in the units of the stage-1 aggregate they receive."""
+        content = RecordDict({"config": ConfigRecord({"server-round": 0, "stats-terms": self.state.stats_terms}),
+                              "stats": bytes_record(self.state.stats, self.cipher_for("stats").stype)})
+        msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in self._nodes("train")]
+        total = SecureSum(self.cipher_for("stats2"))
+        for msg in self._stream(grid, msgs, "stats", 0):
+            node = self._node_of(msg)
+            _, country = self.state.roles.get(node, ("?", f"node-{node}"))
+            base = {"kind": "stats", "stage": 2, "round": 0, "node_id": node, "country": country}
+            if msg.has_error():
+                self._reject(base, f"client error: {msg.error.reason}")
+                continue
+            meta = dict(msg.content.config_records["meta"])
+            base.update(_facts(meta, base))
+            base["delta"] = self.cfg.delta
+            if meta.get("fingerprint") != self.fingerprint:
+                self._reject(base, "key fingerprint differs from the server's public context")
+                continue
+            try:
+                data = record_bytes(msg.content.array_records["stats2"], total.cipher.stype)
+                total.add(data)
+            except (CiphertextError, KeyError) as exc:
+                self._reject(base, f"malformed second-stage statistics: {exc}")
+                continue
+            self._record({**base, "status": "accepted", "reason": "", "bytes": len(data)})
+        if total.terms < self.cfg.min_train_clients:
+            raise RuntimeError(f"only {total.terms} training clients answered the second statistics stage "
+                               f"(min-train-clients={self.cfg.min_train_clients})")
+        self.state.stats2, self.state.stats2_terms = total.serialize(), total.terms
+        atomic_write(self.out / "aggregates" / "stats2.bin", self.state.stats2)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -306,7 +346,7 @@ class EncryptedFedAvg(Strategy):
         d.mkdir(exist_ok=True)
         rnd = self.state.round
         files = {}
-        for name, data in (("model", self.state.model), ("stats", self.state.stats)):
+        for name, data in (("model", self.state.model), ("stats", self.state.stats), ("stats2", self.state.stats2)):
             if data is not None:
                 f = d / f"{name}-{rnd:04d}.bin"
                 atomic_write(f, data)
@@ -314,7 +354,8 @@ class EncryptedFedAvg(Strategy):
         doc = {"format": CHECKPOINT_FORMAT, "round": rnd, "config_sha256": self.cfg.digest(),
                "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
                "roles": {str(n): [r, c] for n, (r, c) in sorted(self.state.roles.items())},
-               "model_terms": self.state.model_terms, "stats_terms": self.state.stats_terms, "files": files,
+               "model_terms": self.state.model_terms, "stats_terms": self.state.stats_terms,
+               "stats2_terms": self.state.stats2_terms, "files": files,
                "ledger": {"lines": self.ledger._seq, "last_hash": self.ledger._prev},
                "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from}
         path = self.out / CHECKPOINT_FILE
@@ -356,6 +397,7 @@ class EncryptedFedAvg(Strategy):
             data[name] = blob
         self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
                                  stats=data.get("stats"), stats_terms=ck["stats_terms"],
+                                 stats2=data.get("stats2"), stats2_terms=ck.get("stats2_terms", 0),
                                  model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
         self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]

@@ -196,20 +196,24 @@ def gdp_epsilon(mu: float, delta: float) -> float | None:
 
 # -- facts ---------------------------------------------------------------------------------------
 
-def _stats_sensitivity(cfg) -> tuple[float | None, str]:
-    """L2 sensitivity of the statistics release, from the layout the run used."""
+def _stats_sensitivity(cfg) -> tuple[list[float], str]:
+    """L2 sensitivity of each statistics release (stage 1, and stage 2 in two-stage runs), from
+    the layouts the run used."""
     try:
         from data import load_dataset
         from federation.participant import Layouts
 
         ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-        layout = Layouts.for_run(cfg, len(ds.features), len(ds.classes)).stats
-        return float(layout.sensitivity), (f"`StatsLayout.sensitivity` of this run's layout ({len(ds.features)} features, "
-                                          f"{len(ds.classes)} classes)")
-    except Exception as exc:   # data not on this machine: the bound does not depend on it today
-        from data.standardize import CONTRIB_CLIP
-        return math.sqrt(1 + CONTRIB_CLIP ** 2), (f"sqrt(1 + CONTRIB_CLIP²) from `data/standardize.py` "
-                                                  f"(data set not loadable here: {exc.__class__.__name__})")
+        layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+        stages = [layouts.stats] + ([layouts.refine] if layouts.refine is not None else [])
+        return [float(x.sensitivity) for x in stages], (
+            f"`StatsLayout.sensitivity`{' and `RefineLayout.sensitivity`' if len(stages) > 1 else ''} of this "
+            f"run's layouts ({len(ds.features)} features, {len(ds.classes)} classes)")
+    except Exception as exc:   # data not on this machine: the bounds do not depend on it today
+        from data.standardize import CONTRIB_CLIP, REFINE_CLIP
+        return [math.sqrt(1 + CONTRIB_CLIP ** 2)] + ([REFINE_CLIP] if cfg.two_stage_stats else []), (
+            f"sqrt(1 + CONTRIB_CLIP²){' and REFINE_CLIP' if cfg.two_stage_stats else ''} from "
+            f"`data/standardize.py` (data set not loadable here: {exc.__class__.__name__})")
 
 
 def collect_facts(run_dir, report: dict, verify_result, baseline: dict | None = None) -> dict:
@@ -263,7 +267,9 @@ def collect_facts(run_dir, report: dict, verify_result, baseline: dict | None = 
     train = [l for l in ledger if l.get("kind") == "train"]
     stats_lines = [l for l in ledger if l.get("kind") == "stats"]
     trained = [l for l in train if l.get("status") == "accepted"]
-    stats_hist = sorted({tuple(h) for l in stats_lines for h in (l.get("history") or []) if float(h[1]) >= 1.0})
+    # the statistics releases of the longest history a stats line carries (stage 1, stage 2)
+    stats_hist = max(([tuple(h) for h in (l.get("history") or []) if float(h[1]) >= 1.0] for l in stats_lines),
+                     key=len, default=[])
     ledger_deltas = sorted({float(l["delta"]) for l in ledger if l.get("delta") is not None})
     report_eps = ((report.get("privacy") or {}).get("epsilon_per_client") or {})
     mismatch = sorted(who for who, e in report_eps.items()
@@ -430,11 +436,13 @@ def _mechanism(f: dict) -> Section:
         ["updates accepted per round", _range(f["accepted"]), "ledger, round lines"],
         ["statistics release noise multiplier σ_s", _g(cfg.stats_noise_multiplier if cfg.dp else 0.0),
          "config `stats-noise-multiplier`"],
-        ["statistics release mechanisms in the ledger", ", ".join(str(list(m)) for m in f["stats_mechanisms"]) or "none",
-         "ledger, stats lines ([σ_s, q = 1, 1 step])"],
-        ["statistics release L2 sensitivity Δ", _g(f["stats_sensitivity"], 6), f["stats_sensitivity_src"]],
-        ["statistics release noise std σ_s·Δ", _g((cfg.stats_noise_multiplier if cfg.dp else 0.0)
-                                                 * f["stats_sensitivity"], 6), "derived"],
+        ["statistics releases in the ledger", ", ".join(str(list(m)) for m in f["stats_mechanisms"]) or "none",
+         "ledger, stats lines ([σ_s, q = 1, 1 step] per stage)"],
+        ["statistics release L2 sensitivity Δ per stage", " / ".join(_g(x, 6) for x in f["stats_sensitivity"]),
+         f["stats_sensitivity_src"]],
+        ["statistics release noise std σ_s·Δ per stage",
+         " / ".join(_g((cfg.stats_noise_multiplier if cfg.dp else 0.0) * x, 6) for x in f["stats_sensitivity"]),
+         "derived"],
         ["fixed-point clip of parameters", f"±{_g(cfg.param_clip)}", "config `param-clip` (post-processing)"],
         ["δ", _g(f["delta"]), "ledger" if f["ledger_deltas"] else "config"],
         ["target ε", _g(cfg.epsilon) if cfg.dp else "—", "config `epsilon`"],
@@ -450,7 +458,7 @@ def _budget(f: dict) -> Section:
     sig_changes = [w for w, p in f["per_client"].items() if len(p["sigmas"]) > 1]
     return Section("budget", "Budget policy", [[
         f"The noise multiplier is calibrated **once**, before the first upload, for the planned {cfg.rounds} rounds "
-        f"plus the statistics release, so the planned total ε reaches at most ε = {_g(cfg.epsilon)} at "
+        f"plus the statistics release(s), so the planned total ε reaches at most ε = {_g(cfg.epsilon)} at "
         f"δ = {_g(f['delta'])}. " + ("Every client reported one σ throughout the run." if not sig_changes else
                                      f"**{len(sig_changes)} client(s) reported more than one σ**: "
                                      + ", ".join(sig_changes[:10]) + "."),
@@ -474,7 +482,8 @@ def _coverage(f: dict) -> tuple[Section, Section]:
         eps = f["epsilon_max"] or 0.0
         covered.blocks.append([
             "**Every upload** of each training client: each round's model update"
-            + (", and the round-0 statistics release (σ_s > 0)" if sig_s > 0 else "") + ".",
+            + ((", and the round-0 statistics releases (two stages, σ_s > 0)" if cfg.two_stage_stats else
+                ", and the round-0 statistics release (σ_s > 0)") if sig_s > 0 else "") + ".",
             "Hence, as post-processing, **every broadcast global model**, the final model (`model.pt`), and the "
             "scaler and class weights derived from the statistics aggregate, for any party that sees them, "
             "including one that decrypts individual ciphertexts.",

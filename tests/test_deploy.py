@@ -128,7 +128,8 @@ def test_server_resumes_from_checkpoint(faulty_run):
     assert [l["round"] for l in lines if l["kind"] == "round"] == [1, 2, 3]
     resumes = [l for l in lines if l["kind"] == "resume"]
     assert [r["round"] for r in resumes] == [2]
-    assert sum(1 for l in lines if l["kind"] == "stats") == 3        # no second statistics release
+    # no second statistics release: each of the 3 training clients released each stage once
+    assert sorted(l.get("stage", 1) for l in lines if l["kind"] == "stats") == [1, 1, 1, 2, 2, 2]
     server = json.loads((out / "server.json").read_text())
     assert server["resumed_from"] == [2] and server["rounds_completed"] == ROUNDS
     ck = json.loads((out / "checkpoint.json").read_text())
@@ -212,15 +213,30 @@ def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
         stats.add(record_bytes(r.content.array_records["stats"], "tenseal.bfv_vector"))
     again = ask(ca.setup, "Albania", setup_cfg, "query.setup")        # a restarted server asks again
     assert again.content.config_records["meta"]["fingerprint"]        # answered (replayed), no error
+    # second statistics stage, measured in the units of the stage-1 aggregate
+    stage1 = {"config": ConfigRecord({"server-round": 0, "stats-terms": 2}),
+              "stats": bytes_record(stats.serialize(), "tenseal.bfv_vector")}
+    stats2 = SecureSum(make_cipher(cfg, load_public_context(keys_dir / "public.ctx"), layouts.refine.length))
+    first = {}
+    for c in ("Albania", "Algeria"):
+        r = ask(ca.refine, c, stage1, "query.refine")
+        first[c] = record_bytes(r.content.array_records["stats2"], "tenseal.bfv_vector")
+        stats2.add(first[c])
+    path = ca.state_file(state_dir, "Albania", cfg)
+    hist = json.loads(path.read_text())["accountant"]
+    again = ask(ca.refine, "Albania", stage1, "query.refine")          # asked again: the same bytes, no charge
+    assert record_bytes(again.content.array_records["stats2"], "tenseal.bfv_vector") == first["Albania"]
+    assert json.loads(path.read_text())["accountant"] == hist and sum(hist["steps"]) == 2
 
     def train(rnd):
-        content = {"config": ConfigRecord({"server-round": rnd, "model-terms": 0, "stats-terms": 2}),
-                   "stats": bytes_record(stats.serialize(), "tenseal.bfv_vector")}
+        content = {"config": ConfigRecord({"server-round": rnd, "model-terms": 0, "stats-terms": 2,
+                                           "stats2-terms": 2}),
+                   "stats": bytes_record(stats.serialize(), "tenseal.bfv_vector"),
+                   "stats2": bytes_record(stats2.serialize(), "tenseal.bfv_vector")}
         r = ask(ca.train, "Albania", content, MessageType.TRAIN)
         facts = json.loads(r.content.config_records["meta"]["facts"])
         return record_bytes(r.content.array_records["update"], "tenseal.bfv_vector"), facts
 
-    path = ca.state_file(state_dir, "Albania", cfg)
     u1, f1 = train(1)
     steps1 = ca.accountant_steps(json.loads(path.read_text()))
     u1b, f1b = train(1)                      # the same request after a restart: same bytes, no charge
