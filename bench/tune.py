@@ -9,7 +9,10 @@ float average of the last K global models), ``server_momentum`` / ``server_lr`` 
 the decrypted aggregate), and patches applied in the worker process: ``activation: "tanh"``,
 ``per_layer: true`` (Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs
 clipped to ±k), ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise
-standard deviations above 0).
+standard deviations above 0), ``log_unit: c`` / ``log_bound: b`` (transform
+``clip(sign(x)·log1p(|x|/c), ±b)/b`` instead of c = 1, b = 10), ``prior_bias: k`` (output bias
+initialised to k·log of the seed data's class shares), ``server_adam: lr`` / ``server_tau``
+(FedAdam on the decrypted aggregate).
 """
 
 import json

@@ -57,6 +57,15 @@ def transform(x: np.ndarray) -> np.ndarray:
     return np.clip(np.sign(x) * np.log1p(np.abs(x)), -LOG_BOUND, LOG_BOUND) / LOG_BOUND
 
 
+def _noisy_vector(layout, sums: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The Gaussian mechanism on a client's sums (noise std σ·sensitivity per entry; none when
+    σ = 0), fixed-point encoded with the layout's codec, check slots added."""
+    if layout.noise_multiplier > 0:
+        sums = sums + rng.normal(0.0, layout.noise_multiplier * layout.sensitivity, size=sums.shape)
+    z, _ = layout.codec.encode(sums, rng)
+    return with_checks(z)
+
+
 @dataclass(frozen=True)
 class StatsLayout:
     """Integer layout ``[check, n per class (k), Σx̃ (d), Σx̃² (d)]`` of one client's noisy statistics."""
@@ -95,11 +104,7 @@ class StatsLayout:
         return np.concatenate([counts, r.sum(axis=0)])
 
     def pack(self, x_raw: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        sums = self.local_sums(x_raw, y)
-        if self.noise_multiplier > 0:
-            sums = sums + rng.normal(0.0, self.noise_multiplier * self.sensitivity, size=sums.shape)
-        z, _ = self.codec.encode(sums, rng)
-        return with_checks(z)
+        return _noisy_vector(self, self.local_sums(x_raw, y), rng)
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> "Standardizer":
         payload = strip_checks(vec, terms, "statistics aggregate")
@@ -141,10 +146,7 @@ class RefineLayout:
         return r.sum(axis=0)
 
     def pack(self, x_raw: np.ndarray, base: "Standardizer", rng: np.random.Generator) -> np.ndarray:
-        sums = self.local_sums(x_raw, base)
-        sums = sums + rng.normal(0.0, self.noise_multiplier * self.sensitivity, size=sums.shape)
-        z, _ = self.codec.encode(sums, rng)
-        return with_checks(z)
+        return _noisy_vector(self, self.local_sums(x_raw, base), rng)
 
     def unpack_sum(self, vec: np.ndarray, terms: int, base: "Standardizer") -> "Standardizer":
         payload = strip_checks(vec, terms, "second-stage statistics aggregate")

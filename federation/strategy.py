@@ -175,14 +175,20 @@ class EncryptedFedAvg(Strategy):
                 self._reject(base, f"more than max-clients-per-round={self.cfg.max_clients_per_round} replies: "
                                    "the fixed-point headroom would be exceeded")
                 continue
-            try:
-                data = record_bytes(msg.content.array_records[key], total.cipher.stype)
-                total.add(data)
-            except (CiphertextError, KeyError) as exc:
-                self._reject(base, f"malformed {key}: {exc}")
-                continue
-            self._record({**base, "status": "accepted", "reason": "", "bytes": len(data)})
+            self._add(total, msg, key, base, key)
         return total
+
+    def _add(self, total: SecureSum, msg: Message, key: str, base: dict, what: str) -> bool:
+        """Add the reply's ``key`` vector into ``total`` and ledger it as accepted; a malformed or
+        foreign one is rejected for this client alone."""
+        try:
+            data = record_bytes(msg.content.array_records[key], total.cipher.stype)
+            total.add(data)
+        except (CiphertextError, KeyError) as exc:
+            self._reject(base, f"malformed {what}: {exc}")
+            return False
+        self._record({**base, "status": "accepted", "reason": "", "bytes": len(data)})
+        return True
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total = self._accumulate("train", server_round, replies, "update")
@@ -284,14 +290,8 @@ class EncryptedFedAvg(Strategy):
                 continue
             base.update(_facts(meta, base))
             base["delta"] = self.cfg.delta if self.cfg.dp else None
-            try:
-                data = record_bytes(msg.content.array_records["stats"], total.cipher.stype)
-                total.add(data)
-            except (CiphertextError, KeyError) as exc:
-                self._reject(base, f"malformed statistics: {exc}")
+            if not self._add(total, msg, "stats", base, "statistics"):
                 self.state.roles[node] = ("excluded", base["country"])
-                continue
-            self._record({**base, "status": "accepted", "reason": "", "bytes": len(data)})
         if total.terms < self.cfg.min_train_clients:
             raise RuntimeError(f"only {total.terms} training clients answered the setup "
                                f"(min-train-clients={self.cfg.min_train_clients})")
@@ -321,13 +321,7 @@ class EncryptedFedAvg(Strategy):
             if meta.get("fingerprint") != self.fingerprint:
                 self._reject(base, "key fingerprint differs from the server's public context")
                 continue
-            try:
-                data = record_bytes(msg.content.array_records["stats2"], total.cipher.stype)
-                total.add(data)
-            except (CiphertextError, KeyError) as exc:
-                self._reject(base, f"malformed second-stage statistics: {exc}")
-                continue
-            self._record({**base, "status": "accepted", "reason": "", "bytes": len(data)})
+            self._add(total, msg, "stats2", base, "second-stage statistics")
         if total.terms < self.cfg.min_train_clients:
             raise RuntimeError(f"only {total.terms} training clients answered the second statistics stage "
                                f"(min-train-clients={self.cfg.min_train_clients})")
