@@ -81,6 +81,19 @@ class RunConfig:
         return self.privacy in ("dp", "dp+he")
 
     @property
+    def stats_sigma(self) -> float:
+        """Noise multiplier of each statistics release; 0 (exact statistics, outside the
+        guarantee) without DP or with ``stats-noise-multiplier = 0``. It is
+        ``stats-noise-multiplier``, raised where a small ε needs it so that the planned releases
+        spend at most half of ε (:func:`privacy.accountant.stats_noise_floor`): otherwise they
+        could take the whole budget and leave DP-SGD none. At ε ≥ 3 (δ = 1e-5) the default 4 stands."""
+        if not self.dp or self.stats_noise_multiplier <= 0:
+            return 0.0
+        from privacy.accountant import stats_noise_floor
+        stages = 2 if self.stats_stages == 2 else 1
+        return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, stages))
+
+    @property
     def two_stage_stats(self) -> bool:
         """A second, per-feature statistics release (DP runs with noisy statistics only: exact
         statistics need no refinement)."""

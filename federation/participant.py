@@ -66,9 +66,9 @@ class Layouts:
         codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round)
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec),
                    stats=StatsLayout(n_features, n_classes, cfg.max_client_samples,
-                                     cfg.stats_noise_multiplier if cfg.dp else 0.0, t, cfg.max_clients_per_round),
+                                     cfg.stats_sigma, t, cfg.max_clients_per_round),
                    metrics=CountLayout(n_classes * n_classes),
-                   refine=RefineLayout(n_features, cfg.max_client_samples, cfg.stats_noise_multiplier, t,
+                   refine=RefineLayout(n_features, cfg.max_client_samples, cfg.stats_sigma, t,
                                        cfg.max_clients_per_round) if cfg.two_stage_stats else None)
 
 
@@ -122,7 +122,7 @@ class Participant:
 
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
         """The planned statistics releases: one unsubsampled Gaussian step per stage."""
-        s = self.cfg.stats_noise_multiplier
+        s = self.cfg.stats_sigma
         if not (self.cfg.dp and s > 0):
             return []
         return [(s, 1.0, 1)] * (2 if self.cfg.two_stage_stats else 1)

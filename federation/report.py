@@ -102,8 +102,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                    "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
                    "max_grad_norm": cfg.max_grad_norm,
                    "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
-                   "stats_noise_multiplier": cfg.stats_noise_multiplier,
-                   "stats_release_covered": cfg.stats_noise_multiplier > 0}
+                   "stats_noise_multiplier": cfg.stats_sigma,
+                   "stats_release_covered": cfg.stats_sigma > 0}
     he = None
     if cfg.he:
         uploads = [r["upload_bytes_per_client"] for r in rounds if r.get("upload_bytes_per_client")]
@@ -113,7 +113,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
               "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
                          "the sample-weighted fixed-point parameters",
               "fixed_point_resolution": layouts.update.codec.resolution}
-    covered = cfg.dp and cfg.stats_noise_multiplier > 0
+    covered = cfg.stats_sigma > 0
     preprocessing = {
         "transform": f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
                      "with the federated mean and std",
@@ -129,14 +129,14 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                          f"clipped to L2 norm {REFINE_CLIP:g}; the final mean and std come from it (stage-1 "
                          "counts): each feature's variance is measured in its own unit"
                          if layouts.refine is not None else None),
-        "noise_multiplier": cfg.stats_noise_multiplier if cfg.dp else 0.0,
+        "noise_multiplier": cfg.stats_sigma,
         "covered_by_epsilon": covered,
         "statement": (("charged to every training client's accountant as two Gaussian releases "
-                       f"(noise multiplier {cfg.stats_noise_multiplier} each; L2 sensitivity "
+                       f"(noise multiplier {cfg.stats_sigma:.4g} each; L2 sensitivity "
                        f"{layouts.stats.sensitivity:.4f} and {layouts.refine.sensitivity:.4f}): inside ε"
                        if layouts.refine is not None else
                        "charged to every training client's accountant as one Gaussian release "
-                       f"(noise multiplier {cfg.stats_noise_multiplier}, L2 sensitivity "
+                       f"(noise multiplier {cfg.stats_sigma:.4g}, L2 sensitivity "
                        f"{layouts.stats.sensitivity:.4f}): inside ε")
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),

@@ -90,6 +90,34 @@ def _epsilon_merged(history: tuple, delta: float) -> float:
         return float(acc.get_epsilon(delta=delta, eps_error=EPS_ERROR))
 
 
+STATS_EPSILON_SHARE = 0.5   # the statistics releases may spend at most this share of ε
+
+
+@functools.lru_cache(maxsize=256)
+def stats_noise_floor(target_epsilon: float, delta: float, releases: int,
+                      share: float = STATS_EPSILON_SHARE, tol: float = 0.005) -> float:
+    """Smallest noise multiplier σ_s (to ``tol``) such that ``releases`` unsubsampled Gaussian
+    releases alone spend at most ``share``·ε at ``delta``, so DP-SGD keeps the rest."""
+    if not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        raise ValueError(f"target ε must be a positive finite number, got {target_epsilon}")
+
+    def eps(sig):
+        return epsilon_of([(sig, 1.0, 1)] * releases, delta)
+
+    lo, hi = 0.1, 1.0
+    while eps(hi) > share * target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e5:
+            raise ValueError(f"no statistics noise keeps {releases} release(s) under ε = {share * target_epsilon}")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if eps(mid) > share * target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     prior: list[tuple[float, float, int]] | None = None, tol: float = 0.005) -> float:
     """Smallest noise multiplier σ (to ``tol``) with ε(prior + (σ, q, steps)) ≤ target."""

@@ -434,14 +434,15 @@ def _mechanism(f: dict) -> Section:
         ["clients addressed per round", _range(f["addressed"]) + " (every training client, no client sampling)",
          "ledger"],
         ["updates accepted per round", _range(f["accepted"]), "ledger, round lines"],
-        ["statistics release noise multiplier σ_s", _g(cfg.stats_noise_multiplier if cfg.dp else 0.0),
-         "config `stats-noise-multiplier`"],
+        ["statistics release noise multiplier σ_s", _g(cfg.stats_sigma),
+         "config `stats-noise-multiplier`" + (" (raised so that the statistics releases spend at most half of ε)"
+                                              if cfg.stats_sigma > cfg.stats_noise_multiplier else "")],
         ["statistics releases in the ledger", ", ".join(str(list(m)) for m in f["stats_mechanisms"]) or "none",
          "ledger, stats lines ([σ_s, q = 1, 1 step] per stage)"],
         ["statistics release L2 sensitivity Δ per stage", " / ".join(_g(x, 6) for x in f["stats_sensitivity"]),
          f["stats_sensitivity_src"]],
         ["statistics release noise std σ_s·Δ per stage",
-         " / ".join(_g((cfg.stats_noise_multiplier if cfg.dp else 0.0) * x, 6) for x in f["stats_sensitivity"]),
+         " / ".join(_g(cfg.stats_sigma * x, 6) for x in f["stats_sensitivity"]),
          "derived"],
         ["fixed-point clip of parameters", f"±{_g(cfg.param_clip)}", "config `param-clip` (post-processing)"],
         ["δ", _g(f["delta"]), "ledger" if f["ledger_deltas"] else "config"],
@@ -477,7 +478,7 @@ def _coverage(f: dict) -> tuple[Section, Section]:
     cfg, rep = f["cfg"], f["report"]
     covered = Section("covered", "What the guarantee covers")
     not_cov = Section("not_covered", "What it does not cover")
-    sig_s = cfg.stats_noise_multiplier if cfg.dp else 0.0
+    sig_s = cfg.stats_sigma
     if cfg.dp:
         eps = f["epsilon_max"] or 0.0
         covered.blocks.append([

@@ -44,6 +44,20 @@ def test_calibration_reaches_but_does_not_exceed_target():
         calibrate_noise(0.1, 1e-5, 0.2, 150, prior=[(0.5, 1.0, 1)])
 
 
+def test_statistics_noise_leaves_dp_sgd_half_of_a_small_budget():
+    """At ε = 1 the two default releases (σ_s = 4: ε 1.37) would spend more than the whole budget;
+    σ_s is raised so that they spend at most half of it, checked by the independent PLD accountant."""
+    from privacy.verify import pld_epsilon
+    assert RunConfig(epsilon=3.0).stats_sigma == 4.0 == RunConfig(epsilon=8.0).stats_sigma
+    for eps in (1.0, 0.5):
+        cfg = RunConfig(epsilon=eps)
+        assert cfg.stats_sigma > 4.0
+        assert pld_epsilon([(cfg.stats_sigma, 1.0, 1)] * 2, cfg.delta) <= eps / 2
+        sigma = calibrate_noise(eps, cfg.delta, 0.2, 300, prior=[(cfg.stats_sigma, 1.0, 1)] * 2)
+        assert epsilon_of([(cfg.stats_sigma, 1.0, 1)] * 2 + [(sigma, 0.2, 300)], cfg.delta) <= eps
+    assert RunConfig(privacy="he").stats_sigma == 0.0 == RunConfig(stats_noise_multiplier=0).stats_sigma
+
+
 def test_opacus_clips_per_sample_gradients(seed_data):
     x, y = seed_data.client_arrays("France")
     model = build_model(21, 5)
@@ -163,6 +177,6 @@ def test_client_refuses_round_that_would_exceed_budget(seed_data):
     with pytest.raises(RuntimeError, match="already released"):
         p.refine(stats[:1])                               # nor a second second stage
     # both statistics stages were charged, each as one unsubsampled Gaussian step, then DP-SGD
-    s = cfg.stats_noise_multiplier
+    s = cfg.stats_sigma
     assert [tuple(h) for h in p.accountant.history[:2]] == [(s, 1.0, 1), (s, 1.0, 1)]
     assert sum(h[2] for h in p.accountant.history[2:]) == 2 * planned_mechanism(p.settings)[1]
