@@ -51,7 +51,7 @@ _FIELD_TEXT = {
     "noise_multiplier": "the client's DP-SGD noise multiplier σ",
     "sample_rate": "the client's Poisson sampling rate q",
     "steps": "DP-SGD steps the client ran this round",
-    "total_steps": "DP-SGD steps the client ran over the run (plus the statistics release)",
+    "total_steps": "DP-SGD steps the client ran over the run (plus one step per statistics release)",
     "history": "the client's full accountant history: one [σ, q, steps] per mechanism",
     "clipped_params": "number of this client's model parameters the fixed-point codec clipped to "
                       "±param-clip: a plaintext statistic of its individual update",
@@ -376,7 +376,7 @@ def _guarantee(f: dict) -> Section:
         s.blocks.append(
             "The same guarantee as μ-Gaussian DP, by the central-limit approximation of Bu, Dong, Long and Su "
             "(2020): each DP-SGD round is T Poisson-subsampled Gaussian steps with μ = q·sqrt(T·(e^{1/σ²} − 1)); the "
-            "unsubsampled statistics release with noise multiplier σ_s is (1/σ_s)-GDP; they compose as "
+            "unsubsampled statistics release (one per stage) with noise multiplier σ_s is (1/σ_s)-GDP; they compose as "
             f"sqrt(μ₁² + μ₂² + …). **μ_max ≈ {_f4(f['mu_max'])}**, which as (ε, δ) at δ = {_g(f['delta'])} reads "
             f"ε ≈ {_f4(mu_eps)}. This is the CLT approximation, **not a bound** (it can understate the privacy loss "
             "at few steps); the PRV ε above is the figure of record.")

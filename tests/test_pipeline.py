@@ -71,6 +71,28 @@ def test_epsilon_recomputed_by_independent_accountant(dphe):
         assert independent <= cfg.epsilon * 1.05
 
 
+def test_two_statistics_stages_each_charged_once(dphe):
+    """Every training client released stage 1 and stage 2 once each, both charged as [σ_s, 1, 1]
+    before its first round; the report says so."""
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    stats = [l for l in ledger if l["kind"] == "stats" and l["status"] == "accepted"]
+    stage1 = sorted(l["country"] for l in stats if l.get("stage", 1) == 1)
+    stage2 = sorted(l["country"] for l in stats if l.get("stage") == 2)
+    assert stage1 == stage2 and len(stage2) == 130 == len(set(stage2))
+    s = cfg.stats_sigma
+    for line in stats:
+        want = [[s, 1.0, 1]] * line.get("stage", 1)
+        assert line["history"] == want
+    first_train = {}
+    for line in ledger:
+        if line["kind"] == "train" and line.get("history") and line["country"] not in first_train:
+            first_train[line["country"]] = line
+    assert all(l["history"][:2] == [[s, 1.0, 1]] * 2 for l in first_train.values())
+    pre = rep["preprocessing"]
+    assert pre["stages"] == 2 and pre["covered_by_epsilon"] and "two Gaussian releases" in pre["statement"]
+
+
 def test_bad_clients_rejected_without_failing_the_round(dphe):
     cfg, rep = dphe
     ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
