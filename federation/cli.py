@@ -1,6 +1,7 @@
 """The ``carbonfed`` command.
 
     carbonfed run [--dataset seed|owid] [--privacy none|dp|he|dp+he] [--epsilon E] ... --out DIR
+    carbonfed run --resume --out DIR      (an interrupted run, from its last complete round)
     carbonfed keygen --out DIR
     carbonfed deploy local --clients N --out DIR [run options]
     carbonfed report DIR [--keys DIR] [--baseline DIR]
@@ -37,8 +38,10 @@ def _run_parser(sub) -> None:
     p.add_argument("--out", required=False, default=None, help="output folder (default runs/<dataset>-<mode>-<time>)")
     p.add_argument("--keys", default=None, help="folder from `carbonfed keygen` (default: fresh keys in a private temp dir)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out after its last complete round (same config)")
     for f in fields(RunConfig):
-        if f.name in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir"):
+        if f.name in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir", "state_dir"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
 
@@ -67,12 +70,12 @@ def _progress(cfg: RunConfig):
 
 def cmd_run(args) -> int:
     from data import resolve_data_dir
-    from federation.report import build_report
-    from federation.simulation import run_simulation
     from privacy.he import keygen
 
+    if args.resume:
+        return _resume(args)
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)
-                 if f.name not in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir")
+                 if f.name not in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir", "state_dir")
                  and getattr(args, f.name, None) is not None}
     if args.download_owid:
         from data import download_owid
@@ -83,26 +86,73 @@ def cmd_run(args) -> int:
     data_dir = str(resolve_data_dir(args.data_dir))
     out = Path(args.out or f"runs/{args.dataset}-{args.privacy.replace('+', '')}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if (out / "ledger.jsonl").exists():
-        print(f"error: {out} already holds a run (ledger.jsonl); choose another --out", file=sys.stderr)
+        hint = (f"it is unfinished: continue it with `carbonfed run --resume --out {out}`, or choose another --out"
+                if (out / RUN_FILE).exists() and not (out / "report.json").exists() else "choose another --out")
+        print(f"error: {out} already holds a run (ledger.jsonl); {hint}", file=sys.stderr)
         return 2
+    RunConfig(dataset=args.dataset, data_dir=data_dir, privacy=args.privacy, **overrides)   # invalid: fail here
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="carbonfed-keys-") as tmp:
-        keys = args.keys
-        if keys is None and args.privacy in ("he", "dp+he"):
-            keys = str(Path(tmp) / "keys")
-            keygen(keys)
-        cfg = RunConfig(dataset=args.dataset, data_dir=data_dir, privacy=args.privacy, keys_dir=keys or "",
-                        out_dir=str(out), **overrides)
-        print(f"carbonfed: {cfg.dataset} data, privacy={cfg.privacy}"
-              + (f", ε={cfg.epsilon}, δ={cfg.delta}" if cfg.dp else "") + f", {cfg.rounds} rounds → {out}")
-        if not args.verbose:
-            logging.getLogger("flwr").setLevel(logging.ERROR)
-        progress, on_round = _progress(cfg)
-        with progress:
-            run_simulation(cfg, on_round=on_round, verbose=args.verbose)
-        report = build_report(out, keys)
-        # while the keys still exist: a run with temporary keys cannot be decrypted later
-        page, statement, audit = _audit_pages(out, report)
+    keys = args.keys
+    if keys is None and args.privacy in ("he", "dp+he"):
+        # fresh keys in a private temp dir (0700), deleted once the report is written; an
+        # interrupted run keeps them (run.json names the folder), so that it can resume
+        keys = str(Path(tempfile.mkdtemp(prefix="carbonfed-keys-")) / "keys")
+        keygen(keys)
+    private = out / CLIENT_STATE
+    private.mkdir(mode=0o700, exist_ok=True)
+    cfg = RunConfig(dataset=args.dataset, data_dir=data_dir, privacy=args.privacy, keys_dir=keys or "",
+                    out_dir=str(out), state_dir=str(private), **overrides)
+    (out / RUN_FILE).write_text(json.dumps({"config": cfg.to_flower(), "own_keys": args.keys is None}, indent=1))
+    return _simulate(cfg, out, args.verbose, own_keys=args.keys is None)
+
+
+RUN_FILE = "run.json"            # the config of a `carbonfed run`, for --resume
+CLIENT_STATE = ".client-state"   # the simulated clients' accountant state and replay cache
+
+
+def _resume(args) -> int:
+    if not args.out:
+        print("error: --resume needs --out, the folder of the interrupted run", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    if not (out / RUN_FILE).exists():
+        print(f"error: {out / RUN_FILE} not found: {out} holds no run started by `carbonfed run`", file=sys.stderr)
+        return 2
+    if (out / "report.json").exists():
+        print(f"error: {out} holds a finished run (report.json); nothing to resume", file=sys.stderr)
+        return 2
+    saved = json.loads((out / RUN_FILE).read_text())
+    cfg = RunConfig.from_flower(saved["config"])
+    if cfg.he and not (Path(cfg.keys_dir) / "secret.ctx").exists():
+        print(f"error: the run's keys ({cfg.keys_dir}) are gone: its encrypted state cannot be used; "
+              "start a new run", file=sys.stderr)
+        return 2
+    print(f"carbonfed: resuming {out} from its last checkpoint")
+    return _simulate(cfg, out, args.verbose, own_keys=saved.get("own_keys", False))
+
+
+def _simulate(cfg: RunConfig, out: Path, verbose: bool, own_keys: bool) -> int:
+    """Run (or resume) the simulation, then the report; a run's own keys are deleted at the end."""
+    import shutil
+
+    from federation.report import build_report
+    from federation.simulation import run_simulation
+
+    print(f"carbonfed: {cfg.dataset} data, privacy={cfg.privacy}"
+          + (f", ε={cfg.epsilon}, δ={cfg.delta}" if cfg.dp else "") + f", {cfg.rounds} rounds → {out}")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    progress, on_round = _progress(cfg)
+    with progress:
+        run_simulation(cfg, on_round=on_round, verbose=verbose)
+    keys = cfg.keys_dir or None
+    report = build_report(out, keys)
+    # while the keys still exist: a run with its own keys cannot be decrypted later
+    page, statement, audit = _audit_pages(out, report)
+    if own_keys and keys:
+        shutil.rmtree(Path(keys).parent, ignore_errors=True)   # the private temp dir made for them
+    if cfg.state_dir and Path(cfg.state_dir) == out / CLIENT_STATE:
+        shutil.rmtree(cfg.state_dir, ignore_errors=True)   # finished: the ledger is the record
     _print_summary(report, out)
     print(f"html: {page}  privacy statement: {statement}  audit: {'passed' if audit.ok else 'FAILED'}")
     if not audit.ok:

@@ -5,7 +5,8 @@ Each message rebuilds the participant from the run config, the node config and t
 replying: a deployed client keeps nothing in memory between messages.
 
 Node config (``--node-config`` of a SuperNode) may set ``country``, ``data-dir``,
-``secret-context`` (absolute path) and ``state-dir`` (absolute path). In simulation the country
+``secret-context`` (absolute path) and ``state-dir`` (absolute path); without the latter, run
+config ``state-dir`` is used (``carbonfed run`` sets it so that an interrupted run can resume). In simulation the country
 is the node's ``partition-id`` in the sorted country list and the secret context is
 ``keys-dir/secret.ctx`` from the run config.
 
@@ -147,8 +148,9 @@ def _participant(context: Context) -> Participant:
             raise ValueError("HE is on but neither node config 'secret-context' nor run config 'keys-dir' is set")
         ctx, fingerprint = _secret_context(str(secret))
     path = None
-    if node.get("state-dir"):
-        path = state_file(str(node["state-dir"]), country, cfg)
+    state_dir = node.get("state-dir") or cfg.state_dir
+    if state_dir:
+        path = state_file(str(state_dir), country, cfg)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return Participant(cfg, ds, part, country, ctx, _load_state(context, path), fingerprint)
 

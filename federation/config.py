@@ -43,6 +43,7 @@ class RunConfig:
     round_timeout: float = 600.0
     keys_dir: str = ""
     out_dir: str = ""
+    state_dir: str = ""      # clients' state folder where the node config names none (carbonfed run)
     fault_drill: str = ""
     reproducible_noise: bool = False
 

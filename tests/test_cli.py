@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,43 @@ def test_run_with_a_missing_data_dir_names_it(tmp_path):
     res = _run("--data-dir", str(missing), "--rounds", "1", "--out", str(tmp_path / "run"))
     assert res.returncode != 0
     assert str(missing) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_interrupted_run_resumes_from_its_last_round(tmp_path):
+    """Killed after round 1, `carbonfed run --resume` finishes the same run: rounds 1..3 once each,
+    the ledger chain continued, ε within budget, and the run's own keys deleted at the end."""
+    from privacy.ledger import check_chain, read_ledger
+    from privacy.verify import verify_run
+
+    out = tmp_path / "run"
+    args = ["--data-dir", str(resolve_data_dir(None)), "--rounds", "3", "--local-epochs", "1",
+            "--batches-per-epoch", "2", "--out", str(out)]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    proc = subprocess.Popen([str(BIN), "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "checkpoint.json").exists() and json.loads((out / "checkpoint.json").read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)          # the whole run: CLI, Ray workers, server
+        proc.wait()
+    keys = Path(json.loads((out / "run.json").read_text())["config"]["keys-dir"])
+    assert not (out / "report.json").exists() and (keys / "secret.ctx").exists()
+    assert keys.parent.stat().st_mode & 0o077 == 0 and not keys.is_relative_to(out)   # private temp dir
+
+    again = _run("--data-dir", str(resolve_data_dir(None)), "--rounds", "3", "--out", str(out))
+    assert again.returncode == 2 and "--resume" in again.stderr      # not overwritten, told how to go on
+    res = subprocess.run([str(BIN), "run", "--resume", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ledger = read_ledger(out / "ledger.jsonl")
+    assert check_chain(ledger) == []
+    assert [l["round"] for l in ledger if l["kind"] == "round"] == [1, 2, 3]
+    assert [l["kind"] for l in ledger].count("resume") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds"] == 3 and report["privacy"]["epsilon_max"] <= 3.0
+    assert verify_run(out).ok
+    assert not keys.parent.exists() and not (out / ".client-state").exists()
