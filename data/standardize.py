@@ -114,17 +114,18 @@ class StatsLayout:
 
 @dataclass(frozen=True)
 class RefineLayout:
-    """Integer layout ``[check, Σz (d), Σz² (d)]`` of one client's noisy second-stage statistics."""
+    """Integer layout ``[check, Σz (d), Σz² (d)]`` of one client's noisy second-stage statistics;
+    same features, row bound, noise multiplier and modulus as its first stage ``stage1``."""
 
-    n_features: int
-    max_client_samples: int
-    noise_multiplier: float
-    plain_modulus: int
-    max_terms: int
+    stage1: StatsLayout
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.stage1.noise_multiplier
 
     @property
     def length(self) -> int:
-        return checked_length(2 * self.n_features)
+        return checked_length(2 * self.stage1.n_features)
 
     @property
     def sensitivity(self) -> float:
@@ -133,12 +134,13 @@ class RefineLayout:
     @property
     def codec(self) -> FixedPointCodec:
         tail = 8 * self.noise_multiplier * self.sensitivity
-        return FixedPointCodec(self.plain_modulus, clip=self.max_client_samples * REFINE_CLIP + tail + 1,
-                               max_terms=self.max_terms)
+        s1 = self.stage1
+        return FixedPointCodec(s1.plain_modulus, clip=s1.max_client_samples * REFINE_CLIP + tail + 1,
+                               max_terms=s1.max_terms)
 
     def local_sums(self, x_raw: np.ndarray, base: "Standardizer") -> np.ndarray:
-        if len(x_raw) > self.max_client_samples:
-            raise ValueError(f"{len(x_raw)} rows exceed max-client-samples={self.max_client_samples}")
+        if len(x_raw) > self.stage1.max_client_samples:
+            raise ValueError(f"{len(x_raw)} rows exceed max-client-samples={self.stage1.max_client_samples}")
         z = np.clip((transform(x_raw) - base.mean) / base.unit, -REFINE_Z_BOUND, REFINE_Z_BOUND)
         r = np.concatenate([z, z ** 2], axis=1)
         norms = np.linalg.norm(r, axis=1, keepdims=True)

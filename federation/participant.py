@@ -64,12 +64,10 @@ class Layouts:
         t = HEParams().plain_modulus
         n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
         codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round)
-        return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec),
-                   stats=StatsLayout(n_features, n_classes, cfg.max_client_samples,
-                                     cfg.stats_sigma, t, cfg.max_clients_per_round),
+        stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round)
+        return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec), stats=stats,
                    metrics=CountLayout(n_classes * n_classes),
-                   refine=RefineLayout(n_features, cfg.max_client_samples, cfg.stats_sigma, t,
-                                       cfg.max_clients_per_round) if cfg.two_stage_stats else None)
+                   refine=RefineLayout(stats) if cfg.two_stage_stats else None)
 
 
 def make_cipher(cfg: RunConfig, ctx, length: int):

@@ -102,7 +102,7 @@ def test_second_stage_sensitivity_bound(seed_data):
     x, y = seed_data.client_arrays("China")
     xt = transform(x)
     base = Standardizer(mean=xt.mean(0) * 0.8, std=xt.std(0) * 1.3, class_counts=np.ones(5))
-    layout = RefineLayout(21, 512, 4.0, HEParams().plain_modulus, 256)
+    layout = RefineLayout(StatsLayout(21, 5, 512, 4.0, HEParams().plain_modulus, 256))
     assert layout.sensitivity == REFINE_CLIP
     full = layout.local_sums(x, base)
     for i in range(len(x)):
@@ -119,7 +119,8 @@ def test_two_stage_statistics_are_closer_to_the_pooled_ones(seed_data):
     xt = transform(np.concatenate([x for x, _ in arrays]))
     mu, sd = xt.mean(0), np.maximum(xt.std(0), STD_FLOOR)
     t = HEParams().plain_modulus
-    one, two = StatsLayout(21, 5, 512, 4.0, t, 256), RefineLayout(21, 512, 4.0, t, 256)
+    one = StatsLayout(21, 5, 512, 4.0, t, 256)
+    two = RefineLayout(one)
     err = {1: [], 2: []}
     for draw in range(5):
         rng = np.random.default_rng(draw)
