@@ -26,6 +26,9 @@ Guarantees with ``state-dir`` (deployment)
   accountant is not charged twice for one release.
 * With DP on, a training client whose state has no record of its statistics release (its state
   was lost: restarted without ``state-dir``) refuses to train instead of accounting from zero.
+* ``query.refine`` (two-stage DP runs) releases the second-stage statistics once, measured in the
+  units of the stage-1 aggregate it receives; asked again with the same aggregate it replays
+  the same bytes (with ``state-dir``), otherwise a second release is refused.
 * ``query.role`` answers role, country and key fingerprint only (no data, no budget): a resumed
   server uses it to learn which node is which country.
 """

@@ -17,7 +17,8 @@ Guarantees
   the encrypted aggregates are on disk (written atomically): nothing recorded is lost if the
   server stops.
 * After the setup and after every round the server writes a checkpoint (``checkpoint.json``,
-  atomically, last): the encrypted global model and statistics aggregate (with their SHA-256),
+  atomically, last): the encrypted global model and statistics aggregates (stage 1 and, in
+  two-stage DP runs, stage 2 from ``query.refine``; with their SHA-256),
   the term counts, the roles of the nodes, the round number and the ledger position. A server
   started again on the same out-dir with the same config and key resumes after the last
   complete round: no second statistics release, rounds 1..R each summarised once, the ledger
@@ -269,7 +270,8 @@ class EncryptedFedAvg(Strategy):
             time.sleep(0.2)
 
     def setup(self, grid: Grid) -> None:
-        """Round 0: learn each node's role and country, and sum the training clients' statistics."""
+        """Round 0: learn each node's role and country, and sum the training clients' statistics
+        (then, in two-stage DP runs, their second-stage statistics: :meth:`_refine`)."""
         nodes = self._wait_for_nodes(grid)
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=SETUP,
                         dst_node_id=n) for n in nodes]
