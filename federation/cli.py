@@ -111,6 +111,8 @@ CLIENT_STATE = ".client-state"   # the simulated clients' accountant state and r
 
 
 def _resume(args) -> int:
+    from privacy.he import SECRET_CONTEXT_FILE
+
     if not args.out:
         print("error: --resume needs --out, the folder of the interrupted run", file=sys.stderr)
         return 2
@@ -123,7 +125,7 @@ def _resume(args) -> int:
         return 2
     saved = json.loads((out / RUN_FILE).read_text())
     cfg = RunConfig.from_flower(saved["config"])
-    if cfg.he and not (Path(cfg.keys_dir) / "secret.ctx").exists():
+    if cfg.he and not (Path(cfg.keys_dir) / SECRET_CONTEXT_FILE).exists():
         print(f"error: the run's keys ({cfg.keys_dir}) are gone: its encrypted state cannot be used; "
               "start a new run", file=sys.stderr)
         return 2

@@ -91,8 +91,7 @@ class RunConfig:
         if not self.dp or self.stats_noise_multiplier <= 0:
             return 0.0
         from privacy.accountant import stats_noise_floor
-        stages = 2 if self.stats_stages == 2 else 1
-        return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, stages))
+        return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, self.stats_stages))
 
     @property
     def two_stage_stats(self) -> bool:

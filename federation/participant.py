@@ -120,10 +120,8 @@ class Participant:
 
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
         """The planned statistics releases: one unsubsampled Gaussian step per stage."""
-        s = self.cfg.stats_sigma
-        if not (self.cfg.dp and s > 0):
-            return []
-        return [(s, 1.0, 1)] * (2 if self.cfg.two_stage_stats else 1)
+        s = self.cfg.stats_sigma       # 0 without DP or with exact statistics
+        return [(s, 1.0, 1)] * (2 if self.cfg.two_stage_stats else 1) if s > 0 else []
 
     def _charge_release(self, stage: int) -> None:
         """Charge statistics stage ``stage`` (1 or 2) to the accountant, before it is made."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data import load_dataset, sha256_file, split_countries
-from data.standardize import CONTRIB_CLIP, LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT
+from data.standardize import CONTRIB_CLIP, LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from federation.config import RunConfig
 from federation.participant import Layouts, make_cipher
 from models.mlp import build_model
@@ -93,6 +93,10 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
     for line in ledger:
         if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
             last[line["country"]] = line
+    # The statistics releases as charged: the unsubsampled steps of the stats lines' histories.
+    stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
+                                for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+    covered = stats_sigma is not None
     privacy = None
     if cfg.dp:
         eps = {c: line["epsilon"] for c, line in sorted(last.items())}
@@ -102,8 +106,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                    "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
                    "max_grad_norm": cfg.max_grad_norm,
                    "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
-                   "stats_noise_multiplier": cfg.stats_sigma,
-                   "stats_release_covered": cfg.stats_sigma > 0}
+                   "stats_noise_multiplier": stats_sigma,
+                   "stats_release_covered": covered}
     he = None
     if cfg.he:
         uploads = [r["upload_bytes_per_client"] for r in rounds if r.get("upload_bytes_per_client")]
@@ -113,7 +117,6 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
               "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
                          "the sample-weighted fixed-point parameters",
               "fixed_point_resolution": layouts.update.codec.resolution}
-    covered = cfg.stats_sigma > 0
     preprocessing = {
         "transform": f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
                      "with the federated mean and std",
@@ -125,18 +128,18 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                       "one client's own statistics",
         "stages": 2 if layouts.refine is not None else 1,
         "second_stage": (f"then the sum of (Σz, Σz²) with z = clip((x - m1) / u, ±{REFINE_Z_BOUND:g}), m1 the "
-                         "stage-1 mean and u = max(|m1|, stage-1 std, 0.02) per feature, each record's (z, z²) "
+                         f"stage-1 mean and u = max(|m1|, stage-1 std, {STD_FLOOR:g}) per feature, each record's (z, z²) "
                          f"clipped to L2 norm {REFINE_CLIP:g}; the final mean and std come from it (stage-1 "
                          "counts): each feature's variance is measured in its own unit"
                          if layouts.refine is not None else None),
-        "noise_multiplier": cfg.stats_sigma,
+        "noise_multiplier": stats_sigma or 0.0,
         "covered_by_epsilon": covered,
         "statement": (("charged to every training client's accountant as two Gaussian releases "
-                       f"(noise multiplier {cfg.stats_sigma:.4g} each; L2 sensitivity "
+                       f"(noise multiplier {stats_sigma} each; L2 sensitivity "
                        f"{layouts.stats.sensitivity:.4f} and {layouts.refine.sensitivity:.4f}): inside ε"
                        if layouts.refine is not None else
                        "charged to every training client's accountant as one Gaussian release "
-                       f"(noise multiplier {cfg.stats_sigma:.4g}, L2 sensitivity "
+                       f"(noise multiplier {stats_sigma}, L2 sensitivity "
                        f"{layouts.stats.sensitivity:.4f}): inside ε")
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),

@@ -152,13 +152,15 @@ class EncryptedFedAvg(Strategy):
         self._record({**base, "status": status, "reason": reason})
         log.warning("round %s: %s %s: %s", base.get("round"), status, base.get("country"), reason)
 
-    def _accumulate(self, kind: str, server_round: int, replies: Iterable[Message], key: str) -> SecureSum:
-        """Add every acceptable reply's ``key`` vector into one running sum; ledger every reply."""
+    def _accumulate(self, kind: str, server_round: int, replies: Iterable[Message], key: str,
+                    extra: dict | None = None) -> SecureSum:
+        """Add every acceptable reply's ``key`` vector into one running sum; ledger every reply
+        (its line carries ``extra`` too)."""
         total = SecureSum(self.cipher_for(key))
         for msg in replies:
             node = self._node_of(msg)
             role, country = self.state.roles.get(node, ("?", f"node-{node}"))
-            base = {"kind": kind, "round": server_round, "node_id": node, "country": country}
+            base = {"kind": kind, **(extra or {}), "round": server_round, "node_id": node, "country": country}
             if msg.has_error():
                 self._reject(base, f"client error: {msg.error.reason}")
                 continue
@@ -309,21 +311,7 @@ class EncryptedFedAvg(Strategy):
         content = RecordDict({"config": ConfigRecord({"server-round": 0, "stats-terms": self.state.stats_terms}),
                               "stats": bytes_record(self.state.stats, self.cipher_for("stats").stype)})
         msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in self._nodes("train")]
-        total = SecureSum(self.cipher_for("stats2"))
-        for msg in self._stream(grid, msgs, "stats", 0):
-            node = self._node_of(msg)
-            _, country = self.state.roles.get(node, ("?", f"node-{node}"))
-            base = {"kind": "stats", "stage": 2, "round": 0, "node_id": node, "country": country}
-            if msg.has_error():
-                self._reject(base, f"client error: {msg.error.reason}")
-                continue
-            meta = dict(msg.content.config_records["meta"])
-            base.update(_facts(meta, base))
-            base["delta"] = self.cfg.delta
-            if meta.get("fingerprint") != self.fingerprint:
-                self._reject(base, "key fingerprint differs from the server's public context")
-                continue
-            self._add(total, msg, "stats2", base, "second-stage statistics")
+        total = self._accumulate("stats", 0, self._stream(grid, msgs, "stats", 0), "stats2", extra={"stage": 2})
         if total.terms < self.cfg.min_train_clients:
             raise RuntimeError(f"only {total.terms} training clients answered the second statistics stage "
                                f"(min-train-clients={self.cfg.min_train_clients})")
