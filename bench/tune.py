@@ -4,8 +4,11 @@ Not the product path (that is Flower, see federation/strategy.py); a quick way t
 settings. Usage: python bench/tune.py '{"privacy": "none", "lr": 0.5}' '{"privacy": "dp", ...}'
 Prints one JSON line per config: accuracy and macro-F1 on the held-out countries per round.
 
-Extra keys, not RunConfig settings (exploration only, never in the product): ``avg_last`` (score the
-float average of the last K global models), ``server_momentum`` / ``server_lr`` (FedAvgM applied to
+Extra keys, not RunConfig settings (exploration only, never in the product): ``val: k`` (tune on the
+training countries: their stride-5 fold k scores, the rest train; the test countries take no part),
+``lr_final`` (cosine decay of the local lr to lr·lr_final by the last round), ``avg_last`` (score the
+float average of the last K global models; a list scores each K on the same run), ``ema`` (list of
+decays: EMA of the global models, scored after them), ``server_momentum`` / ``server_lr`` (FedAvgM applied to
 the decrypted aggregate), and patches applied in the worker process: ``activation: "tanh"``,
 ``per_layer: true`` (Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs
 clipped to ±k), ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise
@@ -94,17 +97,23 @@ def run(cfg_json: str) -> dict:
     torch.set_num_threads(1)
     kw = json.loads(cfg_json)
     avg_last = kw.pop("avg_last", 1)
+    avg_last = list(avg_last) if isinstance(avg_last, list) else [avg_last]
+    ema = kw.pop("ema", [])      # EMA decay(s) of the global model, scored after the tail averages
     beta = kw.pop("server_momentum", 0.0)
     eta = kw.pop("server_lr", 1.0)
     adam = kw.pop("server_adam", 0.0)   # FedAdam server lr (Reddi et al. 2021); 0 = off
     tau = kw.pop("server_tau", 1e-3)
+    val = kw.pop("val", None)   # validation fold k: train on the training countries minus their stride-5 fold k, score on it
+    lr_final = kw.pop("lr_final", 1.0)   # cosine decay of the local lr to lr·lr_final at the last round
     hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
-    kw.update(avg_last=avg_last, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)
+    kw.update(val=val, avg_last=avg_last, ema=ema, lr_final=lr_final, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)
     ds = load_dataset(cfg.dataset)
     part = split_countries(ds.countries(), cfg.holdout_offset)
-    ps = {c: Participant(cfg, ds, part, c) for c in ds.countries()}
+    if val is not None:     # the held-out test countries take no part in tuning
+        part = split_countries(part.train, int(val))
+    ps = {c: Participant(cfg, ds, part, c) for c in part.countries}
     train = [p for p in ps.values() if p.role == "train"]
     test = [p for p in ps.values() if p.role == "test"]
     lay = train[0].layouts
@@ -125,6 +134,11 @@ def run(cfg_json: str) -> dict:
     for rnd in range(1, cfg.rounds + 1):
         agg = SecureSum(make_cipher(cfg, None, lay.update.length))
         eps = 0
+        if lr_final != 1.0:
+            from dataclasses import replace as _replace
+            f = lr_final + (1 - lr_final) * 0.5 * (1 + np.cos(np.pi * (rnd - 1) / max(cfg.rounds - 1, 1)))
+            for p in train:
+                p.settings = _replace(p.settings, lr=cfg.lr * f)
         for p in train:
             out = p.train(rnd, model, mt, sagg)
             agg.add(out["update"])
@@ -153,19 +167,24 @@ def run(cfg_json: str) -> dict:
             s2.add(plain.encrypt(vec))
             s2.add(plain.encrypt(vec))
             model, mt = s2.serialize(), s2.terms
-        recent = (recent + [params])[-avg_last:]
+        recent = (recent + [params])[-max(avg_last):]
+        emas = {b: params if rnd == 1 else b * emas[b] + (1 - b) * params for b in ema} if ema else {}
         if rnd % 5 == 0 or rnd == cfg.rounds:
-            # Tail average (float), re-packed as a two-term aggregate for the clients' evaluate().
-            plain = make_cipher(cfg, None, lay.update.length)
-            avg = SecureSum(plain)
-            vec, _ = lay.update.pack(np.mean(recent, axis=0), 1, np.random.default_rng(0))
-            avg.add(plain.encrypt(vec))
-            avg.add(plain.encrypt(vec))
-            msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
-            for p in test:
-                msum.add(p.evaluate(avg.serialize(), avg.terms, sagg))
-            cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
-            hist.append((rnd, *[round(v, 4) for v in scores(cm.reshape(5, 5)).values()], round(eps, 3)))
+            # Each tail average / EMA (float), re-packed as a two-term aggregate for the clients' evaluate().
+            row = [rnd]
+            cands = [np.mean(recent[-k:], axis=0) for k in avg_last] + [emas[b] for b in ema]
+            for cand in cands:
+                plain = make_cipher(cfg, None, lay.update.length)
+                avg = SecureSum(plain)
+                vec, _ = lay.update.pack(cand, 1, np.random.default_rng(0))
+                avg.add(plain.encrypt(vec))
+                avg.add(plain.encrypt(vec))
+                msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
+                for p in test:
+                    msum.add(p.evaluate(avg.serialize(), avg.terms, sagg))
+                cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
+                row += [round(v, 4) for v in scores(cm.reshape(5, 5)).values()]
+            hist.append((*row, round(eps, 3)))
     return {"cfg": kw, "final": hist[-1], "hist": hist, "s": round(time.time() - t0, 1)}
 
 

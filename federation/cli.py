@@ -21,10 +21,14 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from federation.config import PRIVACY_MODES, RunConfig
+
+
+# settings `carbonfed run` takes under its own names (--out, --keys) or sets itself (state-dir)
+_OWN_OPTIONS = ("dataset", "data_dir", "privacy", "keys_dir", "out_dir", "state_dir")
 
 
 def _run_parser(sub) -> None:
@@ -40,10 +44,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out after its last complete round (same config)")
-    for f in fields(RunConfig):
-        if f.name in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir", "state_dir"):
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
+    RunConfig.add_options(p, skip=_OWN_OPTIONS)
 
 
 def _progress(cfg: RunConfig):
@@ -74,9 +75,7 @@ def cmd_run(args) -> int:
 
     if args.resume:
         return _resume(args)
-    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)
-                 if f.name not in ("dataset", "data_dir", "privacy", "keys_dir", "out_dir", "state_dir")
-                 and getattr(args, f.name, None) is not None}
+    overrides = RunConfig.options_given(args, skip=_OWN_OPTIONS)
     if args.download_owid:
         from data import download_owid
 

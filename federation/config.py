@@ -135,6 +135,21 @@ class RunConfig:
                     raise ValueError(f"run config {key}={run_config[key]!r}: expected {type(default).__name__}") from exc
         return cls(**kwargs)
 
+    @classmethod
+    def add_options(cls, parser, skip: tuple[str, ...]) -> None:
+        """One optional ``--key`` per setting not in ``skip`` (default None: the RunConfig default)."""
+        defaults = cls()
+        for f in fields(cls):
+            if f.name not in skip:
+                parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
+                                    help=f"default {getattr(defaults, f.name)!r}")
+
+    @classmethod
+    def options_given(cls, args, skip: tuple[str, ...]) -> dict:
+        """The settings :meth:`add_options` parsed that the user gave, as RunConfig keyword arguments."""
+        return {f.name: getattr(args, f.name) for f in fields(cls)
+                if f.name not in skip and getattr(args, f.name, None) is not None}
+
     def digest(self) -> str:
         """SHA-256 of the settings that determine results (paths and the node-count wait excluded)."""
         d = asdict(self)

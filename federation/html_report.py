@@ -154,7 +154,9 @@ def render_html(facts: dict) -> str:
     m = rep.get("metrics") or {}
     ok = bool(v.get("ok"))
     eps_txt = (f"{_fmt(facts['epsilon_max'])} / {cfg.epsilon:g}" if cfg.dp else "∞ (no DP)")
+    arch = (rep.get("model") or {}).get("architecture")
     cards = [_card("data set", cfg.dataset), _card("mode", cfg.privacy),
+             *([_card("model", arch.split(" (")[0])] if arch else []),
              _card("accuracy", _fmt(m.get("accuracy"))), _card("macro-F1", _fmt(m.get("macro_f1"))),
              _card("ε max / target", eps_txt,
                    "" if not cfg.dp else ("ok" if (facts["epsilon_max"] or 0) <= cfg.epsilon else "bad")),

@@ -19,8 +19,8 @@ from data import load_dataset, sha256_file, split_countries
 from data.standardize import CONTRIB_CLIP, LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from federation.config import RunConfig
 from federation.participant import Layouts, make_cipher
-from models.mlp import build_model
-from models.params import load_flat_params
+from models.mlp import build_model, describe
+from models.params import load_flat_params, num_params
 from privacy.accountant import ACCOUNTANT_NAME
 from privacy.he import SECRET_CONTEXT_FILE, load_secret_context
 from privacy.ledger import read_ledger
@@ -86,7 +86,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler_mean": scaler.mean.tolist(),
                     "scaler_std": scaler.std.tolist()}, run / "model.pt")
-        final = {"path": str(run / "model.pt"), "samples": total}
+        final = {"path": str(run / "model.pt"), "samples": total,
+                 "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
+                 "parameters": num_params(model)}
 
     # Privacy, from the ledger: each client's last reported state.
     last: dict[str, dict] = {}

@@ -1,7 +1,7 @@
 """The privacy/utility trade-off: a sweep over ε and seeds, with a centralized ceiling.
 
     carbonfed sweep --epsilons inf,8,3,1 --seeds 0,1,2 --out DIR [--modes dp+he] [--rounds R]
-                    [--dataset seed|owid] [--data-dir D]
+                    [--dataset seed|owid] [--data-dir D] [--hidden linear --lr 0.4 ...]
     python -m federation.sweep ...   (same options)
 
 What it runs, for every seed:
@@ -9,7 +9,8 @@ What it runs, for every seed:
 * every finite ε: the DP mode of each ``--modes`` entry (``he`` → ``dp+he``, ``none`` → ``dp``);
 * ε = inf: the non-DP counterpart of each mode (``dp+he`` → ``he``, ``dp`` → ``none``; deduplicated),
   i.e. plaintext-equivalent FedAvg (``he`` gives exactly the model ``none`` gives);
-* ``centralized`` (ε = inf): the same MLP trained on the *pooled* rows of the training countries,
+* every other ``carbonfed run`` setting given (``--hidden``, ``--lr``, ...) applies to every run;
+* ``centralized`` (ε = inf): the same model trained on the *pooled* rows of the training countries,
   standardised with their exact pooled mean/std, no privacy: an upper reference, not a
   federated result (see :func:`train_centralized`).
 
@@ -246,9 +247,10 @@ def _progress_display(enabled: bool):
 
 
 def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed", data_dir=None,
-              progress=True):
+              progress=True, settings=None):
     """Run (or resume) the sweep into ``out``; returns the table written to ``out/sweep.csv``.
 
+    ``settings``: other RunConfig settings for every run (``{"hidden": "linear", "lr": 0.4}``).
     The returned DataFrame has ``attrs["ran"]`` and ``attrs["skipped"]``: the run names executed
     now and those found finished.
     """
@@ -261,7 +263,7 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
 
     epsilons, seeds, modes = parse_epsilons(epsilons), parse_ints(seeds), parse_modes(modes)
     out = Path(out).resolve()
-    base = RunConfig(dataset=dataset, data_dir=str(resolve_data_dir(data_dir)))
+    base = RunConfig(dataset=dataset, data_dir=str(resolve_data_dir(data_dir)), **(settings or {}))
     if rounds is not None:
         base = replace(base, rounds=int(rounds))
     jobs = plan(epsilons, seeds, modes)
@@ -318,7 +320,8 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
     df.to_csv(out / "sweep.csv", index=False)
     plot_tradeoff(df, out / "tradeoff.png")
     (out / "tradeoff.md").write_text(tradeoff_markdown(df, out, jobs, dict(
-        epsilons=epsilons, seeds=seeds, modes=modes, rounds=base.rounds, dataset=dataset)))
+        epsilons=epsilons, seeds=seeds, modes=modes, rounds=base.rounds, dataset=dataset,
+        model=base.hidden, overrides=dict(settings or {}))))
     df.attrs.update(ran=ran, skipped=skipped)
     return df
 
@@ -418,7 +421,7 @@ def tradeoff_markdown(df, out: Path, jobs: list[Job], settings: dict) -> str:
         lines.append(f"| {r['mode']} | {format_eps(r['epsilon']).replace('inf', '∞')} | {int(r['n'])} "
                      f"| {_pm(r['acc_mean'], r['acc_std'], r['n'])} | {_pm(r['f1_mean'], r['f1_std'], r['n'])} "
                      f"| {eps_max} | {r['seconds']:.1f} |")
-    lines += ["", "`centralized` is a reference ceiling, not a federated result: the same MLP trained on the "
+    lines += ["", "`centralized` is a reference ceiling, not a federated result: the same model trained on the "
               "pooled rows of the training countries (exact pooled standardisation, no DP, no encryption). "
               "ε = ∞ federated rows are the non-DP counterparts (`he` gives exactly the model `none` gives).", ""]
 
@@ -430,7 +433,10 @@ def tradeoff_markdown(df, out: Path, jobs: list[Job], settings: dict) -> str:
         except PackageNotFoundError:
             pass
     lines.append(f"- sweep: epsilons {[format_eps(e) for e in settings['epsilons']]}, seeds {settings['seeds']}, "
-                 f"modes {settings['modes']}, rounds {settings['rounds']}, dataset {settings['dataset']}")
+                 f"modes {settings['modes']}, rounds {settings['rounds']}, dataset {settings['dataset']}, "
+                 f"hidden layers {settings.get('model', RunConfig.hidden)!r}; other settings "
+                 + (", ".join(f"{k}={v!r}" for k, v in sorted(settings.get("overrides", {}).items()) if k != "hidden")
+                    or "RunConfig defaults"))
     lines.append(f"- software: {', '.join(versions)}; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     data_lines, run_lines = set(), []
     for job in jobs:
@@ -447,6 +453,10 @@ def tradeoff_markdown(df, out: Path, jobs: list[Job], settings: dict) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------
+# settings the sweep sets per run, or takes under its own options
+SWEEP_OWN = ("dataset", "data_dir", "privacy", "epsilon", "seed", "rounds", "keys_dir", "out_dir", "state_dir")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epsilons", required=True, help="comma-separated ε values; inf = no DP (e.g. inf,8,3,1)")
     p.add_argument("--seeds", required=True, help="comma-separated seeds (e.g. 0,1,2)")
@@ -456,6 +466,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("seed", "owid"), default="seed")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    RunConfig.add_options(p, skip=SWEEP_OWN)
     return p
 
 
@@ -467,7 +478,8 @@ def cmd_sweep(args) -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     t0 = time.time()
     df = run_sweep(args.epsilons, args.seeds, args.out, modes=args.modes, rounds=args.rounds,
-                   dataset=args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
+                   dataset=args.dataset, data_dir=args.data_dir, progress=not args.no_progress,
+                   settings=RunConfig.options_given(args, skip=SWEEP_OWN))
     out = Path(args.out).resolve()
     print(f"{len(df.attrs['ran'])} run(s) done, {len(df.attrs['skipped'])} skipped (finished earlier), "
           f"{(time.time() - t0) / 60:.1f} min")

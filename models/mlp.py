@@ -29,6 +29,12 @@ class EmissionMLP(nn.Module):
         return self.net(x)
 
 
+def describe(n_features: int, n_classes: int, hidden: Sequence[int]) -> str:
+    """``"MLP 21→32→16→5 (ReLU)"``, or ``"linear 21→5 (multinomial logistic regression)"`` without hidden layers."""
+    shape = "→".join(str(int(w)) for w in (n_features, *hidden, n_classes))
+    return f"MLP {shape} (ReLU)" if hidden else f"linear {shape} (multinomial logistic regression)"
+
+
 def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16), seed: int = 0) -> EmissionMLP:
     """A freshly initialised model; identical for identical arguments."""
     gen_state = torch.random.get_rng_state()

@@ -1,5 +1,6 @@
 """A tiny real sweep (Flower simulation, Opacus): outputs, centralized ceiling, resume/skip."""
 
+import json
 import math
 
 import pandas as pd
@@ -7,7 +8,9 @@ import pytest
 
 from federation.sweep import CSV_COLUMNS, main, parse_epsilons, plan, run_sweep
 
-ARGS = dict(epsilons="inf,3", seeds="0", modes=("dp",), rounds=2)
+# Settings other than mode, ε, seed and rounds reach every run (here the model: no hidden layer).
+ARGS = dict(epsilons="inf,3", seeds="0", modes=("dp",), rounds=2, settings={"hidden": "linear", "lr": 0.4})
+CLI = ["--epsilons", "inf,3", "--seeds", "0", "--rounds", "2", "--modes", "dp", "--hidden", "linear", "--lr", "0.4"]
 RUNS = {"centralized-epsinf-seed0", "none-epsinf-seed0", "dp-eps3-seed0"}
 
 
@@ -46,6 +49,11 @@ def test_outputs(sweep):
         assert row in md
     for name in RUNS:                                                # provenance: every run's config hash
         assert f"`runs/{name}`" in md
+    assert "hidden layers 'linear'; other settings lr=0.4" in md
+    for name in ("none-epsinf-seed0", "dp-eps3-seed0"):
+        rep = json.loads((out / "runs" / name / "report.json").read_text())
+        assert rep["provenance"]["config"]["hidden"] == "linear" and rep["provenance"]["config"]["lr"] == 0.4
+        assert rep["model"]["architecture"].startswith("linear 21→5") and rep["model"]["parameters"] == 21 * 5 + 5
     assert {p.name for p in (out / "runs").iterdir()} == RUNS
     assert df.attrs["ran"] and not df.attrs["skipped"]
 
@@ -63,7 +71,7 @@ def test_rerun_skips_finished_runs_and_redoes_half_finished(sweep, capsys):
     (half / "report.json").unlink()
     (half / "ledger.jsonl").write_text("{}\n")
     capsys.readouterr()
-    assert main(["--epsilons", "inf,3", "--seeds", "0", "--rounds", "2", "--modes", "dp", "--out", str(out)]) == 0
+    assert main([*CLI, "--out", str(out)]) == 0
     assert (half / "report.json").is_file() and not (half / "ledger.jsonl").exists()
     # stderr is not a terminal here: the progress display is one plain line per job.
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sweep ")]
@@ -75,3 +83,5 @@ def test_rerun_skips_finished_runs_and_redoes_half_finished(sweep, capsys):
     # Other settings into the same folder are refused, not mixed in.
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(out=out, progress=False, **{**ARGS, "rounds": 3})
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(out=out, progress=False, **{**ARGS, "settings": {}})      # the default MLP
