@@ -4,18 +4,18 @@ Not the product path (that is Flower, see federation/strategy.py); a quick way t
 settings. Usage: python bench/tune.py '{"privacy": "none", "lr": 0.5}' '{"privacy": "dp", ...}'
 Prints one JSON line per config: accuracy and macro-F1 on the held-out countries per round.
 
-Extra keys, not RunConfig settings (exploration only, never in the product): ``val: k`` (tune on the
-training countries: their stride-5 fold k scores, the rest train; the test countries take no part),
-``lr_final`` (cosine decay of the local lr to lr·lr_final by the last round), ``avg_last`` (score the
-float average of the last K global models; a list scores each K on the same run), ``ema`` (list of
-decays: EMA of the global models, scored after them), ``server_momentum`` / ``server_lr`` (FedAvgM applied to
-the decrypted aggregate), and patches applied in the worker process: ``activation: "tanh"``,
-``per_layer: true`` (Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs
-clipped to ±k), ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise
-standard deviations above 0), ``log_unit: c`` / ``log_bound: b`` (transform
-``clip(sign(x)·log1p(|x|/c), ±b)/b`` instead of c = 1, b = 10), ``prior_bias: k`` (output bias
-initialised to k·log of the seed data's class shares), ``server_adam: lr`` / ``server_tau``
-(FedAdam on the decrypted aggregate).
+Extra keys, not RunConfig settings (exploration only, never in the product): ``val: k`` (tune on
+the training countries: their stride-5 fold k scores, the rest train; the test countries take no
+part), ``lr_final`` (cosine decay of the local lr to lr·lr_final by the last round), ``avg_last``
+(score the float average of the last K global models; a list scores each K on the same run),
+``ema`` (list of decays: EMA of the global models, scored after them), ``server_momentum`` /
+``server_lr`` (FedAvgM applied to the decrypted aggregate), and patches applied in the worker
+process: ``activation: "tanh"``, ``weight_decay: w`` (local SGD's L2 decay), ``per_layer: true``
+(Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs clipped to ±k),
+``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise standard deviations
+above 0), ``log_unit: c`` / ``log_bound: b`` (transform ``clip(sign(x)·log1p(|x|/c), ±b)/b``
+instead of c = 1, b = 10), ``prior_bias: k`` (output bias initialised to k·log of the seed data's
+class shares), ``server_adam: lr`` / ``server_tau`` (FedAdam on the decrypted aggregate).
 """
 
 import json
@@ -34,6 +34,11 @@ def _apply_hacks(h: dict) -> None:
 
     from data.standardize import Standardizer
 
+    if h.get("weight_decay"):
+        import functools
+
+        import privacy.dp_sgd as D
+        D.torch.optim.SGD = functools.partial(torch.optim.SGD, weight_decay=float(h["weight_decay"]))
     if h.get("activation") == "tanh":
         torch.nn.ReLU = torch.nn.Tanh
     if h.get("per_layer"):
@@ -105,7 +110,7 @@ def run(cfg_json: str) -> dict:
     tau = kw.pop("server_tau", 1e-3)
     val = kw.pop("val", None)   # validation fold k: train on the training countries minus their stride-5 fold k, score on it
     lr_final = kw.pop("lr_final", 1.0)   # cosine decay of the local lr to lr·lr_final at the last round
-    hacks = {k: kw.pop(k) for k in ("activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias") if k in kw}
+    hacks = {k: kw.pop(k) for k in ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
     kw.update(val=val, avg_last=avg_last, ema=ema, lr_final=lr_final, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)

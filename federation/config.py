@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, fields
 PRIVACY_MODES = ("none", "dp", "he", "dp+he")
 
 
+_HELP = {"hidden": "hidden layer widths, comma-separated, or 'linear' (none: logistic regression); "}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     dataset: str = "seed"
@@ -142,7 +145,7 @@ class RunConfig:
         for f in fields(cls):
             if f.name not in skip:
                 parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                                    help=f"default {getattr(defaults, f.name)!r}")
+                                    help=_HELP.get(f.name, "") + f"default {getattr(defaults, f.name)!r}")
 
     @classmethod
     def options_given(cls, args, skip: tuple[str, ...]) -> dict:
