@@ -18,10 +18,12 @@ instead of c = 1, b = 10), ``prior_bias: k`` (output bias initialised to k·log 
 class shares), ``server_adam: lr`` / ``server_tau`` (FedAdam on the decrypted aggregate).
 """
 
+import functools
 import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
@@ -35,10 +37,7 @@ def _apply_hacks(h: dict) -> None:
     from data.standardize import Standardizer
 
     if h.get("weight_decay"):
-        import functools
-
-        import privacy.dp_sgd as D
-        D.torch.optim.SGD = functools.partial(torch.optim.SGD, weight_decay=float(h["weight_decay"]))
+        torch.optim.SGD = functools.partial(torch.optim.SGD, weight_decay=float(h["weight_decay"]))
     if h.get("activation") == "tanh":
         torch.nn.ReLU = torch.nn.Tanh
     if h.get("per_layer"):
@@ -140,10 +139,9 @@ def run(cfg_json: str) -> dict:
         agg = SecureSum(make_cipher(cfg, None, lay.update.length))
         eps = 0
         if lr_final != 1.0:
-            from dataclasses import replace as _replace
             f = lr_final + (1 - lr_final) * 0.5 * (1 + np.cos(np.pi * (rnd - 1) / max(cfg.rounds - 1, 1)))
             for p in train:
-                p.settings = _replace(p.settings, lr=cfg.lr * f)
+                p.settings = replace(p.settings, lr=cfg.lr * f)
         for p in train:
             out = p.train(rnd, model, mt, sagg)
             agg.add(out["update"])
@@ -178,8 +176,8 @@ def run(cfg_json: str) -> dict:
             # Each tail average / EMA (float), re-packed as a two-term aggregate for the clients' evaluate().
             row = [rnd]
             cands = [np.mean(recent[-k:], axis=0) for k in avg_last] + [emas[b] for b in ema]
+            plain = make_cipher(cfg, None, lay.update.length)
             for cand in cands:
-                plain = make_cipher(cfg, None, lay.update.length)
                 avg = SecureSum(plain)
                 vec, _ = lay.update.pack(cand, 1, np.random.default_rng(0))
                 avg.add(plain.encrypt(vec))

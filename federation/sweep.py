@@ -136,7 +136,7 @@ def centralized_settings(cfg: RunConfig) -> dict:
 def train_centralized(cfg: RunConfig) -> dict:
     """Non-private, non-federated reference: one model on the pooled training countries' rows.
 
-    Same MLP (``cfg.hidden``, initialised from ``cfg.seed``), same optimiser (SGD, ``cfg.lr``,
+    Same model (``cfg.hidden``: the MLP or, with ``linear``, logistic regression; initialised from ``cfg.seed``), same optimiser (SGD, ``cfg.lr``,
     ``cfg.momentum``) and the clients' training loop (:func:`privacy.dp_sgd.train_local` with DP off:
     Poisson batches at the rate ``1 / batches_per_epoch``) for ``rounds × local_epochs`` epochs.
     Features: ``(transform(x) - mean) / std`` with the exact pooled mean/std of the training rows
