@@ -15,7 +15,7 @@ process: ``activation: "tanh"``, ``weight_decay: w`` (local SGD's L2 decay), ``p
 ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise standard deviations
 above 0), ``log_unit: c`` / ``log_bound: b`` (transform ``clip(sign(x)·log1p(|x|/c), ±b)/b``
 instead of c = 1, b = 10), ``prior_bias: k`` (output bias initialised to k·log of the seed data's
-class shares), ``server_adam: lr`` / ``server_tau`` (FedAdam on the decrypted aggregate).
+class shares), ``refine_clip: r`` (second-stage statistics clip instead of 20), ``server_adam: lr`` / ``server_tau`` (FedAdam on the decrypted aggregate).
 """
 
 import functools
@@ -84,6 +84,9 @@ def _apply_hacks(h: dict) -> None:
                 list(m.parameters())[-1].copy_(torch.tensor(prior * float(h["prior_bias"]), dtype=torch.float32))
             return m
         FP.build_model = build
+    if h.get("refine_clip"):
+        import data.standardize as S
+        S.REFINE_CLIP = float(h["refine_clip"])
     if h.get("clamp"):
         k, apply = float(h["clamp"]), Standardizer.apply
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
@@ -109,7 +112,7 @@ def run(cfg_json: str) -> dict:
     tau = kw.pop("server_tau", 1e-3)
     val = kw.pop("val", None)   # validation fold k: train on the training countries minus their stride-5 fold k, score on it
     lr_final = kw.pop("lr_final", 1.0)   # cosine decay of the local lr to lr·lr_final at the last round
-    hacks = {k: kw.pop(k) for k in ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias") if k in kw}
+    hacks = {k: kw.pop(k) for k in ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias", "refine_clip") if k in kw}
     _apply_hacks(hacks)
     cfg = RunConfig(**kw)
     kw.update(val=val, avg_last=avg_last, ema=ema, lr_final=lr_final, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)

@@ -42,6 +42,7 @@ import numpy as np
 
 from privacy.fixed_point import FixedPointCodec
 from privacy.packing import checked_length, strip_checks, with_checks
+from privacy.randomness import NoiseSource
 
 CONTRIB_CLIP = 1.0   # L2 bound of one record's (x̃, a·x̃²) contribution
 SECOND_MOMENT_WEIGHT = 3.0  # a: x̃² is small next to x̃; weighting it lifts its signal above the noise
@@ -57,12 +58,12 @@ def transform(x: np.ndarray) -> np.ndarray:
     return np.clip(np.sign(x) * np.log1p(np.abs(x)), -LOG_BOUND, LOG_BOUND) / LOG_BOUND
 
 
-def _noisy_vector(layout, sums: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The Gaussian mechanism on a client's sums (noise std σ·sensitivity per entry; none when
-    σ = 0), fixed-point encoded with the layout's codec, check slots added."""
+def _noisy_vector(layout, sums: np.ndarray, noise: NoiseSource) -> np.ndarray:
+    """The Gaussian mechanism on a client's sums (noise std σ·sensitivity per entry, drawn from
+    ``noise``; none when σ = 0), fixed-point encoded with the layout's codec, check slots added."""
     if layout.noise_multiplier > 0:
-        sums = sums + rng.normal(0.0, layout.noise_multiplier * layout.sensitivity, size=sums.shape)
-    z, _ = layout.codec.encode(sums, rng)
+        sums = sums + noise.normal(layout.noise_multiplier * layout.sensitivity, sums.shape)
+    z, _ = layout.codec.encode(sums, noise.generator)
     return with_checks(z)
 
 
@@ -103,8 +104,8 @@ class StatsLayout:
         counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=self.n_classes)[: self.n_classes]
         return np.concatenate([counts, r.sum(axis=0)])
 
-    def pack(self, x_raw: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return _noisy_vector(self, self.local_sums(x_raw, y), rng)
+    def pack(self, x_raw: np.ndarray, y: np.ndarray, noise: NoiseSource) -> np.ndarray:
+        return _noisy_vector(self, self.local_sums(x_raw, y), noise)
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> "Standardizer":
         payload = strip_checks(vec, terms, "statistics aggregate")
@@ -147,8 +148,8 @@ class RefineLayout:
         r = r * np.minimum(1.0, REFINE_CLIP / np.maximum(norms, 1e-12))
         return r.sum(axis=0)
 
-    def pack(self, x_raw: np.ndarray, base: "Standardizer", rng: np.random.Generator) -> np.ndarray:
-        return _noisy_vector(self, self.local_sums(x_raw, base), rng)
+    def pack(self, x_raw: np.ndarray, base: "Standardizer", noise: NoiseSource) -> np.ndarray:
+        return _noisy_vector(self, self.local_sums(x_raw, base), noise)
 
     def unpack_sum(self, vec: np.ndarray, terms: int, base: "Standardizer") -> "Standardizer":
         payload = strip_checks(vec, terms, "second-stage statistics aggregate")

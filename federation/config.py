@@ -140,12 +140,15 @@ class RunConfig:
 
     @classmethod
     def add_options(cls, parser, skip: tuple[str, ...]) -> None:
-        """One optional ``--key`` per setting not in ``skip`` (default None: the RunConfig default)."""
+        """One optional ``--key`` per setting not in ``skip`` (default None: the RunConfig default);
+        a boolean setting is a flag (``--reproducible-noise``)."""
         defaults = cls()
         for f in fields(cls):
             if f.name not in skip:
-                parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                                    help=_HELP.get(f.name, "") + f"default {getattr(defaults, f.name)!r}")
+                default = getattr(defaults, f.name)
+                kind = {"action": "store_true"} if isinstance(default, bool) else {"type": type(default)}
+                parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
+                                    help=_HELP.get(f.name, "") + f"default {default!r}")
 
     @classmethod
     def options_given(cls, args, skip: tuple[str, ...]) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +36,7 @@ from models.mlp import build_model
 from models.params import flatten_params, load_flat_params, num_params
 from privacy.accountant import ClientAccountant, calibrate_noise
 from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
+from privacy.randomness import NoiseSource
 from privacy.fixed_point import FixedPointCodec
 from privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
 from privacy.packing import CountLayout, UpdateLayout
@@ -153,9 +153,8 @@ class Participant:
         self._charge_release(1)
         if self.cfg.dp:
             out["noise_multiplier"] = self.noise_multiplier()
-        rng = np.random.default_rng(self._noise_seed("stats", self.country))
         out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
-            self.layouts.stats.pack(self.x, self.y, rng))
+            self.layouts.stats.pack(self.x, self.y, self.noise_source("stats", self.country)))
         self.state["stats_released"] = True
         return out
 
@@ -174,9 +173,8 @@ class Participant:
         self._check_terms(None, stats[:1])
         base = self._stage1(*stats[0])
         self._charge_release(2)
-        rng = np.random.default_rng(self._noise_seed("refine", self.country))
         data = make_cipher(self.cfg, self.ctx, self.layouts.refine.length).encrypt(
-            self.layouts.refine.pack(self.x, base, rng))
+            self.layouts.refine.pack(self.x, base, self.noise_source("refine", self.country)))
         self.state["refine_released"] = True
         return {"stats2": data, "noise_multiplier": self.noise_multiplier()}
 
@@ -205,11 +203,12 @@ class Participant:
         vec = make_cipher(self.cfg, self.ctx, lay.length).decrypt(stats[1][0])
         return lay.unpack_sum(vec, stats[1][1], base)
 
-    def _noise_seed(self, *purpose) -> int:
-        """Seed of the DP noise: secret (OS entropy) unless the run asked for reproducible noise."""
+    def noise_source(self, *purpose) -> NoiseSource:
+        """The randomness of one release: with DP, ChaCha20 keyed from OS entropy unless the run
+        asked for reproducible noise; otherwise (and then) keyed from the public seed and ``purpose``."""
         if self.cfg.dp and not self.cfg.reproducible_noise:
-            return secrets.randbits(63)
-        return _seed(self.cfg.seed, *purpose)
+            return NoiseSource.from_os_entropy()
+        return NoiseSource.derived(self.cfg.seed, *purpose)
 
     def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
               stats: list[tuple[bytes, int]]) -> dict:
@@ -241,7 +240,7 @@ class Participant:
         model = self._global_model(model_bytes, model_terms)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
-                              seed=self._noise_seed("train", self.country, server_round))
+                              self.noise_source("train", self.country, server_round))
         params = flatten_params(model)
         if self.fault == "nan":
             params = nan_params(params)

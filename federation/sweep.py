@@ -151,6 +151,7 @@ def train_centralized(cfg: RunConfig) -> dict:
     from federation.report import scores
     from models.mlp import build_model
     from privacy.dp_sgd import TrainSettings, train_local
+    from privacy.randomness import NoiseSource
 
     t0 = time.time()
     ds = load_dataset(cfg.dataset, cfg.data_dir or None)
@@ -164,7 +165,7 @@ def train_centralized(cfg: RunConfig) -> dict:
     settings = TrainSettings(lr=cfg.lr, momentum=cfg.momentum, local_epochs=cfg.rounds * cfg.local_epochs,
                              batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)
     settings = settings.with_class_weights(tuple(scaler.class_weights(cfg.class_weight_power)))
-    outcome = train_local(model, scaler.apply(x), y, settings, seed=cfg.seed)
+    outcome = train_local(model, scaler.apply(x), y, settings, NoiseSource.derived(cfg.seed, "centralized"))
     x_test, y_test = ds.all_arrays(part.test)
     model.eval()
     with torch.no_grad():

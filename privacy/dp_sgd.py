@@ -11,9 +11,11 @@ Guarantees (DP on)
 * :func:`planned_mechanism` gives that ``(sample_rate, steps)`` before training, so a client can
   charge its accountant — or refuse — before touching its data; :func:`train_local` checks that
   Opacus ran exactly that.
-* Randomness (sampling and noise) comes from torch's generator seeded with ``seed``. Callers
-  pass a secret seed (64 bits from the OS) unless the run asked for reproducible noise: torch's
-  generator is a Mersenne Twister, not a cryptographically secure generator, and reports say so.
+* Randomness (Poisson sampling and Gaussian noise) comes from the caller's
+  :class:`~privacy.randomness.NoiseSource`, a ChaCha20 stream keyed with 256 bits of OS entropy
+  unless the run asked for reproducible noise, never from torch's Mersenne Twister; the noise is
+  hardened against floating-point attacks as Opacus's ``secure_mode`` is (which itself needs the
+  unmaintained ``torchcsprng``): :class:`HardenedNoiseDPOptimizer`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from opacus.data_loader import DPDataLoader
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from privacy.randomness import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -57,26 +67,66 @@ def planned_mechanism(settings: TrainSettings) -> tuple[float, int]:
     return 1.0 / settings.batches_per_epoch, settings.batches_per_epoch * settings.local_epochs
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings, seed: int) -> TrainOutcome:
-    """Train ``model`` in place on ``(x, y)``; returns what the accountant needs."""
-    torch.manual_seed(seed)
+class PoissonBatches(Sampler[list[int]]):
+    """``batches`` Poisson-sampled batches of row indices: each row joins each batch
+    independently with probability ``rate``, drawn from ``noise`` (what Opacus's
+    ``UniformWithReplacementSampler`` does with a torch generator)."""
+
+    def __init__(self, n_rows: int, rate: float, batches: int, noise: NoiseSource):
+        self.n_rows, self.rate, self.batches, self.noise = n_rows, rate, batches, noise
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            yield np.flatnonzero(self.noise.poisson_mask(self.n_rows, self.rate)).tolist()
+
+
+class HardenedNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer (per-sample clipping, Gaussian noise of std ``noise_multiplier ×
+    max_grad_norm`` on the clipped sum) with the noise drawn from a :class:`NoiseSource`
+    (ChaCha20, sum-of-four hardening) instead of torch's generator."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.noise = noise
+
+    def add_noise(self):
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            draw = self.noise.normal(std, tuple(p.summed_grad.shape))
+            p.grad = (p.summed_grad + torch.from_numpy(draw).to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings,
+                noise: NoiseSource) -> TrainOutcome:
+    """Train ``model`` in place on ``(x, y)``, every random draw from ``noise``; returns what the
+    accountant needs."""
     data = TensorDataset(torch.from_numpy(np.asarray(x, dtype=np.float32)),
                          torch.from_numpy(np.asarray(y, dtype=np.int64)))
     sample_rate, planned_steps = planned_mechanism(settings)
-    loader = DPDataLoader(data, sample_rate=sample_rate, generator=torch.Generator().manual_seed(seed ^ 0x5EED))
+    loader = DataLoader(data, batch_sampler=PoissonBatches(len(data), sample_rate, settings.batches_per_epoch, noise),
+                        collate_fn=wrap_collate_with_empty(collate_fn=default_collate,
+                                                           sample_empty_shapes=[(0, *x.shape[1:]), (0,)],
+                                                           dtypes=[torch.float32, torch.int64]))
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
-    module, engine = model, None
+    module, accountant = model, None
     if settings.noise_multiplier is not None:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        # What PrivacyEngine.make_private assembles, with the noise from ``noise``.
+        ModuleValidator.validate(model, strict=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure_mode / RNG advice, repeated on every call
-            module, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, poisson_sampling=False,
-                noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm)
-        # Opacus averages by int(n·q), which is 0 for a client with fewer rows than batches.
-        optimizer.expected_batch_size = max(1.0, len(data) * sample_rate)
+            warnings.simplefilter("ignore")
+            module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        module.forbid_grad_accumulation()
+        # Opacus averages by the expected batch n·q (at least 1 for a client with fewer rows than batches).
+        optimizer = HardenedNoiseDPOptimizer(
+            optimizer, noise=noise, noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1.0, len(data) * sample_rate))
+        accountant = PRVAccountant()
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     # Per-sample losses, weighted by class, averaged over the batch: the "mean" reduction
     # Opacus assumes when it rescales per-sample gradients.
     weights = torch.tensor(settings.class_weights, dtype=torch.float32) if settings.class_weights else None
@@ -92,7 +142,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
             optimizer.zero_grad()
             # An empty Poisson batch is still a (noise-only) DP step: Opacus needs the backward
             # pass to set the (empty) per-sample gradients before it adds the noise.
-            if len(xb) or engine is not None:
+            if len(xb) or accountant is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # Opacus hooks on input-free modules
                     loss = loss_fn(module(xb), yb)
@@ -102,8 +152,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
                     seen += len(xb)
                 optimizer.step()
             steps += 1
-    if engine is not None:
-        ran = [(q, s) for _, q, s in engine.accountant.history]
+    if accountant is not None:
+        ran = [(q, s) for _, q, s in accountant.history]
         if ran != [(sample_rate, planned_steps)]:
             raise RuntimeError(f"Opacus ran {ran}, the plan was {[(sample_rate, planned_steps)]}")
     elif steps != planned_steps:

@@ -557,16 +557,16 @@ def _rng(f: dict) -> Section:
     cfg = f["cfg"]
     if not cfg.dp:
         return Section("rng", "Randomness", ["No DP noise is drawn in this mode."])
-    seeded = ("seeded from **OS entropy** (`secrets.randbits(63)`) freshly per client per round (and per "
-              "statistics release)" if not cfg.reproducible_noise else
-              f"seeded **deterministically from the public config seed** ({cfg.seed}), the country and the round "
-              "(reproducible-noise = true): **anyone who knows the config can regenerate a client's noise, and "
-              "against them the guarantee does not hold**")
+    keyed = ("keyed with **256 bits of OS entropy** (`secrets.randbits(256)`), a fresh key per client per round "
+             "(and per statistics release)" if not cfg.reproducible_noise else
+             f"keyed **deterministically from the public config seed** ({cfg.seed}), the country and the round "
+             "(reproducible-noise = true): **anyone who knows the config can regenerate a client's noise, and "
+             "against them the guarantee does not hold**")
     return Section("rng", "Randomness", [[
-        f"DP-SGD noise and Poisson sampling come from **torch's Mersenne Twister** (mt19937, Opacus "
-        f"`secure_mode=False`); the statistics-release noise from **numpy's PCG64**; both {seeded}.",
-        "**Neither is a cryptographically secure generator** (not a CSPRNG), and floating-point Gaussian sampling is open to "
-        "the precision attacks that Opacus's `secure_mode` mitigates.",
+        f"DP-SGD noise, Poisson sampling and the statistics-release noise come from **ChaCha20** "
+        f"(`randomgen.ChaCha`, 20 rounds), a cryptographically secure generator (CSPRNG), {keyed}.",
+        "Each Gaussian value is the sum of four draws divided by two (float64), the hardening against "
+        "floating-point precision attacks that Opacus's `secure_mode` applies (Holohan & Braghin 2021, §5.1).",
         f"Stochastic rounding in the fixed-point codec uses numpy PCG64 seeded from the public seed "
         f"({cfg.seed}); it acts on the already-noised update (post-processing).",
     ]])

@@ -39,3 +39,19 @@ def test_digest_ignores_paths_but_not_settings():
     a = RunConfig(out_dir="/x", keys_dir="/k")
     assert a.digest() == RunConfig().digest()
     assert RunConfig(epsilon=1.0).digest() != RunConfig().digest()
+
+
+def test_command_line_options_parse_every_setting_type():
+    """``carbonfed run``'s options: numbers and text by type, a boolean as a flag (a typed
+    ``bool("false")`` would be True); options not given keep the RunConfig default."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    RunConfig.add_options(p, skip=("data_dir",))
+    given = RunConfig.options_given(p.parse_args(["--lr", "0.3", "--hidden", "linear", "--reproducible-noise"]),
+                                    skip=("data_dir",))
+    assert given == {"lr": 0.3, "hidden": "linear", "reproducible_noise": True}
+    assert RunConfig.options_given(p.parse_args([]), skip=("data_dir",)) == {}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--reproducible-noise", "false"])
+    assert RunConfig(**given).reproducible_noise is True

@@ -14,6 +14,7 @@ from models.mlp import build_model
 from models.params import flatten_params
 from privacy.accountant import ClientAccountant, calibrate_noise, epsilon_of
 from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
+from privacy.randomness import NoiseSource
 from privacy.he import HEParams
 from privacy.secure_sum import SecureSum
 
@@ -63,14 +64,15 @@ def test_opacus_clips_per_sample_gradients(seed_data):
     model = build_model(21, 5)
     before = flatten_params(model)
     s = TrainSettings(lr=1.0, momentum=0.0, batches_per_epoch=8, max_grad_norm=0.01, noise_multiplier=1e-6)
-    out = train_local(model, transform(x).astype(np.float32), y, s, seed=0)
+    out = train_local(model, transform(x).astype(np.float32), y, s, NoiseSource.derived(0))
     assert (out.sample_rate, out.steps) == planned_mechanism(s) == (1 / 8, 16)
     # a step moves the weights by lr * (sum of clipped grads) / (n q): at most C * (batch / (n q))
     moved = np.linalg.norm(flatten_params(model) - before)
     assert 0 < moved <= out.steps * 0.01 * 3
     # without clipping the same training moves much further
     free = build_model(21, 5)
-    train_local(free, transform(x).astype(np.float32), y, TrainSettings(lr=1.0, momentum=0.0, batches_per_epoch=8), seed=0)
+    train_local(free, transform(x).astype(np.float32), y, TrainSettings(lr=1.0, momentum=0.0, batches_per_epoch=8),
+                NoiseSource.derived(0))
     assert np.linalg.norm(flatten_params(free) - before) > 10 * moved
 
 
@@ -82,10 +84,51 @@ def test_empty_poisson_batches_are_noise_only_steps(seed_data):
     model = build_model(21, 5)
     before = flatten_params(model)
     s = TrainSettings(lr=0.1, momentum=0.0, batches_per_epoch=20, max_grad_norm=1.0, noise_multiplier=1.0)
-    out = train_local(model, x, y, s, seed=0)   # P(empty batch) = 0.95³ ≈ 0.86 per step
+    out = train_local(model, x, y, s, NoiseSource.derived(0))   # P(empty batch) = 0.95³ ≈ 0.86 per step
     assert (out.sample_rate, out.steps) == planned_mechanism(s) == (1 / 20, 40)
     after = flatten_params(model)
     assert np.all(np.isfinite(after)) and np.linalg.norm(after - before) > 0
+
+
+def test_noise_source_draws_hardened_gaussians_and_poisson_masks():
+    """Against scipy's normal CDF and the binomial: the hardened draws (sum of four / 2) are
+    N(0, std²), the masks keep each row with the rate; derived keys repeat, OS-entropy keys do not."""
+    from randomgen import ChaCha
+    from scipy import stats
+
+    src = NoiseSource.derived(0, "test")
+    assert isinstance(src.generator.bit_generator, ChaCha) and not src.secret
+    draws = src.normal(2.5, (40_000,))
+    assert stats.kstest(draws / 2.5, "norm").pvalue > 1e-3
+    assert abs(draws.std() / 2.5 - 1) < 0.03
+    mask = src.poisson_mask(100_000, 0.2)
+    assert stats.binomtest(int(mask.sum()), 100_000, 0.2).pvalue > 1e-3
+    assert np.array_equal(NoiseSource.derived(0, "test").normal(1.0, (8,)), NoiseSource.derived(0, "test").normal(1.0, (8,)))
+    a, b = NoiseSource.from_os_entropy(), NoiseSource.from_os_entropy()
+    assert a.secret and not np.array_equal(a.normal(1.0, (8,)), b.normal(1.0, (8,)))
+    assert np.array_equal(src.normal(0.0, (3,)), np.zeros(3))
+
+
+def test_dp_sgd_noise_comes_from_the_noise_source_with_the_calibrated_std(seed_data):
+    """One DP-SGD step (lr 1, no momentum) with σ = 1000: the clipped gradients (≤ C each) are
+    negligible, so the step is −noise / (n·q), noise ~ N(0, (σC)²) per parameter. Checked against
+    the normal CDF; torch's own generator (reseeded differently) changes nothing, the source does."""
+    from scipy import stats
+
+    x, y = seed_data.client_arrays("France")
+    x = transform(x).astype(np.float32)
+    s = TrainSettings(lr=1.0, momentum=0.0, local_epochs=1, batches_per_epoch=1, max_grad_norm=1.0,
+                      noise_multiplier=1000.0)
+    steps = []
+    for torch_seed, key in ((1, "a"), (2, "a"), (1, "b")):
+        torch.manual_seed(torch_seed)
+        model = build_model(21, 5, (), seed=0)
+        before = flatten_params(model)
+        train_local(model, x, y, s, NoiseSource.derived(key))
+        steps.append(flatten_params(model) - before)
+    assert np.allclose(steps[0], steps[1]) and not np.allclose(steps[0], steps[2])
+    z = -steps[0] * len(x) / (s.noise_multiplier * s.max_grad_norm)   # n·q = n rows at q = 1
+    assert len(z) == 110 and stats.kstest(z, "norm").pvalue > 1e-3
 
 
 def test_stats_release_sensitivity_bound(seed_data):
@@ -181,3 +224,28 @@ def test_client_refuses_round_that_would_exceed_budget(seed_data):
     s = cfg.stats_sigma
     assert [tuple(h) for h in p.accountant.history[:2]] == [(s, 1.0, 1), (s, 1.0, 1)]
     assert sum(h[2] for h in p.accountant.history[2:]) == 2 * planned_mechanism(p.settings)[1]
+
+
+def test_client_noise_is_secret_unless_the_run_asks_for_reproducible_noise(seed_data):
+    """Two clients with the same country, config and global model: with DP their statistics
+    releases and trained updates differ (the noise is keyed from OS entropy, not from the public
+    seed); with reproducible-noise they are identical, and without DP too."""
+    country = next(c for c in seed_data.countries() if split_countries(seed_data.countries()).role(c) == "train")
+
+    def twice(cfg):
+        out = []
+        for _ in range(2):
+            p, = _participants(cfg, seed_data, [country])
+            stats = p.setup()["stats"]
+            agg = [(stats, 1)]
+            if p.layouts.refine is not None:
+                agg.append((p.refine(agg)["stats2"], 1))
+            out.append((stats, p.train(1, None, 0, agg)["update"]))
+        return out
+
+    (s1, u1), (s2, u2) = twice(RunConfig(privacy="dp", rounds=2, min_train_clients=1))
+    assert s1 != s2 and u1 != u2
+    for cfg in (RunConfig(privacy="dp", rounds=2, min_train_clients=1, reproducible_noise=True),
+                RunConfig(privacy="none", rounds=2, min_train_clients=1)):
+        (s1, u1), (s2, u2) = twice(cfg)
+        assert s1 == s2 and u1 == u2

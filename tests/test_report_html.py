@@ -93,7 +93,7 @@ def test_privacy_statement_states_the_ledger(run):
     for word in ("node_id", "country", "fingerprint", "history", "clipped_params", "accepted contributions"):
         assert word in section, word
     assert "no baseline run given" in md
-    assert "Mersenne Twister" in md and "PCG64" in md and "not a CSPRNG" in md
+    assert "ChaCha20" in md and "CSPRNG" in md and "256 bits of OS entropy" in md and "Mersenne" not in md
     assert json.loads((out / "server.json").read_text())["config_sha256"] in md
 
 
