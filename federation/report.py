@@ -38,6 +38,21 @@ def scores(cm: np.ndarray) -> dict:
             "macro_f1": float(f1[present].mean()) if present.any() else None}
 
 
+def per_class(cm: np.ndarray, classes) -> list[dict]:
+    """Precision, recall, F1 and support of each class (None where undefined: nothing predicted /
+    no true row); macro-F1 averages the F1 of the classes with a true or a predicted row."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    out = []
+    for k, name in enumerate(classes):
+        prec = tp[k] / predicted[k] if predicted[k] else None
+        rec = tp[k] / support[k] if support[k] else None
+        f1 = 2 * tp[k] / (support[k] + predicted[k]) if support[k] + predicted[k] else None
+        out.append({"class": name, "precision": prec, "recall": rec, "f1": f1,
+                    "support": int(support[k]), "predicted": int(predicted[k])})
+    return out
+
+
 def _one_or_range(values):
     vals = sorted(set(v for v in values if v is not None))
     if not vals:
@@ -62,7 +77,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         return make_cipher(cfg, ctx, length).decrypt((run / "aggregates" / name).read_bytes())
 
     rounds = [r for r in ledger if r.get("kind") == "round"]
-    history = []
+    history, last_cm = [], None
     for r in rounds:
         f = run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
         entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
@@ -70,7 +85,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                  "accepted": r["accepted"], "rejected": r["rejected"]}
         if f.exists():
             cm = layouts.metrics.unpack_sum(decrypt(f.name, layouts.metrics.length), r["evaluated"])
-            entry.update(scores(cm.reshape(len(ds.classes), -1)))
+            last_cm = cm.reshape(len(ds.classes), -1)
+            entry.update(scores(last_cm))
         history.append(entry)
 
     # Final model: decrypted by the key holder, saved next to the report.
@@ -157,7 +173,11 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                                  and l.get("status") == "accepted"}) or len(part.test),
                     "partition": {"train": len(part.train), "test": len(part.test)}},
         "metrics": {"accuracy": last_scored["accuracy"] if last_scored else None,
-                    "macro_f1": last_scored["macro_f1"] if last_scored else None},
+                    "macro_f1": last_scored["macro_f1"] if last_scored else None,
+                    # the last scored round's summed confusion matrix: rows true class, columns predicted
+                    "classes": list(ds.classes),
+                    "confusion_matrix": last_cm.astype(int).tolist() if last_cm is not None else None,
+                    "per_class": per_class(last_cm, ds.classes) if last_cm is not None else None},
         "history": history, "privacy": privacy, "he": he, "preprocessing": preprocessing,
         "timing": {"total_s": server["total_s"], "per_round_s": float(np.mean([r["seconds"] for r in rounds])) if rounds else None},
         "model": final,

@@ -635,6 +635,16 @@ def _accuracy(f: dict) -> Section:
                 for h in rep.get("history", [])]
     s.blocks.append(Table(["round", "accuracy", "macro-F1", "baseline accuracy", "baseline macro-F1"], rows,
                           "accuracy-table"))
+    cm, classes = m.get("confusion_matrix"), m.get("classes")
+    if cm is not None and classes:
+        s.blocks.append("Confusion matrix of the last scored round, summed over the held-out countries (rows: true "
+                        "class, columns: predicted), with each class's precision, recall and F1. Macro-F1 averages the "
+                        "F1 of every class with a true or a predicted row, so a class the held-out countries do not "
+                        "hold but the model predicts counts as F1 = 0.")
+        pcs = m.get("per_class") or [{}] * len(classes)
+        s.blocks.append(Table(["true ↓ predicted →", *classes, "precision", "recall", "F1"],
+                              [[c, *(str(v) for v in row), _f4(pc.get("precision")), _f4(pc.get("recall")),
+                                _f4(pc.get("f1"))] for c, row, pc in zip(classes, cm, pcs)], "confusion-table"))
     return s
 
 

@@ -57,6 +57,39 @@ def test_report_shape_and_privacy(dphe):
     assert rep["model"]["parameters"] == sum(v.numel() for v in state.values()) == 21 * 32 + 32 + 32 * 16 + 16 + 16 * 5 + 5
 
 
+def test_reported_metrics_are_the_final_models_on_the_held_out_rows(dphe):
+    """The confusion matrix the held-out clients summed under encryption equals scikit-learn's on
+    the predictions of model.pt (with its saved scaler) for every held-out row; accuracy, macro-F1
+    and the per-class figures follow from it as scikit-learn computes them."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from data import load_dataset, split_countries
+    from data.standardize import Standardizer
+    from models.mlp import build_model
+
+    cfg, rep = dphe
+    saved = torch.load(rep["model"]["path"], weights_only=False)
+    model = build_model(21, 5, tuple(saved["hidden"]))
+    model.load_state_dict(saved["state_dict"])
+    scaler = Standardizer(mean=np.array(saved["scaler_mean"]), std=np.array(saved["scaler_std"]), class_counts=np.ones(5))
+    ds = load_dataset("seed")
+    x, y = ds.all_arrays(split_countries(ds.countries()).test)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(scaler.apply(x))).argmax(1).numpy()
+    m = rep["metrics"]
+    assert m["classes"] == list(ds.classes)
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(5)).tolist()
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=range(5), zero_division=np.nan)
+    for k, pc in enumerate(m["per_class"]):
+        assert pc["support"] == support[k]
+        for ours, theirs in ((pc["precision"], prec[k]), (pc["recall"], rec[k])):
+            assert (ours is None and np.isnan(theirs)) or ours == pytest.approx(theirs)
+        present = pc["support"] + pc["predicted"] > 0
+        assert (pc["f1"] is None) == (not present) and (not present or pc["f1"] == pytest.approx(f1[k]))
+
+
 def test_epsilon_recomputed_by_independent_accountant(dphe):
     cfg, rep = dphe
     ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")

@@ -93,6 +93,10 @@ def test_privacy_statement_states_the_ledger(run):
     for word in ("node_id", "country", "fingerprint", "history", "clipped_params", "accepted contributions"):
         assert word in section, word
     assert "no baseline run given" in md
+    # the confusion matrix of report.json, one row per true class
+    m = json.loads((out / "report.json").read_text())["metrics"]
+    for c, row in zip(m["classes"], m["confusion_matrix"]):
+        assert f"| {c} | " + " | ".join(str(v) for v in row) + " |" in md
     assert "ChaCha20" in md and "CSPRNG" in md and "256 bits of OS entropy" in md and "Mersenne" not in md
     assert json.loads((out / "server.json").read_text())["config_sha256"] in md
 
