@@ -46,7 +46,11 @@ def run_simulation(cfg: RunConfig, on_round=None, verbose: bool = False) -> Path
     num_nodes = len(load_dataset(cfg.dataset, cfg.data_dir or None).countries())
     if not cfg.min_nodes:   # the server waits for every simulated SuperNode before its setup round
         cfg = replace(cfg, min_nodes=num_nodes)
-    with tempfile.TemporaryDirectory(prefix="carbonfed-app-") as app_dir:
+    # The app folder (config only) lives in the run's own folder: a killed run leaves nothing elsewhere.
+    parent = Path(cfg.out_dir) if cfg.out_dir else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".carbonfed-app-", dir=parent) as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(
             {"project": {"name": "carbonfed-run", "version": "0.1.0"}, **app_config_toml(cfg)}))
         # As flwr.simulation.run_simulation does, plus our run config in the Run and contexts.

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def test_interrupted_run_resumes_from_its_last_round(tmp_path):
     args = ["--data-dir", str(resolve_data_dir(None)), "--rounds", "3", "--local-epochs", "1",
             "--batches-per-epoch", "2", "--out", str(out)]
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    temp_before = set(Path(tempfile.gettempdir()).glob("*carbonfed-app-*"))
     proc = subprocess.Popen([str(BIN), "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -73,6 +75,9 @@ def test_interrupted_run_resumes_from_its_last_round(tmp_path):
         proc.wait()
     keys = Path(json.loads((out / "run.json").read_text())["config"]["keys-dir"])
     assert not (out / "report.json").exists() and (keys / "secret.ctx").exists()
+    # the killed run's Flower app folder stayed inside its own run folder, not in the system temp dir
+    assert set(Path(tempfile.gettempdir()).glob("*carbonfed-app-*")) == temp_before
+    assert len(list(out.glob(".carbonfed-app-*"))) == 1
     assert keys.parent.stat().st_mode & 0o077 == 0 and not keys.is_relative_to(out)   # private temp dir
 
     again = _run("--data-dir", str(resolve_data_dir(None)), "--rounds", "3", "--out", str(out))
