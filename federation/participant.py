@@ -36,10 +36,10 @@ from models.mlp import build_model
 from models.params import flatten_params, load_flat_params, num_params
 from privacy.accountant import ClientAccountant, calibrate_noise
 from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
-from privacy.randomness import NoiseSource
 from privacy.fixed_point import FixedPointCodec
 from privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
 from privacy.packing import CountLayout, UpdateLayout
+from privacy.randomness import NoiseSource
 from privacy.secure_sum import PlainCipher
 
 PLAIN_FINGERPRINT = "plaintext"

@@ -30,12 +30,9 @@ def scores(cm: np.ndarray) -> dict:
     """Accuracy and macro-F1 (over classes present in truth or prediction, as scikit-learn)."""
     cm = np.asarray(cm, dtype=np.float64)
     total = cm.sum()
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1), 0.0)
-    return {"accuracy": float(tp.sum() / total) if total else None,
-            "macro_f1": float(f1[present].mean()) if present.any() else None}
+    f1 = [c["f1"] for c in per_class(cm, range(len(cm))) if c["f1"] is not None]
+    return {"accuracy": float(np.trace(cm) / total) if total else None,
+            "macro_f1": float(np.mean(f1)) if f1 else None}
 
 
 def per_class(cm: np.ndarray, classes) -> list[dict]:
@@ -43,14 +40,12 @@ def per_class(cm: np.ndarray, classes) -> list[dict]:
     no true row); macro-F1 averages the F1 of the classes with a true or a predicted row."""
     cm = np.asarray(cm, dtype=np.float64)
     tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-    out = []
-    for k, name in enumerate(classes):
-        prec = tp[k] / predicted[k] if predicted[k] else None
-        rec = tp[k] / support[k] if support[k] else None
-        f1 = 2 * tp[k] / (support[k] + predicted[k]) if support[k] + predicted[k] else None
-        out.append({"class": name, "precision": prec, "recall": rec, "f1": f1,
-                    "support": int(support[k]), "predicted": int(predicted[k])})
-    return out
+    return [{"class": name,
+             "precision": float(tp[k] / predicted[k]) if predicted[k] else None,
+             "recall": float(tp[k] / support[k]) if support[k] else None,
+             "f1": float(2 * tp[k] / (support[k] + predicted[k])) if support[k] + predicted[k] else None,
+             "support": int(support[k]), "predicted": int(predicted[k])}
+            for k, name in enumerate(classes)]
 
 
 def _one_or_range(values):

@@ -6,7 +6,7 @@ Guarantees
   statistics releases' noise — comes from one :class:`NoiseSource`: the ChaCha20 stream cipher
   (``randomgen.ChaCha``, 20 rounds) used as a generator, a cryptographically secure one, unlike
   torch's Mersenne Twister or numpy's PCG64: its output does not reveal its state.
-* :meth:`NoiseSource.secret` keys it with 256 bits of OS entropy (``secrets.randbits``), fresh on
+* :meth:`NoiseSource.from_os_entropy` keys it with 256 bits of OS entropy (``secrets.randbits``), fresh on
   every call: nobody, not even a party that knows the run config, can regenerate the noise.
   :meth:`NoiseSource.derived` keys it with SHA-256 of public parts (run seed, purpose, country,
   round): reproducible, for runs without DP and for ``reproducible-noise = true`` only.
@@ -47,9 +47,8 @@ class NoiseSource:
         """Keyed with SHA-256 of ``repr(parts)``: anyone who knows the parts regenerates the draws."""
         return cls(int.from_bytes(hashlib.sha256(repr(parts).encode()).digest(), "little"), secret=False)
 
-    def normal(self, std: float, shape) -> np.ndarray:
+    def normal(self, std: float, shape: tuple[int, ...]) -> np.ndarray:
         """N(0, std²) draws of ``shape`` (float64), each the hardened sum of four draws / 2."""
-        shape = tuple(np.atleast_1d(shape)) if not isinstance(shape, tuple) else shape
         if std == 0:
             return np.zeros(shape)
         draws = self.generator.standard_normal((HARDENING_DRAWS, *shape))

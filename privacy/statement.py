@@ -641,10 +641,9 @@ def _accuracy(f: dict) -> Section:
                         "class, columns: predicted), with each class's precision, recall and F1. Macro-F1 averages the "
                         "F1 of every class with a true or a predicted row, so a class the held-out countries do not "
                         "hold but the model predicts counts as F1 = 0.")
-        pcs = m.get("per_class") or [{}] * len(classes)
         s.blocks.append(Table(["true ↓ predicted →", *classes, "precision", "recall", "F1"],
-                              [[c, *(str(v) for v in row), _f4(pc.get("precision")), _f4(pc.get("recall")),
-                                _f4(pc.get("f1"))] for c, row, pc in zip(classes, cm, pcs)], "confusion-table"))
+                              [[c, *(str(v) for v in row), _f4(pc["precision"]), _f4(pc["recall"]), _f4(pc["f1"])]
+                               for c, row, pc in zip(classes, cm, m["per_class"])], "confusion-table"))
     return s
 
 
