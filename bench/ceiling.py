@@ -5,11 +5,11 @@
 2. Centrally (scikit-learn, exact), logistic regression on those raw standardised features
    against carbonfed's transform (signed log1p, standardised).
 3. A numpy twin of the federated DP-SGD of the main job (multinomial logistic regression, 131
-   clients, 30 rounds × 10 Poisson-sampled steps, clip 1, σ from carbonfed's accountant for
-   ε = 3 after the statistics releases, momentum 0.9, lr 0.2, sample-weighted FedAvg), on
-   (a) carbonfed's transform with its DP statistics (``data.standardize``, noise σ_s = 4);
-   (b) raw features standardised with the exact std of the training rows, which no DP release
-   can give: the std of these heavy-tailed features is set by the largest few hundred rows;
+   clients; rounds, Poisson-sampled steps, clip, momentum and lr of :data:`MAIN`; σ from
+   carbonfed's accountant for ε after the statistics releases; sample-weighted FedAvg), on
+   (a) carbonfed's transform with its DP statistics (``data.standardize``, the run's layouts);
+   (b) raw features standardised with the exact std of the training rows, which is not private:
+   the std of these heavy-tailed features is set by the largest few hundred rows;
    (c) (a) plus the raw features scaled by a third DP statistics release (not in carbonfed).
    Held-out countries (seeds 0–7) and the training countries' stride-5 validation folds 0–4
    (seeds 0–1). Not the product path (that is Flower); independent of it except for the
@@ -26,13 +26,18 @@ from sklearn.metrics import f1_score
 
 import data.standardize as S
 from data import load_dataset, split_countries
+from federation.config import RunConfig
+from federation.participant import Layouts
 from privacy.accountant import calibrate_noise
+from privacy.dp_sgd import TrainSettings, planned_mechanism
 
-SIGMA_STATS = 4.0
+MAIN = RunConfig(hidden="linear", lr=0.2)   # the README's main job
+TRAIN = TrainSettings(lr=MAIN.lr, momentum=MAIN.momentum, local_epochs=MAIN.local_epochs,
+                      batches_per_epoch=MAIN.batches_per_epoch, max_grad_norm=MAIN.max_grad_norm)
 
 
 def nearest_mean(z_fit, y_fit, z):
-    mu = np.stack([z_fit[y_fit == k].mean(0) for k in range(5)])
+    mu = np.stack([z_fit[y_fit == k].mean(0) for k in np.unique(y_fit)])
     return np.argmin(((z[:, None, :] - mu[None]) ** 2).sum(-1), 1)
 
 
@@ -41,34 +46,39 @@ def dp_stats_features(x, y, country, train, rng, raw_stage=False):
     With ``raw_stage``, a third release (not in carbonfed) adds the raw features: each divided by
     a unit U from stage 1 (e^(|mean| + 2 std) of log1p|x|), clipped to ±50 U, and standardised by
     a noisy (Σv, Σv²) of v clipped to ±10, L2-clipped to 20 per row, std floored at 0.3."""
-    s1 = S.StatsLayout(x.shape[1], 5, 512, SIGMA_STATS, 2 ** 40, 256)
-    s2 = S.RefineLayout(s1)
+    k = int(y.max()) + 1
+    layouts = Layouts.for_run(MAIN, x.shape[1], k)
+    s1, s2 = layouts.stats, layouts.refine
 
     def noisy(layout, v):
-        return v + rng.normal(0, SIGMA_STATS * layout.sensitivity, v.shape)
+        return v + rng.normal(0, layout.noise_multiplier * layout.sensitivity, v.shape)
     base = S.Standardizer.from_sums(sum(noisy(s1, s1.local_sums(x[country == c], y[country == c])) for c in train),
-                                    x.shape[1], 5)
+                                    x.shape[1], k)
     refined = base.refined(sum(noisy(s2, s2.local_sums(x[country == c], base)) for c in train))
     z = refined.apply(x).astype(np.float64)
     if not raw_stage:
         return z
     unit = np.expm1(S.LOG_BOUND * (np.abs(base.mean) + 2 * base.std))
     v = np.clip(x / unit, -50, 50)
-    r = np.concatenate([np.clip(v, -10, 10), np.clip(v, -10, 10) ** 2], 1)
+    vs = np.clip(v, -10, 10)
+    r = np.concatenate([vs, vs ** 2], 1)
     r *= np.minimum(1, 20 / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12))
-    sums = sum(r[country == c].sum(0) + rng.normal(0, SIGMA_STATS * 20, r.shape[1]) for c in train)
+    sums = sum(r[country == c].sum(0) + rng.normal(0, s1.noise_multiplier * 20, r.shape[1]) for c in train)
     d = x.shape[1]
     mean = sums[:d] / base.count
     std = np.sqrt(np.maximum(sums[d:] / base.count - mean ** 2, 0.3 ** 2))
     return np.concatenate([z, (v - mean) / std], 1)
 
 
-def dp_fedavg(z, y, country, train, rng, sigma, rounds=30, steps=10, q=0.2, lr=0.2, clip=1.0, momentum=0.9):
+def dp_fedavg(z, y, country, train, rng, sigma):
+    q, steps = planned_mechanism(TRAIN)
+    clip, lr, momentum = MAIN.max_grad_norm, MAIN.lr, MAIN.momentum
     z = np.concatenate([z, np.ones((len(z), 1))], 1)
-    w = np.zeros((z.shape[1], 5))
-    eye = np.eye(5)
+    k = int(y.max()) + 1
+    w = np.zeros((z.shape[1], k))
+    eye = np.eye(k)
     clients = [(z[country == c], y[country == c]) for c in train]
-    for _ in range(rounds):
+    for _ in range(MAIN.rounds):
         total = np.zeros_like(w)
         for xc, yc in clients:
             wl, m = w.copy(), np.zeros_like(w)
@@ -122,11 +132,13 @@ def main():
         print(f"2. central logistic regression, {name}: held-out accuracy {(pred == y[te]).mean():.4f}, "
               f"macro-F1 {f1_score(y[te], pred, average='macro'):.4f}")
 
-    print("3. numpy twin of the main job's DP-SGD, ε = 3")
+    print(f"3. numpy twin of the main job's DP-SGD, ε = {MAIN.epsilon:g}")
     setups = {"(a) carbonfed transform, DP statistics": None, "(b) raw, exact std (not private)": "raw",
               "(c) (a) + raw features in DP units, third DP release": "raw_stage"}
     for label, kind in setups.items():
-        sigma = calibrate_noise(3.0, 1e-5, 0.2, 300, prior=[(SIGMA_STATS, 1.0, 1)] * (3 if kind == "raw_stage" else 2))
+        q, steps = planned_mechanism(TRAIN)
+        releases = [(MAIN.stats_sigma, 1.0, 1)] * (3 if kind == "raw_stage" else 2)
+        sigma = calibrate_noise(MAIN.epsilon, MAIN.delta, q, steps * MAIN.rounds, prior=releases)
         for split_name, folds, seeds in (("held-out countries", [None], range(8)), ("validation folds 0-4", range(5), range(2))):
             accs, f1s = [], []
             for fold in folds:
