@@ -97,7 +97,7 @@ def run(cfg_json: str) -> dict:
 
     from data import load_dataset, split_countries
     from federation.config import RunConfig
-    from federation.participant import Participant, make_cipher
+    from federation.participant import Participant, make_cipher, stage_key
     from federation.report import scores
     from privacy.secure_sum import SecureSum
 
@@ -128,11 +128,11 @@ def run(cfg_json: str) -> dict:
     for p in train:
         stats.add(p.setup()["stats"])
     sagg = [(stats.serialize(), stats.terms)]
-    if lay.refine is not None:
-        stats2 = SecureSum(make_cipher(cfg, None, lay.refine.length))
+    for k, stage in enumerate(lay.stages[1:], 2):
+        total = SecureSum(make_cipher(cfg, None, stage.length))
         for p in train:
-            stats2.add(p.refine(sagg)["stats2"])
-        sagg.append((stats2.serialize(), stats2.terms))
+            total.add(p.refine(sagg)[stage_key(k)])
+        sagg.append((total.serialize(), total.terms))
     model, mt = None, 0
     recent = []
     hist = []

@@ -26,9 +26,10 @@ Guarantees with ``state-dir`` (deployment)
   accountant is not charged twice for one release.
 * With DP on, a training client whose state has no record of its statistics release (its state
   was lost: restarted without ``state-dir``) refuses to train instead of accounting from zero.
-* ``query.refine`` (two-stage DP runs) releases the second-stage statistics once, measured in the
-  units of the stage-1 aggregate it receives; asked again with the same aggregate it replays
-  the same bytes (with ``state-dir``), otherwise a second release is refused.
+* ``query.refine`` (DP runs of 2 or 3 statistics stages) releases the next stage k once (the
+  request carries the aggregates of stages 1..k-1, which fix its units); asked again with the
+  same aggregates it replays the same bytes (with ``state-dir``), otherwise a second release of
+  stage k is refused.
 * ``query.role`` answers role, country and key fingerprint only (no data, no budget): a resumed
   server uses it to learn which node is which country.
 """
@@ -48,7 +49,7 @@ from flwr.clientapp import ClientApp
 from data import load_dataset, split_countries
 from federation.config import RunConfig
 from federation.durable import atomic_write
-from federation.participant import BudgetExceeded, Participant
+from federation.participant import BudgetExceeded, Participant, released_flag, stage_key
 from federation.strategy import bytes_record, record_bytes
 from privacy.secure_sum import PlainCipher
 from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
@@ -90,7 +91,7 @@ def merge_states(*states: dict) -> dict:
         if st and (not best or accountant_steps(st) >= accountant_steps(best)):
             best = st
     out = json.loads(json.dumps(best))
-    for release in ("stats_released", "refine_released"):
+    for release in {k for st in states if st for k in st if k.endswith("_released")}:
         if any(st.get(release) for st in states if st):
             out[release] = True
     return out
@@ -209,11 +210,14 @@ def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: d
 
 
 def _stats(msg: Message, p: Participant) -> list[tuple[bytes, int]]:
-    """The statistics aggregates of a request: stage 1, and stage 2 when the server sent it."""
+    """The statistics aggregates of a request: stage 1, then stages 2, 3 as far as the server sent them."""
     c, arrays = msg.content.config_records["config"], msg.content.array_records
-    stats = [(record_bytes(arrays["stats"], _stype(p)), int(c["stats-terms"]))]
-    if "stats2" in arrays:
-        stats.append((record_bytes(arrays["stats2"], _stype(p)), int(c["stats2-terms"])))
+    stats = []
+    while stage_key(len(stats) + 1) in arrays:
+        name = stage_key(len(stats) + 1)
+        stats.append((record_bytes(arrays[name], _stype(p)), int(c[f"{name}-terms"])))
+    if not stats:
+        raise ValueError("the request carries no statistics aggregate ('stats')")
     return stats
 
 
@@ -257,18 +261,21 @@ def _release_facts(p: Participant, out: dict) -> str:
 
 @app.query("refine")
 def refine(msg: Message, context: Context) -> Message:
-    """Second-stage statistics (two-stage DP runs): measured in the units of the stage-1 aggregate."""
+    """Statistics stage k = 2 or 3 (DP runs of more stages), measured with the scaler of the
+    aggregates of stages 1..k-1 that the request carries."""
     p = _participant(context)
     stats = _stats(msg, p)
-    key = _request_key("refine", 0, stats[0][0], stats[0][1], p.cfg.digest())
-    cached = _recall(p, "refine", key)
+    name = stage_key(len(stats) + 1)
+    kind = "refine" if name == "stats2" else f"refine-{name}"
+    key = _request_key(kind, 0, *[x for pair in stats for x in pair], p.cfg.digest())
+    cached = _recall(p, kind, key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, data = cached
-        return _reply(msg, context, p, meta, {"stats2": bytes_record(data, _stype(p))})
+        return _reply(msg, context, p, meta, {name: bytes_record(data, _stype(p))})
     out = p.refine(stats)
     meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint, "facts": _release_facts(p, out)}
-    _remember(p, "refine", key, meta, out["stats2"])
-    return _reply(msg, context, p, meta, {"stats2": bytes_record(out["stats2"], _stype(p))})
+    _remember(p, kind, key, meta, out[name])
+    return _reply(msg, context, p, meta, {name: bytes_record(out[name], _stype(p))})
 
 
 @app.query("role")
@@ -288,7 +295,7 @@ def train(msg: Message, context: Context) -> Message:
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached
         return _reply(msg, context, p, meta, {"update": bytes_record(update, _stype(p))})
-    if p.cfg.dp and not p.state.get("stats_released"):
+    if p.cfg.dp and not p.state.get(released_flag(1)):
         # Every training client released its statistics at the setup; a state without that
         # release is a lost state (a restart without state-dir): training on it would account
         # from zero and under-state ε.

@@ -66,8 +66,8 @@ class RunConfig:
             errors.append("batches-per-epoch and local-epochs must be >= 1")
         if self.stats_noise_multiplier < 0:
             errors.append("stats-noise-multiplier must be >= 0")
-        if self.stats_stages not in (1, 2):
-            errors.append(f"stats-stages must be 1 or 2, got {self.stats_stages}")
+        if self.stats_stages not in (1, 2, 3):
+            errors.append(f"stats-stages must be 1, 2 or 3, got {self.stats_stages}")
         try:
             self.hidden_sizes
         except ValueError:
@@ -97,10 +97,17 @@ class RunConfig:
         return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, self.stats_stages))
 
     @property
+    def stats_releases(self) -> int:
+        """How many statistics releases the run makes: ``stats-stages`` in DP runs with noisy
+        statistics (2, the default: a per-feature refinement of the log features; 3: then the
+        asinh features of :mod:`data.standardize`, the seed main job's), else 1 (exact statistics
+        need no refinement)."""
+        return self.stats_stages if self.dp and self.stats_noise_multiplier > 0 else 1
+
+    @property
     def two_stage_stats(self) -> bool:
-        """A second, per-feature statistics release (DP runs with noisy statistics only: exact
-        statistics need no refinement)."""
-        return self.dp and self.stats_noise_multiplier > 0 and self.stats_stages == 2
+        """More than one statistics release (DP runs with noisy statistics only)."""
+        return self.stats_releases > 1
 
     @property
     def he(self) -> bool:

@@ -13,8 +13,8 @@ Guarantees
   reaches at most the target ``epsilon``.
 * Before touching its data in a round, the client computes the ε it would have spent after
   that round; if that exceeds its budget it refuses, says so, and spends nothing.
-* Each statistics release (stage 1 at the setup; stage 2, :meth:`Participant.refine`, in
-  two-stage DP runs) happens at most once per run per client, and is charged before it is made.
+* Each statistics release (stage 1 at the setup; stages 2 and 3, :meth:`Participant.refine`, in
+  DP runs with more stages) happens at most once per run per client, and is charged before it is made.
 * Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from data.dataset import FederatedDataset
 from data.partition import Partition
-from data.standardize import RefineLayout, StatsLayout
+from data.standardize import AsinhLayout, RefineLayout, StatsLayout
 from federation.config import RunConfig
 from federation.faults import corrupt, nan_params, parse_drill
 from models.mlp import build_model
@@ -56,7 +56,13 @@ class Layouts:
     update: UpdateLayout
     stats: StatsLayout
     metrics: CountLayout
-    refine: RefineLayout | None = None   # second-stage statistics (two-stage DP runs only)
+    refine: RefineLayout | None = None   # second-stage statistics (DP runs of 2 or 3 stages)
+    asinh: AsinhLayout | None = None     # third-stage statistics (DP runs of 3 stages)
+
+    @property
+    def stages(self) -> list:
+        """The statistics releases of the run, in order: stage 1, then the later stages."""
+        return [lay for lay in (self.stats, self.refine, self.asinh) if lay is not None]
 
     @classmethod
     @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
@@ -67,7 +73,18 @@ class Layouts:
         stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round)
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec), stats=stats,
                    metrics=CountLayout(n_classes * n_classes),
-                   refine=RefineLayout(stats) if cfg.two_stage_stats else None)
+                   refine=RefineLayout(stats) if cfg.stats_releases >= 2 else None,
+                   asinh=AsinhLayout(stats) if cfg.stats_releases >= 3 else None)
+
+
+def stage_key(stage: int) -> str:
+    """The record (and aggregate file) name of statistics stage ``stage``: stats, stats2, stats3."""
+    return "stats" if stage == 1 else f"stats{stage}"
+
+
+def released_flag(stage: int) -> str:
+    """The participant-state key that says statistics stage ``stage`` was released."""
+    return {1: "stats_released", 2: "refine_released"}.get(stage, f"stage{stage}_released")
 
 
 def make_cipher(cfg: RunConfig, ctx, length: int):
@@ -121,10 +138,10 @@ class Participant:
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
         """The planned statistics releases: one unsubsampled Gaussian step per stage."""
         s = self.cfg.stats_sigma       # 0 without DP or with exact statistics
-        return [(s, 1.0, 1)] * (2 if self.cfg.two_stage_stats else 1) if s > 0 else []
+        return [(s, 1.0, 1)] * self.cfg.stats_releases if s > 0 else []
 
     def _charge_release(self, stage: int) -> None:
-        """Charge statistics stage ``stage`` (1 or 2) to the accountant, before it is made."""
+        """Charge statistics stage ``stage`` (1, 2 or 3) to the accountant, before it is made."""
         if self.cfg.dp:
             self.noise_multiplier()
             acc = self.accountant
@@ -147,7 +164,7 @@ class Participant:
         out = {"role": self.role, "country": self.country, "fingerprint": self.fingerprint, "stats": None}
         if self.role != "train":
             return out
-        if self.state.get("stats_released"):
+        if self.state.get(released_flag(1)):
             raise RuntimeError(f"{self.country} already released its statistics in this run; "
                                "a second release would spend more privacy budget")
         self._charge_release(1)
@@ -155,28 +172,33 @@ class Participant:
             out["noise_multiplier"] = self.noise_multiplier()
         out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
             self.layouts.stats.pack(self.x, self.y, self.noise_source("stats", self.country)))
-        self.state["stats_released"] = True
+        self.state[released_flag(1)] = True
         return out
 
     def refine(self, stats: list[tuple[bytes, int]]) -> dict:
-        """Second-stage statistics, measured in the units of the stage-1 aggregate ``stats[0]``."""
+        """The next statistics stage, k = len(stats) + 1 (2 or 3), measured with the scaler made
+        from the aggregates of stages 1..k-1 in ``stats``; the reply's key is ``stage_key(k)``."""
+        stage = len(stats) + 1
         if self.role != "train":
             raise RuntimeError(f"{self.country} is an evaluation client: it releases no statistics")
-        if self.layouts.refine is None:
-            raise RuntimeError("this run has no second statistics stage (stats-stages=1, or no DP noise)")
-        if not self.state.get("stats_released"):
-            raise RuntimeError(f"{self.country} has no record of its stage-1 statistics release; "
-                               "refusing the second stage")
-        if self.state.get("refine_released"):
-            raise RuntimeError(f"{self.country} already released its second-stage statistics in this run; "
+        if not 2 <= stage <= len(self.layouts.stages):
+            raise RuntimeError(f"this run has no statistics stage {stage} (it makes "
+                               f"{len(self.layouts.stages)}: stats-stages={self.cfg.stats_stages}, DP noise on or off)")
+        done = [k for k in range(1, stage) if not self.state.get(released_flag(k))]
+        if done:
+            raise RuntimeError(f"{self.country} has no record of its stage-{done[0]} statistics release; "
+                               f"refusing stage {stage}")
+        if self.state.get(released_flag(stage)):
+            raise RuntimeError(f"{self.country} already released its stage-{stage} statistics in this run; "
                                "another release would spend more privacy budget")
-        self._check_terms(None, stats[:1])
-        base = self._stage1(*stats[0])
-        self._charge_release(2)
-        data = make_cipher(self.cfg, self.ctx, self.layouts.refine.length).encrypt(
-            self.layouts.refine.pack(self.x, base, self.noise_source("refine", self.country)))
-        self.state["refine_released"] = True
-        return {"stats2": data, "noise_multiplier": self.noise_multiplier()}
+        self._check_terms(None, stats)
+        prev = self._standardizer(stats)
+        self._charge_release(stage)
+        lay = self.layouts.stages[stage - 1]
+        data = make_cipher(self.cfg, self.ctx, lay.length).encrypt(
+            lay.pack(self.x, prev, self.noise_source(stage_key(stage), self.country)))
+        self.state[released_flag(stage)] = True
+        return {stage_key(stage): data, "noise_multiplier": self.noise_multiplier()}
 
     def _global_model(self, model_bytes: bytes | None, model_terms: int):
         model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed)
@@ -191,17 +213,22 @@ class Participant:
         return self.layouts.stats.unpack_sum(vec, stats_terms)
 
     def _standardizer(self, stats: list[tuple[bytes, int]]):
-        """The scaler from the statistics aggregates: ``[(stage 1, terms)]`` or, in two-stage runs,
-        ``[(stage 1, terms), (stage 2, terms)]``."""
-        base = self._stage1(*stats[0])
-        lay = self.layouts.refine
-        if lay is None:
-            return base
-        if len(stats) < 2:
-            raise ValueError("this run refines its statistics in a second stage, but no second-stage "
-                             "aggregate came with the request")
-        vec = make_cipher(self.cfg, self.ctx, lay.length).decrypt(stats[1][0])
-        return lay.unpack_sum(vec, stats[1][1], base)
+        """The scaler from the statistics aggregates ``[(stage 1, terms), (stage 2, terms), ...]``:
+        all the run's stages, or (:meth:`refine`) the stages before the one being released."""
+        lays = self.layouts.stages
+        if len(stats) > len(lays):
+            raise ValueError(f"{len(stats)} statistics aggregates came with the request; this run makes {len(lays)}")
+        scaler = self._stage1(*stats[0])
+        for lay, (data, terms) in zip(lays[1:], stats[1:]):
+            scaler = lay.unpack_sum(make_cipher(self.cfg, self.ctx, lay.length).decrypt(data), terms, scaler)
+        return scaler
+
+    def _scaler(self, stats: list[tuple[bytes, int]]):
+        """The run's final scaler: every stage's aggregate must have come with the request."""
+        if len(stats) < len(self.layouts.stages):
+            raise ValueError(f"this run makes {len(self.layouts.stages)} statistics stages, but only "
+                             f"{len(stats)} aggregate(s) came with the request")
+        return self._standardizer(stats)
 
     def noise_source(self, *purpose) -> NoiseSource:
         """The randomness of one release: with DP, ChaCha20 keyed from OS entropy unless the run
@@ -236,7 +263,7 @@ class Participant:
             self._save_accountant(acc)
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)
-        scaler = self._standardizer(stats)
+        scaler = self._scaler(stats)
         model = self._global_model(model_bytes, model_terms)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
@@ -268,7 +295,7 @@ class Participant:
         """Encrypted confusion matrix (true class × predicted class) of the global model here."""
         torch.set_num_threads(1)
         self._check_terms(model_terms if model_bytes is not None else None, stats)
-        scaler = self._standardizer(stats)
+        scaler = self._scaler(stats)
         model = self._global_model(model_bytes, model_terms).eval()
         with torch.no_grad():
             pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from data import load_dataset, sha256_file, split_countries
-from data.standardize import CONTRIB_CLIP, LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
+from data.standardize import (ASINH_CENTER, ASINH_CLIP, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, CONTRIB_CLIP,
+                              LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR)
 from federation.config import RunConfig
-from federation.participant import Layouts, make_cipher
+from federation.participant import Layouts, make_cipher, stage_key
 from models.mlp import build_model, describe
 from models.params import load_flat_params, num_params
 from privacy.accountant import ACCOUNTANT_NAME
@@ -91,12 +92,10 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
         load_flat_params(model, params)
         scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
-        if layouts.refine is not None:
-            scaler = layouts.refine.unpack_sum(decrypt("stats2.bin", layouts.refine.length),
-                                               server["stats2_terms"], scaler)
+        for k, lay in enumerate(layouts.stages[1:], 2):
+            scaler = lay.unpack_sum(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"], scaler)
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
-                    "hidden": list(cfg.hidden_sizes), "scaler_mean": scaler.mean.tolist(),
-                    "scaler_std": scaler.std.tolist()}, run / "model.pt")
+                    "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
         final = {"path": str(run / "model.pt"), "samples": total,
                  "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
                  "parameters": num_params(model)}
@@ -131,29 +130,32 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                          "the sample-weighted fixed-point parameters",
               "fixed_point_resolution": layouts.update.codec.resolution}
     preprocessing = {
-        "transform": f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
-                     "with the federated mean and std",
+        "transform": (f"asinh(x / c) per feature (stage 3: c = expm1({LOG_BOUND:g}·(|m2| + {ASINH_K:g}·s2)) from the "
+                      "stage-2 mean m2 and std s2 of the log features below); then (u - mean) / std with the "
+                      "stage-3 federated mean and std" if layouts.asinh is not None else
+                      f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
+                      "with the federated mean and std"),
         "released": f"the sum over all training clients of (rows per class, Σx, {SECOND_MOMENT_WEIGHT:g}·Σx²) of the "
-                    "transformed features"
+                    f"signed-log1p features (clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g})"
                     + (f", each record's (x, {SECOND_MOMENT_WEIGHT:g}·x²) clipped to L2 norm {CONTRIB_CLIP:g}"
                        if covered else "")
                     + "; it reveals the global class frequencies and each feature's mean and variance, never "
                       "one client's own statistics",
-        "stages": 2 if layouts.refine is not None else 1,
+        "stages": len(layouts.stages),
         "second_stage": (f"then the sum of (Σz, Σz²) with z = clip((x - m1) / u, ±{REFINE_Z_BOUND:g}), m1 the "
                          f"stage-1 mean and u = max(|m1|, stage-1 std, {STD_FLOOR:g}) per feature, each record's (z, z²) "
-                         f"clipped to L2 norm {REFINE_CLIP:g}; the final mean and std come from it (stage-1 "
+                         f"clipped to L2 norm {REFINE_CLIP:g}; the mean and std of the log features come from it (stage-1 "
                          "counts): each feature's variance is measured in its own unit"
                          if layouts.refine is not None else None),
+        "third_stage": (f"then the sum of (Σz, Σz²) with z = clip((asinh(x / c) - {ASINH_CENTER:g}) / {ASINH_UNIT:g}, "
+                        f"±{ASINH_Z_BOUND:g}), c from stage 2 as above, each record's (z, z²) clipped to L2 norm "
+                        f"{ASINH_CLIP:g}; the model's mean and std of asinh(x / c) come from it (std floored at "
+                        f"{ASINH_STD_FLOOR:g})" if layouts.asinh is not None else None),
         "noise_multiplier": stats_sigma or 0.0,
         "covered_by_epsilon": covered,
-        "statement": (("charged to every training client's accountant as two Gaussian releases "
-                       f"(noise multiplier {stats_sigma} each; L2 sensitivity "
-                       f"{layouts.stats.sensitivity:.4f} and {layouts.refine.sensitivity:.4f}): inside ε"
-                       if layouts.refine is not None else
-                       "charged to every training client's accountant as one Gaussian release "
-                       f"(noise multiplier {stats_sigma}, L2 sensitivity "
-                       f"{layouts.stats.sensitivity:.4f}): inside ε")
+        "statement": (f"charged to every training client's accountant as {len(layouts.stages)} Gaussian release(s) "
+                      f"(noise multiplier {stats_sigma} each; L2 sensitivity "
+                      + " and ".join(f"{lay.sensitivity:.4f}" for lay in layouts.stages) + "): inside ε"
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),
     }

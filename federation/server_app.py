@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from data import OWID_CLASSES, OWID_FEATURES, SEED_CLASSES, SEED_FEATURES
 from federation.config import RunConfig
-from federation.participant import PLAIN_FINGERPRINT, Layouts, make_cipher
+from federation.participant import PLAIN_FINGERPRINT, Layouts, make_cipher, stage_key
 from federation.durable import atomic_write
 from federation.strategy import EncryptedFedAvg
 from privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
@@ -57,8 +57,8 @@ def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedF
             raise ValueError("HE is on: set run config keys-dir to the folder made by `carbonfed keygen`")
         ctx = load_public_context(Path(cfg.keys_dir) / PUBLIC_CONTEXT_FILE)
         fingerprint = key_fingerprint(ctx)
-    lengths = {"update": layouts.update.length, "stats": layouts.stats.length, "metrics": layouts.metrics.length,
-               "stats2": layouts.refine.length if layouts.refine is not None else 0}
+    lengths = {"update": layouts.update.length, "metrics": layouts.metrics.length,
+               **{stage_key(k): lay.length for k, lay in enumerate(layouts.stages, 1)}}
     return EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out, on_round), ctx
 
 
@@ -75,8 +75,7 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
     strategy.start(grid)
     server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
               "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
-              "model_terms": strategy.state.model_terms, "stats_terms": strategy.state.stats_terms,
-              "stats2_terms": strategy.state.stats2_terms, "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
+              "model_terms": strategy.state.model_terms, **strategy.state.stage_terms(), "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
     atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)
     return out

@@ -18,7 +18,7 @@ Guarantees
   server stops.
 * After the setup and after every round the server writes a checkpoint (``checkpoint.json``,
   atomically, last): the encrypted global model and statistics aggregates (stage 1 and, in
-  two-stage DP runs, stage 2 from ``query.refine``; with their SHA-256),
+  DP runs of more stages, stages 2 and 3 from ``query.refine``; with their SHA-256),
   the term counts, the roles of the nodes, the round number and the ledger position. A server
   started again on the same out-dir with the same config and key resumes after the last
   complete round: no second statistics release, rounds 1..R each summarised once, the ledger
@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from federation.config import RunConfig
 from federation.durable import atomic_write
+from federation.participant import stage_key
 from privacy.he import CiphertextError
 from privacy.ledger import Ledger, read_ledger
 from privacy.secure_sum import SecureSum
@@ -91,13 +92,19 @@ class ServerState:
     """What the server knows between rounds: encrypted aggregates and who is who."""
 
     roles: dict[int, tuple[str, str]] = field(default_factory=dict)   # node id -> (role, country)
-    stats: bytes | None = None
-    stats_terms: int = 0
-    stats2: bytes | None = None      # second-stage statistics (two-stage DP runs)
-    stats2_terms: int = 0
+    stages: list[tuple[bytes, int]] = field(default_factory=list)     # statistics aggregates, terms: stage 1, 2, 3
     model: bytes | None = None
     model_terms: int = 0
     round: int = 0
+
+    @property
+    def stats_terms(self) -> int:
+        """Contributions to the stage-1 statistics aggregate."""
+        return self.stages[0][1] if self.stages else 0
+
+    def stage_terms(self) -> dict[str, int]:
+        """``{"stats_terms": n1, "stats2_terms": n2, ...}`` (server.json, checkpoints)."""
+        return {f"{stage_key(k)}_terms": terms for k, (_, terms) in enumerate(self.stages, 1)}
 
 
 class EncryptedFedAvg(Strategy):
@@ -124,12 +131,19 @@ class EncryptedFedAvg(Strategy):
         log.info("EncryptedFedAvg: privacy=%s rounds=%d min_train_clients=%d", self.cfg.privacy,
                  self.cfg.rounds, self.cfg.min_train_clients)
 
+    def _stats_content(self, upto: int | None = None) -> tuple[dict, dict]:
+        """The statistics aggregates of stages 1..``upto`` (default all) as records, and their
+        term counts as config entries ``stats-terms``, ``stats2-terms``, ..."""
+        records, terms = {}, {}
+        for k, (data, n) in enumerate(self.state.stages[:upto], 1):
+            records[stage_key(k)] = bytes_record(data, self.cipher_for(stage_key(k)).stype)
+            terms[f"{stage_key(k)}-terms"] = n
+        return records, terms
+
     def _payload(self, server_round: int, config: ConfigRecord) -> RecordDict:
-        cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": self.state.model_terms,
-                            "stats-terms": self.state.stats_terms, "stats2-terms": self.state.stats2_terms})
-        content = {"config": cfg, "stats": bytes_record(self.state.stats, self.cipher_for("stats").stype)}
-        if self.state.stats2 is not None:
-            content["stats2"] = bytes_record(self.state.stats2, self.cipher_for("stats2").stype)
+        records, terms = self._stats_content()
+        cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": self.state.model_terms, **terms})
+        content = {"config": cfg, **records}
         if self.state.model is not None:
             content["model"] = bytes_record(self.state.model, self.cipher_for("update").stype)
         return RecordDict(content)
@@ -299,24 +313,29 @@ class EncryptedFedAvg(Strategy):
         if total.terms < self.cfg.min_train_clients:
             raise RuntimeError(f"only {total.terms} training clients answered the setup "
                                f"(min-train-clients={self.cfg.min_train_clients})")
-        self.state.stats, self.state.stats_terms = total.serialize(), total.terms
-        atomic_write(self.out / "aggregates" / "stats.bin", self.state.stats)
-        if self.cfg.two_stage_stats:
-            self._refine(grid)
+        self._keep_stage(total)
+        for stage in range(2, self.cfg.stats_releases + 1):
+            self._refine(grid, stage)
         log.info("setup: %d training and %d evaluation clients", len(self._nodes("train")), len(self._nodes("test")))
 
-    def _refine(self, grid: Grid) -> None:
-        """Round 0, second stage: the training clients whose statistics were summed release their
-        second-stage statistics, measured in the units of the stage-1 aggregate they receive."""
-        content = RecordDict({"config": ConfigRecord({"server-round": 0, "stats-terms": self.state.stats_terms}),
-                              "stats": bytes_record(self.state.stats, self.cipher_for("stats").stype)})
+    def _keep_stage(self, total: SecureSum) -> None:
+        """Keep the aggregate of the next statistics stage, and write it to ``aggregates/``."""
+        data = total.serialize()
+        self.state.stages.append((data, total.terms))
+        atomic_write(self.out / "aggregates" / f"{stage_key(len(self.state.stages))}.bin", data)
+
+    def _refine(self, grid: Grid, stage: int) -> None:
+        """Round 0, statistics stage ``stage`` (2 or 3): the training clients whose statistics were
+        summed release it, measured with the scaler of the aggregates of the earlier stages they receive."""
+        records, terms = self._stats_content(stage - 1)
+        content = RecordDict({"config": ConfigRecord({"server-round": 0, **terms}), **records})
         msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in self._nodes("train")]
-        total = self._accumulate("stats", 0, self._stream(grid, msgs, "stats", 0), "stats2", extra={"stage": 2})
+        total = self._accumulate("stats", 0, self._stream(grid, msgs, "stats", 0), stage_key(stage),
+                                 extra={"stage": stage})
         if total.terms < self.cfg.min_train_clients:
-            raise RuntimeError(f"only {total.terms} training clients answered the second statistics stage "
+            raise RuntimeError(f"only {total.terms} training clients answered statistics stage {stage} "
                                f"(min-train-clients={self.cfg.min_train_clients})")
-        self.state.stats2, self.state.stats2_terms = total.serialize(), total.terms
-        atomic_write(self.out / "aggregates" / "stats2.bin", self.state.stats2)
+        self._keep_stage(total)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -330,7 +349,8 @@ class EncryptedFedAvg(Strategy):
         d.mkdir(exist_ok=True)
         rnd = self.state.round
         files = {}
-        for name, data in (("model", self.state.model), ("stats", self.state.stats), ("stats2", self.state.stats2)):
+        blobs = [("model", self.state.model)] + [(stage_key(k), data) for k, (data, _) in enumerate(self.state.stages, 1)]
+        for name, data in blobs:
             if data is not None:
                 f = d / f"{name}-{rnd:04d}.bin"
                 atomic_write(f, data)
@@ -338,8 +358,7 @@ class EncryptedFedAvg(Strategy):
         doc = {"format": CHECKPOINT_FORMAT, "round": rnd, "config_sha256": self.cfg.digest(),
                "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
                "roles": {str(n): [r, c] for n, (r, c) in sorted(self.state.roles.items())},
-               "model_terms": self.state.model_terms, "stats_terms": self.state.stats_terms,
-               "stats2_terms": self.state.stats2_terms, "files": files,
+               "model_terms": self.state.model_terms, **self.state.stage_terms(), "files": files,
                "ledger": {"lines": self.ledger._seq, "last_hash": self.ledger._prev},
                "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from}
         path = self.out / CHECKPOINT_FILE
@@ -380,8 +399,8 @@ class EncryptedFedAvg(Strategy):
                 raise CheckpointError(f"{meta['file']} does not match its SHA-256 in {path}")
             data[name] = blob
         self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
-                                 stats=data.get("stats"), stats_terms=ck["stats_terms"],
-                                 stats2=data.get("stats2"), stats2_terms=ck.get("stats2_terms", 0),
+                                 stages=[(data[stage_key(k)], ck[f"{stage_key(k)}_terms"])
+                                         for k in range(1, 4) if stage_key(k) in data],
                                  model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
         self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]

@@ -189,8 +189,7 @@ def run_centralized(cfg: RunConfig, run_dir: Path) -> dict:
     res = train_centralized(cfg)
     ds, scaler = res["dataset"], res["scaler"]
     torch.save({"state_dict": res["model"].state_dict(), "features": list(ds.features), "classes": list(ds.classes),
-                "hidden": list(cfg.hidden_sizes), "scaler_mean": scaler.mean.tolist(),
-                "scaler_std": scaler.std.tolist()}, run_dir / "model.pt")
+                "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run_dir / "model.pt")
     settings = centralized_settings(cfg)
     report = {
         "dataset": cfg.dataset, "privacy_mode": CENTRALIZED, "rounds": cfg.rounds, "seed": cfg.seed,

@@ -202,10 +202,7 @@ def load_final_model(model_pt: str | Path):
     model = build_model(len(saved["features"]), len(saved["classes"]), saved["hidden"])
     model.load_state_dict(saved["state_dict"])
     model.eval()
-    mean = np.asarray(saved["scaler_mean"], dtype=np.float64)
-    scaler = Standardizer(mean=mean, std=np.asarray(saved["scaler_std"], dtype=np.float64),
-                          class_counts=np.ones(len(saved["classes"])))
-    return model, scaler
+    return model, Standardizer.from_dict(saved["scaler"])
 
 
 def losses(model, scaler, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -197,22 +197,23 @@ def gdp_epsilon(mu: float, delta: float) -> float | None:
 # -- facts ---------------------------------------------------------------------------------------
 
 def _stats_sensitivity(cfg) -> tuple[list[float], str]:
-    """L2 sensitivity of each statistics release (stage 1, and stage 2 in two-stage runs), from
-    the layouts the run used."""
+    """L2 sensitivity of each statistics release (stage 1, then stages 2 and 3 in DP runs of more
+    stages), from the layouts the run used."""
+    names = ("`StatsLayout.sensitivity`", "`RefineLayout.sensitivity`", "`AsinhLayout.sensitivity`")
     try:
         from data import load_dataset
         from federation.participant import Layouts
 
         ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-        layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
-        stages = [layouts.stats] + ([layouts.refine] if layouts.refine is not None else [])
+        stages = Layouts.for_run(cfg, len(ds.features), len(ds.classes)).stages
         return [float(x.sensitivity) for x in stages], (
-            f"`StatsLayout.sensitivity`{' and `RefineLayout.sensitivity`' if len(stages) > 1 else ''} of this "
-            f"run's layouts ({len(ds.features)} features, {len(ds.classes)} classes)")
+            f"{', '.join(names[:len(stages)])} of this run's layouts ({len(ds.features)} features, "
+            f"{len(ds.classes)} classes)")
     except Exception as exc:   # data not on this machine: the bounds do not depend on it today
-        from data.standardize import CONTRIB_CLIP, REFINE_CLIP
-        return [math.sqrt(1 + CONTRIB_CLIP ** 2)] + ([REFINE_CLIP] if cfg.two_stage_stats else []), (
-            f"sqrt(1 + CONTRIB_CLIP²){' and REFINE_CLIP' if cfg.two_stage_stats else ''} from "
+        from data.standardize import ASINH_CLIP, CONTRIB_CLIP, REFINE_CLIP
+        n = cfg.stats_releases
+        return [math.sqrt(1 + CONTRIB_CLIP ** 2), REFINE_CLIP, ASINH_CLIP][:n], (
+            f"{', '.join(['sqrt(1 + CONTRIB_CLIP²)', 'REFINE_CLIP', 'ASINH_CLIP'][:n])} from "
             f"`data/standardize.py` (data set not loadable here: {exc.__class__.__name__})")
 
 
@@ -483,7 +484,7 @@ def _coverage(f: dict) -> tuple[Section, Section]:
         eps = f["epsilon_max"] or 0.0
         covered.blocks.append([
             "**Every upload** of each training client: each round's model update"
-            + ((", and the round-0 statistics releases (two stages, σ_s > 0)" if cfg.two_stage_stats else
+            + ((f", and the round-0 statistics releases ({cfg.stats_releases} stages, σ_s > 0)" if cfg.two_stage_stats else
                 ", and the round-0 statistics release (σ_s > 0)") if sig_s > 0 else "") + ".",
             "Hence, as post-processing, **every broadcast global model**, the final model (`model.pt`), and the "
             "scaler and class weights derived from the statistics aggregate, for any party that sees them, "

@@ -186,7 +186,7 @@ def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
 
     from data import resolve_data_dir
     from federation import client_app as ca
-    from federation.participant import Layouts, make_cipher
+    from federation.participant import Layouts, make_cipher, stage_key
     from federation.server_app import schema
     from federation.strategy import bytes_record, record_bytes
     from privacy.he import load_public_context
@@ -213,26 +213,31 @@ def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
         stats.add(record_bytes(r.content.array_records["stats"], "tenseal.bfv_vector"))
     again = ask(ca.setup, "Albania", setup_cfg, "query.setup")        # a restarted server asks again
     assert again.content.config_records["meta"]["fingerprint"]        # answered (replayed), no error
-    # second statistics stage, measured in the units of the stage-1 aggregate
-    stage1 = {"config": ConfigRecord({"server-round": 0, "stats-terms": 2}),
-              "stats": bytes_record(stats.serialize(), "tenseal.bfv_vector")}
-    stats2 = SecureSum(make_cipher(cfg, load_public_context(keys_dir / "public.ctx"), layouts.refine.length))
-    first = {}
-    for c in ("Albania", "Algeria"):
-        r = ask(ca.refine, c, stage1, "query.refine")
-        first[c] = record_bytes(r.content.array_records["stats2"], "tenseal.bfv_vector")
-        stats2.add(first[c])
+    # statistics stages 2 and 3, each measured with the scaler of the aggregates before it
+    pub = load_public_context(keys_dir / "public.ctx")
+    aggregates = {"stats": stats}
     path = ca.state_file(state_dir, "Albania", cfg)
-    hist = json.loads(path.read_text())["accountant"]
-    again = ask(ca.refine, "Albania", stage1, "query.refine")          # asked again: the same bytes, no charge
-    assert record_bytes(again.content.array_records["stats2"], "tenseal.bfv_vector") == first["Albania"]
-    assert json.loads(path.read_text())["accountant"] == hist and sum(hist["steps"]) == 2
+
+    def request(upto):
+        names = [stage_key(k) for k in range(1, upto + 1)]
+        return {"config": ConfigRecord({"server-round": 0, **{f"{n}-terms": 2 for n in names}}),
+                **{n: bytes_record(aggregates[n].serialize(), "tenseal.bfv_vector") for n in names}}
+
+    for k, lay in enumerate(layouts.stages[1:], 2):
+        name, first, total = stage_key(k), {}, SecureSum(make_cipher(cfg, pub, lay.length))
+        for c in ("Albania", "Algeria"):
+            r = ask(ca.refine, c, request(k - 1), "query.refine")
+            first[c] = record_bytes(r.content.array_records[name], "tenseal.bfv_vector")
+            total.add(first[c])
+        hist = json.loads(path.read_text())["accountant"]
+        again = ask(ca.refine, "Albania", request(k - 1), "query.refine")   # asked again: the same bytes, no charge
+        assert record_bytes(again.content.array_records[name], "tenseal.bfv_vector") == first["Albania"]
+        assert json.loads(path.read_text())["accountant"] == hist and sum(hist["steps"]) == k
+        aggregates[name] = total
 
     def train(rnd):
-        content = {"config": ConfigRecord({"server-round": rnd, "model-terms": 0, "stats-terms": 2,
-                                           "stats2-terms": 2}),
-                   "stats": bytes_record(stats.serialize(), "tenseal.bfv_vector"),
-                   "stats2": bytes_record(stats2.serialize(), "tenseal.bfv_vector")}
+        content = request(3)
+        content["config"] = ConfigRecord({**dict(content["config"]), "server-round": rnd, "model-terms": 0})
         r = ask(ca.train, "Albania", content, MessageType.TRAIN)
         facts = json.loads(r.content.config_records["meta"]["facts"])
         return record_bytes(r.content.array_records["update"], "tenseal.bfv_vector"), facts

@@ -25,7 +25,7 @@ def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
 
 @pytest.fixture(scope="module")
 def dphe(tmp_path_factory, keys_dir):
-    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS)
+    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS, stats_stages=3)
 
 
 def pld_epsilon(history, delta):
@@ -71,7 +71,7 @@ def test_reported_metrics_are_the_final_models_on_the_held_out_rows(dphe):
     saved = torch.load(rep["model"]["path"], weights_only=False)
     model = build_model(21, 5, tuple(saved["hidden"]))
     model.load_state_dict(saved["state_dict"])
-    scaler = Standardizer(mean=np.array(saved["scaler_mean"]), std=np.array(saved["scaler_std"]), class_counts=np.ones(5))
+    scaler = Standardizer.from_dict(saved["scaler"])
     ds = load_dataset("seed")
     x, y = ds.all_arrays(split_countries(ds.countries()).test)
     with torch.no_grad():
@@ -108,15 +108,14 @@ def test_epsilon_recomputed_by_independent_accountant(dphe):
         assert independent <= cfg.epsilon * 1.05
 
 
-def test_two_statistics_stages_each_charged_once(dphe):
-    """Every training client released stage 1 and stage 2 once each, both charged as [σ_s, 1, 1]
-    before its first round; the report says so."""
+def test_three_statistics_stages_each_charged_once(dphe):
+    """Every training client released stages 1, 2 and 3 once each, all charged as [σ_s, 1, 1]
+    before its first round; the report says so, and model.pt's scaler reads asinh features."""
     cfg, rep = dphe
     ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
     stats = [l for l in ledger if l["kind"] == "stats" and l["status"] == "accepted"]
-    stage1 = sorted(l["country"] for l in stats if l.get("stage", 1) == 1)
-    stage2 = sorted(l["country"] for l in stats if l.get("stage") == 2)
-    assert stage1 == stage2 and len(stage2) == 130 == len(set(stage2))
+    stage1, stage2, stage3 = (sorted(l["country"] for l in stats if l.get("stage", 1) == k) for k in (1, 2, 3))
+    assert stage1 == stage2 == stage3 and len(stage3) == 130 == len(set(stage3))
     s = cfg.stats_sigma
     for line in stats:
         want = [[s, 1.0, 1]] * line.get("stage", 1)
@@ -125,9 +124,12 @@ def test_two_statistics_stages_each_charged_once(dphe):
     for line in ledger:
         if line["kind"] == "train" and line.get("history") and line["country"] not in first_train:
             first_train[line["country"]] = line
-    assert all(l["history"][:2] == [[s, 1.0, 1]] * 2 for l in first_train.values())
+    assert all(l["history"][:3] == [[s, 1.0, 1]] * 3 for l in first_train.values())
     pre = rep["preprocessing"]
-    assert pre["stages"] == 2 and pre["covered_by_epsilon"] and "two Gaussian releases" in pre["statement"]
+    assert pre["stages"] == 3 and pre["covered_by_epsilon"] and "3 Gaussian release(s)" in pre["statement"]
+    assert pre["transform"].startswith("asinh(x / c)") and pre["third_stage"]
+    scaler = torch.load(rep["model"]["path"], weights_only=False)["scaler"]
+    assert scaler["scale"] is not None and len(scaler["scale"]) == 21
 
 
 def test_bad_clients_rejected_without_failing_the_round(dphe):
