@@ -400,7 +400,7 @@ class EncryptedFedAvg(Strategy):
             data[name] = blob
         self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
                                  stages=[(data[stage_key(k)], ck[f"{stage_key(k)}_terms"])
-                                         for k in range(1, 4) if stage_key(k) in data],
+                                         for k in range(1, len(data) + 1) if stage_key(k) in data],
                                  model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
         self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]

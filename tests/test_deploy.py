@@ -193,7 +193,7 @@ def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
     from privacy.secure_sum import SecureSum
 
     cfg = RunConfig(privacy="dp+he", rounds=3, local_epochs=1, batches_per_epoch=2, keys_dir=str(keys_dir),
-                    data_dir=str(resolve_data_dir(None)))
+                    data_dir=str(resolve_data_dir(None)), stats_stages=3)    # the main job's three stages
     state_dir = tmp_path / "state"
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID   # as a ServerApp
 
@@ -236,7 +236,7 @@ def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
         aggregates[name] = total
 
     def train(rnd):
-        content = request(3)
+        content = request(len(layouts.stages))
         content["config"] = ConfigRecord({**dict(content["config"]), "server-round": rnd, "model-terms": 0})
         r = ask(ca.train, "Albania", content, MessageType.TRAIN)
         facts = json.loads(r.content.config_records["meta"]["facts"])
