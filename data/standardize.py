@@ -244,6 +244,20 @@ class Standardizer:
         var = sums[k + d:k + 2 * d] / SECOND_MOMENT_WEIGHT / n - mean ** 2
         return cls(mean=mean, std=np.sqrt(np.maximum(var, STD_FLOOR ** 2)), class_counts=np.maximum(counts, 1.0))
 
+    @classmethod
+    def exact(cls, x_raw: np.ndarray, y: np.ndarray, k: int, asinh: bool = False) -> "Standardizer":
+        """The scaler of pooled rows with exact statistics (no noise, no clipping; outside any DP
+        guarantee): the mean and std of :func:`transform`, or with ``asinh`` of ``asinh(x / c)``,
+        ``c`` = :attr:`asinh_scale` of the former. Stds floored as the federated ones."""
+        xt = transform(x_raw)
+        counts = np.maximum(np.bincount(np.asarray(y, dtype=np.int64), minlength=k)[:k].astype(np.float64), 1.0)
+        log = cls(mean=xt.mean(axis=0), std=np.maximum(xt.std(axis=0), STD_FLOOR), class_counts=counts)
+        if not asinh:
+            return log
+        u = np.arcsinh(np.asarray(x_raw, dtype=np.float64) / log.asinh_scale)
+        return cls(mean=u.mean(axis=0), std=np.maximum(u.std(axis=0), ASINH_STD_FLOOR), class_counts=counts,
+                   scale=log.asinh_scale)
+
     def _log_only(self, what: str) -> None:
         if self.scale is not None:
             raise ValueError(f"{what} is defined for a scaler of log-transformed features, not of asinh features")

@@ -130,7 +130,8 @@ def centralized_settings(cfg: RunConfig) -> dict:
             "seed": cfg.seed, "hidden": cfg.hidden, "lr": cfg.lr, "momentum": cfg.momentum,
             "epochs": cfg.rounds * cfg.local_epochs, "batches_per_epoch": cfg.batches_per_epoch,
             "class_weight_power": cfg.class_weight_power, "std_floor": STD_FLOOR,
-            "standardization": "exact pooled mean/std of data.standardize.transform(x) over training rows"}
+            "standardization": "exact pooled mean/std of data.standardize.transform(x) over training rows"
+                               + (", then of asinh(x / c), c from them (Standardizer.exact)" if cfg.stats_stages == 3 else "")}
 
 
 def train_centralized(cfg: RunConfig) -> dict:
@@ -140,14 +141,15 @@ def train_centralized(cfg: RunConfig) -> dict:
     ``cfg.momentum``) and the clients' training loop (:func:`privacy.dp_sgd.train_local` with DP off:
     Poisson batches at the rate ``1 / batches_per_epoch``) for ``rounds × local_epochs`` epochs.
     Features: ``(transform(x) - mean) / std`` with the exact pooled mean/std of the training rows
-    (std floored as the federated scaler floors it). Scored on the held-out countries' pooled rows,
+    (std floored as the federated scaler floors it); with ``stats-stages = 3``, the asinh features
+    of that setting instead, from exact pooled statistics (:meth:`Standardizer.exact`). Scored on the held-out countries' pooled rows,
     i.e. the same confusion matrix the federation sums.
     """
     import numpy as np
     import torch
 
     from data import load_dataset, split_countries
-    from data.standardize import STD_FLOOR, Standardizer, transform
+    from data.standardize import Standardizer
     from federation.report import scores
     from models.mlp import build_model
     from privacy.dp_sgd import TrainSettings, train_local
@@ -157,10 +159,7 @@ def train_centralized(cfg: RunConfig) -> dict:
     ds = load_dataset(cfg.dataset, cfg.data_dir or None)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     x, y = ds.all_arrays(part.train)
-    xt = transform(x)
-    counts = np.bincount(y, minlength=len(ds.classes)).astype(np.float64)
-    scaler = Standardizer(mean=xt.mean(axis=0), std=np.maximum(xt.std(axis=0), STD_FLOOR),
-                          class_counts=np.maximum(counts, 1.0))
+    scaler = Standardizer.exact(x, y, len(ds.classes), asinh=cfg.stats_stages == 3)
     model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
     settings = TrainSettings(lr=cfg.lr, momentum=cfg.momentum, local_epochs=cfg.rounds * cfg.local_epochs,
                              batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)

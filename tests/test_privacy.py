@@ -199,6 +199,22 @@ def test_third_stage_measures_the_asinh_features_of_the_pooled_rows(seed_data):
             assert np.all(np.abs(inputs.mean(0)) < 1)
 
 
+def test_exact_asinh_scaler_standardises_the_pooled_rows(seed_data):
+    """The centralized reference's scaler (no noise, no clipping): c from the exact log mean/std,
+    then the pooled rows' own mean and std of asinh(x / c): inputs of mean 0 and std 1."""
+    from data.standardize import Standardizer
+    x, y = seed_data.all_arrays(split_countries(seed_data.countries()).train)
+    xt = transform(x)
+    exact = Standardizer.exact(x, y, 5, asinh=True)
+    assert np.allclose(exact.scale, np.expm1(10 * (np.abs(xt.mean(0)) + 3.5 * np.maximum(xt.std(0), 0.02))))
+    z, u = exact.apply(x), np.arcsinh(x / exact.scale)
+    kept = u.std(0) > 0.05            # ASINH_STD_FLOOR: co2_including_luc's c lies far above its tail
+    assert kept.sum() >= 19 and np.allclose(z.mean(0), 0, atol=1e-4) and np.allclose(z.std(0)[kept], 1, atol=1e-3)
+    log = Standardizer.exact(x, y, 5)
+    above = xt.std(0) > 0.02          # the std floor (STD_FLOOR) holds for two features here
+    assert above.sum() == 19 and np.allclose(log.apply(x).std(0)[above], 1, atol=1e-3)
+
+
 def test_two_stage_statistics_are_closer_to_the_pooled_ones(seed_data):
     """Against the exact pooled mean/std of the training rows (what the public seed project fit),
     with the noise of a real run (σ_s = 4 per client, 131 clients) in 5 draws: the second stage
