@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -143,9 +144,9 @@ class _MomentStage:
     Subclasses say what ``z`` is (:meth:`_z`) and what the sums make (:meth:`scaler_from_sums`)."""
 
     stage1: StatsLayout
-    name = "later-stage statistics"
-    clip = 1.0          # L2 bound of one record's (z, z²)
-    z_bound = 1.0       # |z| bound
+    name: ClassVar[str]       # what the aggregate is called in errors
+    clip: ClassVar[float]     # L2 bound of one record's (z, z²)
+    z_bound: ClassVar[float]  # |z| bound
 
     @property
     def noise_multiplier(self) -> float:

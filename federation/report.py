@@ -109,6 +109,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
     stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
                                 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
     covered = stats_sigma is not None
+    # how many releases were charged: the longest run of unsubsampled steps a stats line carries
+    stats_releases = max((sum(1 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+                          for l in ledger if l.get("kind") == "stats"), default=0)
     privacy = None
     if cfg.dp:
         eps = {c: line["epsilon"] for c, line in sorted(last.items())}
@@ -153,9 +156,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                         f"{ASINH_STD_FLOOR:g})" if layouts.asinh is not None else None),
         "noise_multiplier": stats_sigma or 0.0,
         "covered_by_epsilon": covered,
-        "statement": (f"charged to every training client's accountant as {len(layouts.stages)} Gaussian release(s) "
+        "statement": (f"charged to every training client's accountant as {stats_releases} Gaussian release(s) "
                       f"(noise multiplier {stats_sigma} each; L2 sensitivity "
-                      + " and ".join(f"{lay.sensitivity:.4f}" for lay in layouts.stages) + "): inside ε"
+                      + " and ".join(f"{lay.sensitivity:.4f}" for lay in layouts.stages[:stats_releases]) + "): inside ε"
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),
     }

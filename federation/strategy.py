@@ -30,6 +30,7 @@ Guarantees
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -96,11 +97,6 @@ class ServerState:
     model: bytes | None = None
     model_terms: int = 0
     round: int = 0
-
-    @property
-    def stats_terms(self) -> int:
-        """Contributions to the stage-1 statistics aggregate."""
-        return self.stages[0][1] if self.stages else 0
 
     def stage_terms(self) -> dict[str, int]:
         """``{"stats_terms": n1, "stats2_terms": n2, ...}`` (server.json, checkpoints)."""
@@ -400,7 +396,7 @@ class EncryptedFedAvg(Strategy):
             data[name] = blob
         self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
                                  stages=[(data[stage_key(k)], ck[f"{stage_key(k)}_terms"])
-                                         for k in range(1, len(data) + 1) if stage_key(k) in data],
+                                         for k in itertools.takewhile(lambda k: stage_key(k) in data, itertools.count(1))],
                                  model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
         self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]
