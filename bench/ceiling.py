@@ -45,18 +45,20 @@ def nearest_mean(z_fit, y_fit, z):
     return np.argmin(((z[:, None, :] - mu[None]) ** 2).sum(-1), 1)
 
 
-def dp_stats_features(cfg, x, y, country, train, rng, noise=True):
+def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=None):
     """carbonfed's statistics releases for ``cfg`` (per-client Gaussian noise, summed; none
-    without ``noise``: the same estimator on exact sums), then its scaler's inputs."""
+    without ``noise``: the same estimator on exact sums), then its scaler's inputs.
+    ``stage_sigmas``: one noise multiplier per stage instead of the run's σ_s."""
     k = int(y.max()) + 1
     stages = Layouts.for_run(cfg, x.shape[1], k).stages
+    sigmas = stage_sigmas or [lay.noise_multiplier for lay in stages]
 
-    def noisy(layout, v):
-        return v + rng.normal(0, layout.noise_multiplier * layout.sensitivity, v.shape) if noise else v
-    scaler = S.Standardizer.from_sums(sum(noisy(stages[0], stages[0].local_sums(x[country == c], y[country == c]))
+    def noisy(i, layout, v):
+        return v + rng.normal(0, sigmas[i] * layout.sensitivity, v.shape) if noise else v
+    scaler = S.Standardizer.from_sums(sum(noisy(0, stages[0], stages[0].local_sums(x[country == c], y[country == c]))
                                           for c in train), x.shape[1], k)
-    for lay in stages[1:]:
-        scaler = lay.scaler_from_sums(sum(noisy(lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler)
+    for i, lay in enumerate(stages[1:], 1):
+        scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler)
     return scaler.apply(x).astype(np.float64)
 
 
@@ -65,15 +67,17 @@ def settings(cfg):
                          batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)
 
 
-def dp_fedavg(cfg, z, y, country, train, rng, sigma):
+def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0):
+    """The twin's federated DP-SGD; round r trains with lr × ``schedule(r / rounds)``."""
     q, steps = planned_mechanism(settings(cfg))
-    clip, lr, momentum = cfg.max_grad_norm, cfg.lr, cfg.momentum
+    clip, momentum = cfg.max_grad_norm, cfg.momentum
     z = np.concatenate([z, np.ones((len(z), 1))], 1)
     k = int(y.max()) + 1
     w = np.zeros((z.shape[1], k))
     eye = np.eye(k)
     clients = [(z[country == c], y[country == c]) for c in train]
-    for _ in range(cfg.rounds):
+    for r in range(cfg.rounds):
+        lr = cfg.lr * schedule(r / cfg.rounds)
         total = np.zeros_like(w)
         for xc, yc in clients:
             wl, m = w.copy(), np.zeros_like(w)

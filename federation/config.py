@@ -98,15 +98,19 @@ class RunConfig:
 
     @property
     def stats_releases(self) -> int:
-        """How many statistics releases the run makes: ``stats-stages`` in DP runs with noisy
-        statistics (2, the default: a per-feature refinement of the log features; 3: then the
-        asinh features of :mod:`data.standardize`, the seed main job's), else 1 (exact statistics
-        need no refinement)."""
-        return self.stats_stages if self.dp and self.stats_noise_multiplier > 0 else 1
+        """How many statistics releases the run makes. DP runs with noisy statistics make
+        ``stats-stages`` (2, the default: a per-feature refinement of the log features; 3: then
+        the asinh features of :mod:`data.standardize`, the seed main job's). Runs with exact
+        statistics (no DP, or ``stats-noise-multiplier = 0``) need no refinement, so they make 1,
+        except with ``stats-stages = 3``: the asinh features need ``c`` from the second stage, so
+        they make all 3 (exactly), and a ``none`` or ``he`` run then trains on the main job's
+        features, which is what a side-by-side comparison of the modes needs."""
+        noisy = self.dp and self.stats_noise_multiplier > 0
+        return self.stats_stages if noisy or self.stats_stages == 3 else 1
 
     @property
     def two_stage_stats(self) -> bool:
-        """More than one statistics release (DP runs with noisy statistics only)."""
+        """More than one statistics release."""
         return self.stats_releases > 1
 
     @property

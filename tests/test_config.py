@@ -55,3 +55,14 @@ def test_command_line_options_parse_every_setting_type():
     with pytest.raises(SystemExit):
         p.parse_args(["--reproducible-noise", "false"])
     assert RunConfig(**given).reproducible_noise is True
+
+
+def test_statistics_releases_per_mode():
+    """Noisy statistics make stats-stages releases; exact ones (no DP, or σ_s = 0) need no
+    refinement and make one, except that the asinh features (stats-stages 3) need all three, so
+    `none` and `he` train on the main job's features."""
+    for privacy in ("none", "he"):
+        assert [RunConfig(privacy=privacy, stats_stages=k).stats_releases for k in (1, 2, 3)] == [1, 1, 3]
+        assert RunConfig(privacy=privacy, stats_stages=3).stats_sigma == 0.0
+    assert [RunConfig(privacy="dp+he", stats_stages=k).stats_releases for k in (1, 2, 3)] == [1, 2, 3]
+    assert [RunConfig(stats_noise_multiplier=0, stats_stages=k).stats_releases for k in (1, 2, 3)] == [1, 1, 3]

@@ -150,12 +150,16 @@ def test_bad_clients_rejected_without_failing_the_round(dphe):
 
 
 def test_he_equals_plaintext(tmp_path, keys_dir):
-    """The encrypted sum equals the plaintext one, so `he` and `none` train the same model."""
-    _, plain = _run(tmp_path, keys_dir, "none")
-    _, enc = _run(tmp_path, keys_dir, "he")
+    """The encrypted sum equals the plaintext one, so `he` and `none` train the same model; both
+    on the main job's asinh features, from three exact statistics releases."""
+    _, plain = _run(tmp_path, keys_dir, "none", stats_stages=3)
+    _, enc = _run(tmp_path, keys_dir, "he", stats_stages=3)
     a, b = torch.load(plain["model"]["path"]), torch.load(enc["model"]["path"])
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert plain["history"] == [{**h, "seconds": p["seconds"]} for h, p in zip(enc["history"], plain["history"])]
     assert enc["he"]["upload_bytes_per_client_round"] > 10 * 1318 * 8 / 100   # really ciphertexts
     assert plain["he"] is None and plain["privacy"] is None
+    for rep in (plain, enc):
+        assert rep["preprocessing"]["stages"] == 3 and rep["preprocessing"]["covered_by_epsilon"] is False
+        assert torch.load(rep["model"]["path"], weights_only=False)["scaler"]["scale"] is not None   # asinh features
