@@ -101,17 +101,22 @@ def score(z, y, w, mask):
     return (pred == y[mask]).mean(), f1_score(y[mask], pred, average="macro")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", default=None)
-    args = ap.parse_args()
-    ds = load_dataset("seed", args.data_dir)
+def seed_arrays(data_dir):
+    """(x, y, country of each row, holdout-offset-0 partition) of the seed data set."""
+    ds = load_dataset("seed", data_dir)
     countries = ds.countries()
     rows = [ds.client_arrays(c) for c in countries]
     x = np.concatenate([r[0] for r in rows]).astype(np.float64)
     y = np.concatenate([r[1] for r in rows]).astype(np.int64)
     country = np.concatenate([[c] * len(r[1]) for c, r in zip(countries, rows)])
-    part = split_countries(countries, 0)
+    return x, y, country, split_countries(countries, 0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    x, y, country, part = seed_arrays(args.data_dir)
     tr, te = np.isin(country, part.train), np.isin(country, part.test)
 
     pooled = (x - x.mean(0)) / x.std(0)

@@ -32,7 +32,7 @@ import numpy as np
 
 import ceiling as C
 import data.standardize as S
-from data import load_dataset, split_countries
+from data import split_countries
 from privacy.accountant import calibrate_noise
 from privacy.dp_sgd import planned_mechanism
 
@@ -47,13 +47,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=12, help="noise draws on the held-out countries")
     ap.add_argument("settings", nargs="*", default=["{}"])
     args = ap.parse_args()
-    ds = load_dataset("seed", args.data_dir)
-    countries = ds.countries()
-    rows = [ds.client_arrays(c) for c in countries]
-    x = np.concatenate([r[0] for r in rows]).astype(np.float64)
-    y = np.concatenate([r[1] for r in rows]).astype(np.int64)
-    country = np.concatenate([[c] * len(r[1]) for c, r in zip(countries, rows)])
-    part = split_countries(countries, 0)
+    x, y, country, part = C.seed_arrays(args.data_dir)
     for spec in args.settings:
         over = json.loads(spec)
         S.AsinhLayout.clip = float(over.pop("asinh_clip", CLIP))

@@ -303,7 +303,8 @@ def collect_facts(run_dir, report: dict, verify_result, baseline: dict | None = 
         "sigmas": sorted({float(l["noise_multiplier"]) for l in train if l.get("noise_multiplier") is not None}),
         "sample_rates": sorted({float(l["sample_rate"]) for l in train if l.get("sample_rate") is not None}),
         "steps": sorted({int(l["steps"]) for l in trained if l.get("steps") is not None}),
-        "stats_mechanisms": stats_hist, "stats_sensitivity": sensitivity, "stats_sensitivity_src": sensitivity_src,
+        "stats_mechanisms": stats_hist, "stats_stages": len({int(l.get("stage", 1)) for l in stats_lines}),
+        "stats_sensitivity": sensitivity, "stats_sensitivity_src": sensitivity_src,
         "rounds": rounds, "rounds_completed": server.get("rounds_completed"),
         "addressed": sorted({sum(1 for l in train if l.get("round") == r["round"]) for r in rounds}),
         "accepted": sorted({r.get("accepted") for r in rounds}),
@@ -438,7 +439,8 @@ def _mechanism(f: dict) -> Section:
         ["statistics release noise multiplier σ_s", _g(cfg.stats_sigma),
          "config `stats-noise-multiplier`" + (" (raised so that the statistics releases spend at most half of ε)"
                                               if cfg.stats_sigma > cfg.stats_noise_multiplier else "")],
-        ["statistics releases in the ledger", ", ".join(str(list(m)) for m in f["stats_mechanisms"]) or "none",
+        ["statistics releases in the ledger", (", ".join(str(list(m)) for m in f["stats_mechanisms"])
+                                               or f"none charged: {f['stats_stages']} exact stage(s), outside ε"),
          "ledger, stats lines ([σ_s, q = 1, 1 step] per stage)"],
         ["statistics release L2 sensitivity Δ per stage", " / ".join(_g(x, 6) for x in f["stats_sensitivity"]),
          f["stats_sensitivity_src"]],

@@ -163,3 +163,7 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     for rep in (plain, enc):
         assert rep["preprocessing"]["stages"] == 3 and rep["preprocessing"]["covered_by_epsilon"] is False
         assert torch.load(rep["model"]["path"], weights_only=False)["scaler"]["scale"] is not None   # asinh features
+    # the privacy statement counts the exact releases from the ledger's stats lines
+    from privacy.statement import write_privacy_statement
+    md = write_privacy_statement(tmp_path / "none", plain, None).read_text()
+    assert "| statistics releases in the ledger | none charged: 3 exact stage(s), outside ε |" in md
