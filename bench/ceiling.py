@@ -67,8 +67,9 @@ def settings(cfg):
                          batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)
 
 
-def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0):
-    """The twin's federated DP-SGD; round r trains with lr × ``schedule(r / rounds)``."""
+def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tail=1):
+    """The twin's federated DP-SGD; round r trains with lr × ``schedule(r / rounds)``; returns the
+    mean of the last ``tail`` global models (1: the final one)."""
     q, steps = planned_mechanism(settings(cfg))
     clip, momentum = cfg.max_grad_norm, cfg.momentum
     z = np.concatenate([z, np.ones((len(z), 1))], 1)
@@ -76,6 +77,7 @@ def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0):
     w = np.zeros((z.shape[1], k))
     eye = np.eye(k)
     clients = [(z[country == c], y[country == c]) for c in train]
+    kept = []
     for r in range(cfg.rounds):
         lr = cfg.lr * schedule(r / cfg.rounds)
         total = np.zeros_like(w)
@@ -93,12 +95,21 @@ def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0):
                 wl = wl - lr * m
             total += len(yc) * wl
         w = total / sum(len(yc) for _, yc in clients)
-    return w
+        if r >= cfg.rounds - tail:
+            kept.append(w)
+    return np.mean(kept, axis=0)
 
 
 def score(z, y, w, mask):
     pred = (np.concatenate([z[mask], np.ones((mask.sum(), 1))], 1) @ w).argmax(1)
     return (pred == y[mask]).mean(), f1_score(y[mask], pred, average="macro")
+
+
+def log_loss(z, y, w, mask):
+    """Mean cross-entropy of the model's class probabilities on the rows in ``mask``."""
+    logits = np.concatenate([z[mask], np.ones((mask.sum(), 1))], 1) @ w
+    logits -= logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(mask.sum()), y[mask]]))
 
 
 def seed_arrays(data_dir):
