@@ -180,6 +180,10 @@ def _print_summary(report: dict, out: Path) -> None:
     if h:
         print(f"HE: {h['scheme']} N={h['poly_modulus_degree']}, {h['security_bits']}-bit, "
               f"{h['upload_bytes_per_client_round'] / 1e3:.1f} kB upload per client per round")
+    floored = (report.get("preprocessing") or {}).get("floored_std_features")
+    if floored:
+        print(f"note: {len(floored)} feature(s) reach the model nearly constant (released std at the floor): "
+              + ", ".join(floored))
     print(f"time: {report['timing']['total_s']:.1f}s ({report['timing']['per_round_s']:.2f}s per round)")
     print(f"report: {out / 'report.json'}  ledger: {out / 'ledger.jsonl'}")
 

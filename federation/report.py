@@ -56,6 +56,14 @@ def _one_or_range(values):
     return vals[0] if len(vals) == 1 else {"min": vals[0], "max": vals[-1]}
 
 
+def floored_std_features(scaler, features) -> list[str]:
+    """The features whose final std is the floor (``ASINH_STD_FLOOR`` for asinh features,
+    ``STD_FLOOR`` for log features): their released variance was at or below it, so the model
+    sees them as nearly constant."""
+    floor = ASINH_STD_FLOOR if scaler.scale is not None else STD_FLOOR
+    return [f for f, sd in zip(features, scaler.std) if sd <= floor * (1 + 1e-9)]
+
+
 def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
     run = Path(run_dir)
     server = json.loads((run / "server.json").read_text())
@@ -86,7 +94,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         history.append(entry)
 
     # Final model: decrypted by the key holder, saved next to the report.
-    final = None
+    final, floored = None, None
     if (run / "aggregates" / "model.bin").exists():
         params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
         model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
@@ -94,6 +102,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
         for k, lay in enumerate(layouts.stages[1:], 2):
             scaler = lay.unpack_sum(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"], scaler)
+        floored = floored_std_features(scaler, ds.features)
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
         final = {"path": str(run / "model.pt"), "samples": total,
@@ -155,6 +164,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                         f"{ASINH_CLIP:g}; the model's mean and std of asinh(x / c) come from it (std floored at "
                         f"{ASINH_STD_FLOOR:g})" if layouts.asinh is not None else None),
         "noise_multiplier": stats_sigma or 0.0,
+        # features whose released std fell to the floor: near-constant inputs to the model (with
+        # asinh features: c far above the data, e.g. OWID's energy per capita); null without model.pt
+        "floored_std_features": floored,
         "covered_by_epsilon": covered,
         "statement": (f"charged to every training client's accountant as {stats_releases} Gaussian release(s) "
                       f"(noise multiplier {stats_sigma} each; L2 sensitivity "

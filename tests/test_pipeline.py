@@ -163,6 +163,16 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     for rep in (plain, enc):
         assert rep["preprocessing"]["stages"] == 3 and rep["preprocessing"]["covered_by_epsilon"] is False
         assert torch.load(rep["model"]["path"], weights_only=False)["scaler"]["scale"] is not None   # asinh features
+    # the report names the features that reach the model nearly constant: independently, those
+    # whose asinh(x / c) has a std below the floor on the training rows (c: the run's own)
+    from data import load_dataset, split_countries
+    from data.standardize import ASINH_STD_FLOOR
+    ds = load_dataset("seed")
+    x, _ = ds.all_arrays(split_countries(ds.countries()).train)
+    scale = np.array(torch.load(plain["model"]["path"], weights_only=False)["scaler"]["scale"])
+    flat = [f for f, sd in zip(ds.features, np.arcsinh(x / scale).std(axis=0)) if sd < ASINH_STD_FLOOR]
+    assert flat == ["co2_including_luc"]
+    assert plain["preprocessing"]["floored_std_features"] == enc["preprocessing"]["floored_std_features"] == flat
     # the privacy statement counts the exact releases from the ledger's stats lines
     from privacy.statement import write_privacy_statement
     md = write_privacy_statement(tmp_path / "none", plain, None).read_text()
