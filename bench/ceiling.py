@@ -58,7 +58,8 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
     scaler = S.Standardizer.from_sums(sum(noisy(0, stages[0], stages[0].local_sums(x[country == c], y[country == c]))
                                           for c in train), x.shape[1], k)
     for i, lay in enumerate(stages[1:], 1):
-        scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler)
+        scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler,
+                                      len(train))
     return scaler.apply(x).astype(np.float64)
 
 

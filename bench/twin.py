@@ -10,7 +10,9 @@ Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys
   costs what three releases of 4.50 cost);
 * ``"noise_free_stages"``: e.g. ``[3]``: those stages' sums without noise (not private; DP-SGD's
   σ stays what the charged releases leave it), to see what their noise costs;
-* ``"asinh_clip"``, ``"asinh_unit"``: the stage-3 constants ``ASINH_CLIP`` and ``ASINH_UNIT``
+* ``"asinh_clip"``, ``"asinh_unit"``, ``"asinh_std_floor"``, ``"asinh_floor_sds"``: the stage-3
+  constants ``ASINH_CLIP``, ``ASINH_UNIT``, ``ASINH_STD_FLOOR`` and ``ASINH_FLOOR_SDS``
+  (``{"asinh_floor_sds": 0}``: the earlier fixed std floor 0.05)
   of :mod:`data.standardize`;
 * ``"tail"``: score the mean of the last ``tail`` global models instead of the final one;
 * ``"lr_schedule"``: ``"constant"`` (carbonfed's), ``"linear"`` (lr × (1 − 0.8·t)) or
@@ -39,7 +41,7 @@ from data import split_countries
 from privacy.accountant import calibrate_noise
 from privacy.dp_sgd import planned_mechanism
 
-CLIP, UNIT = S.ASINH_CLIP, S.ASINH_UNIT
+CLIP, UNIT, FLOOR, SDS = S.ASINH_CLIP, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS
 SCHEDULES = {"constant": lambda t: 1.0, "linear": lambda t: 1 - 0.8 * t,
              "cosine": lambda t: 0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2}
 
@@ -56,6 +58,8 @@ def main():
         over = json.loads(spec)
         S.AsinhLayout.clip = float(over.pop("asinh_clip", CLIP))
         S.ASINH_UNIT = float(over.pop("asinh_unit", UNIT))
+        S.ASINH_STD_FLOOR = float(over.pop("asinh_std_floor", FLOOR))
+        S.ASINH_FLOOR_SDS = float(over.pop("asinh_floor_sds", SDS))
         schedule = SCHEDULES[over.pop("lr_schedule", "constant")]
         stage_sigmas = over.pop("stage_sigmas", None)
         noise_free = set(over.pop("noise_free_stages", []))
@@ -83,7 +87,7 @@ def main():
             out.append(f"{name} {accs.mean():.4f} ± {accs.std():.4f} (min {accs.min():.3f}), macro-F1 {f1s.mean():.3f}, log-loss {np.mean(losses):.4f}"
                        + (f", both thresholds {np.mean((accs >= 0.95) & (f1s >= 0.70)):.2f}" if fold is None else ""))
         print(f"{spec}: σ_s {'/'.join(f'{s:.2f}' for s in stage_sigmas)}, σ {sigma:.3f} | " + " | ".join(out), flush=True)
-    S.AsinhLayout.clip, S.ASINH_UNIT = CLIP, UNIT
+    S.AsinhLayout.clip, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS = CLIP, UNIT, FLOOR, SDS
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def _print_summary(report: dict, out: Path) -> None:
               f"{h['upload_bytes_per_client_round'] / 1e3:.1f} kB upload per client per round")
     floored = (report.get("preprocessing") or {}).get("floored_std_features")
     if floored:
-        print(f"note: {len(floored)} feature(s) reach the model nearly constant (released std at the floor): "
+        print(f"note: released std at the floor (nearly constant, or variance pulled down by the DP noise) for "
+              f"{len(floored)} feature(s): "
               + ", ".join(floored))
     print(f"time: {report['timing']['total_s']:.1f}s ({report['timing']['per_round_s']:.2f}s per round)")
     print(f"report: {out / 'report.json'}  ledger: {out / 'ledger.jsonl'}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data import load_dataset, sha256_file, split_countries
-from data.standardize import (ASINH_CENTER, ASINH_CLIP, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, CONTRIB_CLIP,
+from data.standardize import (ASINH_CENTER, ASINH_CLIP, ASINH_FLOOR_SDS, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, CONTRIB_CLIP,
                               LOG_BOUND, REFINE_CLIP, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR)
 from federation.config import RunConfig
 from federation.participant import Layouts, make_cipher, stage_key
@@ -57,11 +57,11 @@ def _one_or_range(values):
 
 
 def floored_std_features(scaler, features) -> list[str]:
-    """The features whose final std is the floor (``ASINH_STD_FLOOR`` for asinh features,
-    ``STD_FLOOR`` for log features): their released variance was at or below it, so the model
-    sees them as nearly constant."""
-    floor = ASINH_STD_FLOOR if scaler.scale is not None else STD_FLOOR
-    return [f for f, sd in zip(features, scaler.std) if sd <= floor * (1 + 1e-9)]
+    """The features whose final std is the scaler's floor (:attr:`Standardizer.floor`): their
+    released variance was at or below the floor's square.
+    Either the feature is nearly constant (exact statistics say so) or, under DP, the noise
+    pulled its variance down; its scale in the model is then uncertain."""
+    return [f for f, sd in zip(features, scaler.std) if sd <= scaler.floor * (1 + 1e-9)]
 
 
 def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
@@ -94,7 +94,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         history.append(entry)
 
     # Final model: decrypted by the key holder, saved next to the report.
-    final, floored = None, None
+    final, floored, std_floor = None, None, None
     if (run / "aggregates" / "model.bin").exists():
         params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
         model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
@@ -102,7 +102,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
         for k, lay in enumerate(layouts.stages[1:], 2):
             scaler = lay.unpack_sum(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"], scaler)
-        floored = floored_std_features(scaler, ds.features)
+        floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
         final = {"path": str(run / "model.pt"), "samples": total,
@@ -161,12 +161,15 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                          if layouts.refine is not None else None),
         "third_stage": (f"then the sum of (Σz, Σz²) with z = clip((asinh(x / c) - {ASINH_CENTER:g}) / {ASINH_UNIT:g}, "
                         f"±{ASINH_Z_BOUND:g}), c from stage 2 as above, each record's (z, z²) clipped to L2 norm "
-                        f"{ASINH_CLIP:g}; the model's mean and std of asinh(x / c) come from it (std floored at "
-                        f"{ASINH_STD_FLOOR:g})" if layouts.asinh is not None else None),
+                        f"{ASINH_CLIP:g}; the model's mean and std of asinh(x / c) come from it (variance floored at the larger "
+                        f"of {ASINH_STD_FLOOR:g}² and {ASINH_FLOOR_SDS:g} standard deviations of the noise on its second-moment term, "
+                        f"{ASINH_UNIT:g}²·σ_s·{ASINH_CLIP:g}·√clients / rows)" if layouts.asinh is not None else None),
         "noise_multiplier": stats_sigma or 0.0,
-        # features whose released std fell to the floor: near-constant inputs to the model (with
-        # asinh features: c far above the data, e.g. OWID's energy per capita); null without model.pt
+        # features whose released std fell to the floor: nearly constant (with asinh features: c
+        # far above the data, e.g. OWID's energy per capita) or, under DP, a variance the noise
+        # pulled down; null without model.pt
         "floored_std_features": floored,
+        "std_floor": std_floor,
         "covered_by_epsilon": covered,
         "statement": (f"charged to every training client's accountant as {stats_releases} Gaussian release(s) "
                       f"(noise multiplier {stats_sigma} each; L2 sensitivity "

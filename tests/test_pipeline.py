@@ -163,7 +163,7 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     for rep in (plain, enc):
         assert rep["preprocessing"]["stages"] == 3 and rep["preprocessing"]["covered_by_epsilon"] is False
         assert torch.load(rep["model"]["path"], weights_only=False)["scaler"]["scale"] is not None   # asinh features
-    # the report names the features that reach the model nearly constant: independently, those
+    # the report names the features whose released std is at the floor: with exact statistics, those
     # whose asinh(x / c) has a std below the floor on the training rows (c: the run's own)
     from data import load_dataset, split_countries
     from data.standardize import ASINH_STD_FLOOR
