@@ -56,13 +56,22 @@ class Layouts:
     update: UpdateLayout
     stats: StatsLayout
     metrics: CountLayout
-    refine: RefineLayout | None = None   # second-stage statistics (DP runs of 2 or 3 stages)
-    asinh: AsinhLayout | None = None     # third-stage statistics (DP runs of 3 stages)
+    refine: RefineLayout | None = None   # second-stage statistics (RunConfig.stats_releases >= 2)
+    asinh: AsinhLayout | None = None     # third-stage statistics (RunConfig.stats_releases == 3)
 
     @property
     def stages(self) -> list:
         """The statistics releases of the run, in order: stage 1, then the later stages."""
         return [lay for lay in (self.stats, self.refine, self.asinh) if lay is not None]
+
+    def scaler(self, aggregates: list[tuple[np.ndarray, int]]):
+        """The scaler from decrypted statistics aggregates ``[(vector, terms) of stage 1, of
+        stage 2, ...]``: each stage's aggregate read with the scaler of the stages before it."""
+        (vec, terms), rest = aggregates[0], aggregates[1:]
+        scaler = self.stats.unpack_sum(vec, terms)
+        for lay, (vec, terms) in zip(self.stages[1:], rest):
+            scaler = lay.unpack_sum(vec, terms, scaler)
+        return scaler
 
     @classmethod
     @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
@@ -208,20 +217,14 @@ class Participant:
             load_flat_params(model, params)
         return model
 
-    def _stage1(self, stats_bytes: bytes, stats_terms: int):
-        vec = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).decrypt(stats_bytes)
-        return self.layouts.stats.unpack_sum(vec, stats_terms)
-
     def _standardizer(self, stats: list[tuple[bytes, int]]):
         """The scaler from the statistics aggregates ``[(stage 1, terms), (stage 2, terms), ...]``:
         all the run's stages, or (:meth:`refine`) the stages before the one being released."""
         lays = self.layouts.stages
         if len(stats) > len(lays):
             raise ValueError(f"{len(stats)} statistics aggregates came with the request; this run makes {len(lays)}")
-        scaler = self._stage1(*stats[0])
-        for lay, (data, terms) in zip(lays[1:], stats[1:]):
-            scaler = lay.unpack_sum(make_cipher(self.cfg, self.ctx, lay.length).decrypt(data), terms, scaler)
-        return scaler
+        return self.layouts.scaler([(make_cipher(self.cfg, self.ctx, lay.length).decrypt(data), terms)
+                                    for lay, (data, terms) in zip(lays, stats)])
 
     def _scaler(self, stats: list[tuple[bytes, int]]):
         """The run's final scaler: every stage's aggregate must have come with the request."""

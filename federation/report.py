@@ -99,9 +99,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
         model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
         load_flat_params(model, params)
-        scaler = layouts.stats.unpack_sum(decrypt("stats.bin", layouts.stats.length), server["stats_terms"])
-        for k, lay in enumerate(layouts.stages[1:], 2):
-            scaler = lay.unpack_sum(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"], scaler)
+        scaler = layouts.scaler([(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"])
+                                 for k, lay in enumerate(layouts.stages, 1)])
         floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
