@@ -45,10 +45,12 @@ def nearest_mean(z_fit, y_fit, z):
     return np.argmin(((z[:, None, :] - mu[None]) ** 2).sum(-1), 1)
 
 
-def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=None):
+def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=None, raw_extra=0.0):
     """carbonfed's statistics releases for ``cfg`` (per-client Gaussian noise, summed; none
     without ``noise``: the same estimator on exact sums), then its scaler's inputs.
-    ``stage_sigmas``: one noise multiplier per stage instead of the run's σ_s."""
+    ``stage_sigmas``: one noise multiplier per stage instead of the run's σ_s; ``raw_extra`` B > 0
+    (stage 3 only): the model also gets the linear terms ``clip(x / c, ±B)`` (c public after
+    stage 2; no further release), not carbonfed's features."""
     k = int(y.max()) + 1
     stages = Layouts.for_run(cfg, x.shape[1], k).stages
     sigmas = stage_sigmas or [lay.noise_multiplier for lay in stages]
@@ -60,7 +62,10 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
     for i, lay in enumerate(stages[1:], 1):
         scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler,
                                       len(train))
-    return scaler.apply(x).astype(np.float64)
+    z = scaler.apply(x).astype(np.float64)
+    if raw_extra:
+        z = np.concatenate([z, np.clip(x / scaler.scale, -raw_extra, raw_extra)], 1)
+    return z
 
 
 def settings(cfg):
@@ -68,14 +73,16 @@ def settings(cfg):
                          batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)
 
 
-def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tail=1):
+def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tail=1, weight_decay=0.0, init=None):
     """The twin's federated DP-SGD; round r trains with lr × ``schedule(r / rounds)``; returns the
-    mean of the last ``tail`` global models (1: the final one)."""
+    mean of the last ``tail`` global models (1: the final one). ``weight_decay``: added to the
+    gradient before momentum, as torch's SGD does; ``init``: the initial model (features + 1 bias
+    row × classes; zeros by default)."""
     q, steps = planned_mechanism(settings(cfg))
     clip, momentum = cfg.max_grad_norm, cfg.momentum
     z = np.concatenate([z, np.ones((len(z), 1))], 1)
     k = int(y.max()) + 1
-    w = np.zeros((z.shape[1], k))
+    w = np.zeros((z.shape[1], k)) if init is None else np.array(init, dtype=np.float64)
     eye = np.eye(k)
     clients = [(z[country == c], y[country == c]) for c in train]
     kept = []
@@ -92,7 +99,7 @@ def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tai
                 norms = np.linalg.norm(xc[b], axis=1) * np.linalg.norm(e, axis=1)
                 g = xc[b].T @ (e * np.minimum(1, clip / np.maximum(norms, 1e-12))[:, None])
                 g = (g + rng.normal(0, sigma * clip, g.shape)) / max(1.0, len(yc) * q)
-                m = momentum * m + g
+                m = momentum * m + g + weight_decay * wl
                 wl = wl - lr * m
             total += len(yc) * wl
         w = total / sum(len(yc) for _, yc in clients)

@@ -14,6 +14,12 @@ Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys
   constants ``ASINH_CLIP``, ``ASINH_UNIT``, ``ASINH_STD_FLOOR`` and ``ASINH_FLOOR_SDS``
   (``{"asinh_floor_sds": 0}``: the earlier fixed std floor 0.05)
   of :mod:`data.standardize`;
+* ``"asinh_k"``: ``ASINH_K`` (c = expm1(LOG_BOUND·(|m₂| + K·s₂)));
+* ``"raw_extra"``: B > 0 adds the linear terms ``clip(x / c, ±B)`` as 21 more inputs (c is public
+  after stage 2, so no further release);
+* ``"weight_decay"``: L2 weight decay of the clients' SGD (torch's: on weights and biases);
+* ``"torch_init"``: ``true`` starts from carbonfed's initial model (torch's default init with the
+  run's seed), not zeros;
 * ``"tail"``: score the mean of the last ``tail`` global models instead of the final one;
 * ``"lr_schedule"``: ``"constant"`` (carbonfed's), ``"linear"`` (lr × (1 − 0.8·t)) or
   ``"cosine"`` (lr × (0.1 + 0.9·(1 + cos πt)/2)), t = round / rounds.
@@ -41,7 +47,7 @@ from data import split_countries
 from privacy.accountant import calibrate_noise
 from privacy.dp_sgd import planned_mechanism
 
-CLIP, UNIT, FLOOR, SDS = S.ASINH_CLIP, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS
+CLIP, UNIT, FLOOR, SDS, K = S.ASINH_CLIP, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS, S.ASINH_K
 SCHEDULES = {"constant": lambda t: 1.0, "linear": lambda t: 1 - 0.8 * t,
              "cosine": lambda t: 0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2}
 
@@ -60,10 +66,18 @@ def main():
         S.ASINH_UNIT = float(over.pop("asinh_unit", UNIT))
         S.ASINH_STD_FLOOR = float(over.pop("asinh_std_floor", FLOOR))
         S.ASINH_FLOOR_SDS = float(over.pop("asinh_floor_sds", SDS))
+        S.ASINH_K = float(over.pop("asinh_k", K))
         schedule = SCHEDULES[over.pop("lr_schedule", "constant")]
         stage_sigmas = over.pop("stage_sigmas", None)
         noise_free = set(over.pop("noise_free_stages", []))
         tail = int(over.pop("tail", 1))
+        wd = float(over.pop("weight_decay", 0.0))
+        init = None
+        raw_extra = float(over.pop("raw_extra", 0.0))
+        if over.pop("torch_init", False):   # carbonfed's initial model (torch default init, run seed)
+            from models.mlp import build_model
+            lin = build_model(x.shape[1] * (2 if raw_extra else 1), int(y.max()) + 1, (), int(over.get("seed", 0))).net[0]
+            init = np.concatenate([lin.weight.detach().numpy().T, lin.bias.detach().numpy()[None]], 0)
         cfg = replace(C.MAIN, **over)
         stage_sigmas = [float(s) for s in stage_sigmas] if stage_sigmas else [cfg.stats_sigma] * cfg.stats_releases
         drawn = [0.0 if k in noise_free else s for k, s in enumerate(stage_sigmas, 1)]
@@ -77,8 +91,8 @@ def main():
                 p = part if fold is None else split_countries(part.train, fold)
                 for seed in seeds:
                     rng = np.random.default_rng([seed, 0 if fold is None else fold + 1])
-                    z = C.dp_stats_features(cfg, x, y, country, p.train, rng, stage_sigmas=drawn)
-                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail)
+                    z = C.dp_stats_features(cfg, x, y, country, p.train, rng, stage_sigmas=drawn, raw_extra=raw_extra)
+                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail, wd, init)
                     a, f = C.score(z, y, w, np.isin(country, p.test))
                     accs.append(a)
                     f1s.append(f)
@@ -87,7 +101,7 @@ def main():
             out.append(f"{name} {accs.mean():.4f} ± {accs.std():.4f} (min {accs.min():.3f}), macro-F1 {f1s.mean():.3f}, log-loss {np.mean(losses):.4f}"
                        + (f", both thresholds {np.mean((accs >= 0.95) & (f1s >= 0.70)):.2f}" if fold is None else ""))
         print(f"{spec}: σ_s {'/'.join(f'{s:.2f}' for s in stage_sigmas)}, σ {sigma:.3f} | " + " | ".join(out), flush=True)
-    S.AsinhLayout.clip, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS = CLIP, UNIT, FLOOR, SDS
+    S.AsinhLayout.clip, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS, S.ASINH_K = CLIP, UNIT, FLOOR, SDS, K
 
 
 if __name__ == "__main__":
