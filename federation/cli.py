@@ -149,7 +149,7 @@ def _simulate(cfg: RunConfig, out: Path, verbose: bool, own_keys: bool) -> int:
     keys = cfg.keys_dir or None
     report = build_report(out, keys)
     # while the keys still exist: a run with its own keys cannot be decrypted later
-    page, statement, audit = _audit_pages(out, report)
+    page, statement, audit = _audit_pages(out, report, keys)
     if own_keys and keys:
         shutil.rmtree(Path(keys).parent, ignore_errors=True)   # the private temp dir made for them
     if cfg.state_dir and Path(cfg.state_dir) == out / CLIENT_STATE:
@@ -162,11 +162,11 @@ def _simulate(cfg: RunConfig, out: Path, verbose: bool, own_keys: bool) -> int:
     return 0 if audit.ok else 1
 
 
-def _audit_pages(out: Path, report: dict):
+def _audit_pages(out: Path, report: dict, keys: str | None):
     from federation.html_report import write_all
     from privacy.verify import verify_run
 
-    audit = verify_run(out)
+    audit = verify_run(out, keys_dir=keys)
     page, statement = write_all(out, report, audit)
     return page, statement, audit
 

@@ -52,6 +52,7 @@ from federation.durable import atomic_write
 from federation.participant import BudgetExceeded, Participant, released_flag, stage_key
 from federation.strategy import bytes_record, record_bytes
 from privacy.secure_sum import PlainCipher
+from privacy.attest import attestation_key
 from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
 
 STATE_KEY = "carbonfed"
@@ -68,9 +69,10 @@ def _dataset(name: str, data_dir: str):
 
 @functools.lru_cache(maxsize=4)
 def _secret_context(path: str):
-    """The key holders' context and its public-key fingerprint (which costs a key serialisation)."""
+    """The key holders' context, its public-key fingerprint (which costs a key serialisation) and
+    the key of the client's ledger attestations."""
     ctx = load_secret_context(path)
-    return ctx, key_fingerprint(ctx)
+    return ctx, key_fingerprint(ctx), attestation_key(path)
 
 
 # -- state: context.state, and a file that survives restarts ------------------------------------
@@ -145,18 +147,18 @@ def _participant(context: Context) -> Participant:
         country = part.country_of(pid)
     else:
         raise ValueError("node config needs 'country' (deployment) or 'partition-id' (simulation)")
-    ctx, fingerprint = None, ""
+    ctx, fingerprint, attest_key = None, "", b""
     if cfg.he:
         secret = node.get("secret-context") or (str(Path(cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.keys_dir else "")
         if not secret:
             raise ValueError("HE is on but neither node config 'secret-context' nor run config 'keys-dir' is set")
-        ctx, fingerprint = _secret_context(str(secret))
+        ctx, fingerprint, attest_key = _secret_context(str(secret))
     path = None
     state_dir = node.get("state-dir") or cfg.state_dir
     if state_dir:
         path = state_file(str(state_dir), country, cfg)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Participant(cfg, ds, part, country, ctx, _load_state(context, path), fingerprint)
+    return Participant(cfg, ds, part, country, ctx, _load_state(context, path), fingerprint, attest_key)
 
 
 def _save_state(context: Context, p: Participant) -> None:
@@ -243,7 +245,7 @@ def setup(msg: Message, context: Context) -> Message:
         return _reply(msg, context, p, meta, {"stats": bytes_record(stats, _stype(p))})
     out = p.setup()
     meta = {"role": out["role"], "country": out["country"], "fingerprint": out["fingerprint"],
-            "facts": _release_facts(p, out)}
+            **p.attested("stats", 1, 0, _release_facts(p, out))}
     arrays = {}
     if out["stats"] is not None:
         _remember(p, "setup", key, meta, out["stats"])
@@ -251,12 +253,12 @@ def setup(msg: Message, context: Context) -> Message:
     return _reply(msg, context, p, meta, arrays)
 
 
-def _release_facts(p: Participant, out: dict) -> str:
+def _release_facts(p: Participant, out: dict) -> dict:
     """Ledger facts of a statistics release: σ, the accountant history and ε after it."""
     dp = p.cfg.dp and out.get("noise_multiplier") is not None
-    return json.dumps({"noise_multiplier": out.get("noise_multiplier"),
-                       "history": p.accountant.history if dp else [],
-                       "epsilon": p.accountant.epsilon(p.cfg.delta) if dp else None})
+    return {"noise_multiplier": out.get("noise_multiplier"),
+            "history": p.accountant.history if dp else [],
+            "epsilon": p.accountant.epsilon(p.cfg.delta) if dp else None}
 
 
 @app.query("refine")
@@ -273,7 +275,8 @@ def refine(msg: Message, context: Context) -> Message:
         meta, data = cached
         return _reply(msg, context, p, meta, {name: bytes_record(data, _stype(p))})
     out = p.refine(stats)
-    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint, "facts": _release_facts(p, out)}
+    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint,
+            **p.attested("stats", len(stats) + 1, 0, _release_facts(p, out))}
     _remember(p, kind, key, meta, out[name])
     return _reply(msg, context, p, meta, {name: bytes_record(out[name], _stype(p))})
 
@@ -309,11 +312,11 @@ def train(msg: Message, context: Context) -> Message:
         _save_state(context, p)
         facts = {"epsilon": p.accountant.epsilon(p.cfg.delta), "history": p.accountant.history}
         return _reply(msg, context, p, {"status": "refused", "reason": str(exc), "fingerprint": p.fingerprint,
-                                        "facts": json.dumps(facts)}, {})
+                                        **p.attested("train", None, rnd, facts)}, {})
     finally:
         _save_state(context, p)   # a spend charged before a failure is kept (the error reply follows)
     facts = {**out["facts"], "history": p.accountant.history if p.cfg.dp else []}
-    meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": json.dumps(facts)}
+    meta = {"status": "ok", "fingerprint": p.fingerprint, **p.attested("train", None, rnd, facts)}
     _remember(p, "train", key, meta, out["update"])
     return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
 

@@ -16,7 +16,8 @@
 
 It follows the run through the ledger (one line per round) and ``flwr ls``, then stops every
 process it started (also on Ctrl-C, SIGTERM or an error) and, as the key holder, builds
-``report.json`` exactly as after a simulation.
+``report.json``, ``report.html`` and ``privacy_statement.md`` exactly as after a simulation,
+the audit checking the clients' ledger attestations with the key holders' context.
 
 Guarantees
 ----------
@@ -591,7 +592,9 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
     address, the CA file and the server's keys folder), ``"killed"``, ``"restarted-server"``
     and ``"restarted-client"``."""
     from data import resolve_data_dir
+    from federation.html_report import write_all
     from federation.report import build_report
+    from privacy.verify import verify_run
 
     out = Path(out_dir).resolve()
     if (out / "ledger.jsonl").exists():
@@ -677,8 +680,11 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
         _show_rounds(_round_lines(ledger), seen)
         _say(f"run {run_id} finished, {time.time() - t_start:.1f}s after start; stopping every process")
         dep.procs.close()
-        build_report(out, dep.secret / "clients" if cfg.he else None)
-    _say(f"report: {out / 'report.json'}")
+        keys = dep.secret / "clients" if cfg.he else None
+        # while the keys exist: the report decrypts with them and the audit checks the attestations
+        audit = verify_run(out, keys_dir=keys)
+        write_all(out, build_report(out, keys), audit)
+    _say(f"report: {out / 'report.json'}; audit {'passed' if audit.ok else 'FAILED: ' + '; '.join(audit.problems)}")
     return out
 
 

@@ -165,6 +165,7 @@ def render_html(facts: dict) -> str:
     if ok:
         banner = ('<div class="banner ok" id="verify-status">Audit passed: ledger chain intact'
                   + (", every ε re-accounted with dp-accounting PLD, every client within budget" if cfg.dp else "")
+                  + (", every client fact attested by its client" if v.get("attestations_checked") is not None else "")
                   + ".</div>")
     else:
         probs = "".join(f"<li>{html.escape(p)}</li>" for p in v.get("problems", [])) or "<li>(no detail)</li>"
@@ -246,7 +247,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as exc:
         print(f"carbonfed report: error: {exc}", file=sys.stderr)
         return 2
-    res = verify_run(args.dir)
+    config = json.loads((Path(args.dir) / "server.json").read_text()).get("config", {})
+    keys = args.keys or config.get("keys-dir") or None
+    res = verify_run(args.dir, keys_dir=keys if config.get("privacy") in ("he", "dp+he") else None)
     page, stmt = write_all(args.dir, report, res, baseline)
     run = Path(args.dir)
     print(f"report.json:          {run / 'report.json'}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,8 @@ from federation.faults import corrupt, nan_params, parse_drill
 from models.mlp import build_model
 from models.params import flatten_params, load_flat_params, num_params
 from privacy.accountant import ClientAccountant, calibrate_noise
+from privacy.attest import FIELD as ATTESTATION
+from privacy.attest import attest, attestation_key
 from privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
 from privacy.fixed_point import FixedPointCodec
 from privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
@@ -118,12 +121,14 @@ class Participant:
     ctx: object = None            # secret TenSEAL context (HE on) or None
     state: dict = field(default_factory=dict)
     fingerprint: str = ""         # of ``ctx``'s public key; computed here unless the caller has it
+    attest_key: bytes = b""       # of the client's ledger attestations (privacy.attest); none without HE
 
     def __post_init__(self):
         self.role = self.partition.role(self.country)
         self.fault = parse_drill(self.cfg.fault_drill).get(self.country, "")
         if self.fault == "foreign-key" and self.cfg.he:
             self.ctx, self.fingerprint = new_secret_context(), ""
+            self.attest_key = attestation_key(self.ctx.serialize(save_secret_key=True))
         self.x, self.y = self.dataset.client_arrays(self.country)
         self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
         if not self.cfg.he:
@@ -135,6 +140,15 @@ class Participant:
                              f"{self.cfg.max_client_samples}: raise that public bound for this federation")
         self.settings = TrainSettings(lr=self.cfg.lr, momentum=self.cfg.momentum, local_epochs=self.cfg.local_epochs,
                                       batches_per_epoch=self.cfg.batches_per_epoch, max_grad_norm=self.cfg.max_grad_norm)
+
+    def attested(self, kind: str, stage: int | None, rnd: int, facts: dict) -> dict:
+        """Reply metadata for ledger ``facts``: the facts as JSON and, where this client holds the
+        key holders' secret context, its attestation of the ledger line they should make
+        (``kind`` stats or train, ``stage`` 1–3 or None, round ``rnd``; :mod:`privacy.attest`)."""
+        meta = {"facts": json.dumps(facts)}
+        if self.attest_key:
+            meta[ATTESTATION] = attest(self.attest_key, self.country, kind, stage, rnd, self.cfg.digest(), facts)
+        return meta
 
     # -- privacy state ---------------------------------------------------------------------
     @property

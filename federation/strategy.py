@@ -47,6 +47,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from federation.config import RunConfig
 from federation.durable import atomic_write
 from federation.participant import stage_key
+from privacy.attest import FIELD as ATTESTATION
+from privacy.attest import reported_facts
 from privacy.he import CiphertextError
 from privacy.ledger import Ledger, read_ledger
 from privacy.secure_sum import SecureSum
@@ -481,15 +483,17 @@ class EncryptedFedAvg(Strategy):
                 "model_terms": self.state.model_terms}
 
 
-LEDGER_FACTS = ("epsilon", "epsilon_before", "noise_multiplier", "sample_rate", "steps", "total_steps",
-                "history", "clipped_params")
-
-
 def _facts(meta: dict, base: dict) -> dict:
     """The privacy facts a client reports, restricted to known keys (a client cannot overwrite
-    the server's own fields such as kind, round or status)."""
+    the server's own fields such as kind, round or status), with the client's attestation of
+    them (:mod:`privacy.attest`) when it sent one."""
     try:
         facts = json.loads(meta.get("facts", "{}"))
     except (TypeError, ValueError):
         return {}
-    return {k: facts[k] for k in LEDGER_FACTS if k in facts and k not in base} if isinstance(facts, dict) else {}
+    if not isinstance(facts, dict):
+        return {}
+    out = {k: v for k, v in reported_facts(facts).items() if k not in base}
+    if isinstance(meta.get(ATTESTATION), str):
+        out[ATTESTATION] = meta[ATTESTATION]
+    return out

@@ -55,6 +55,8 @@ _FIELD_TEXT = {
     "history": "the client's full accountant history: one [σ, q, steps] per mechanism",
     "clipped_params": "number of this client's model parameters the fixed-point codec clipped to "
                       "±param-clip: a plaintext statistic of its individual update",
+    "attestation": "the client's HMAC of this line's facts under a key the server does not hold "
+                   "(privacy/attest.py): a function of the facts above, revealing nothing more",
 }
 
 
@@ -411,7 +413,13 @@ def _accounting(f: dict) -> Section:
         f"estimate, value discretisation {_g(v.get('value_discretization_interval'))}), which shares no code with "
         f"Opacus. Recomputed ε_max = {_f4(v.get('epsilon_max_recomputed'))} vs claimed "
         f"{_f4(v.get('epsilon_max_claimed'))}; budget ε = {_g(v.get('epsilon_budget'))}. "
-        f"Result: **{'passed' if v.get('ok') else 'FAILED'}**.")
+        + (f"Client attestations (`privacy/attest.py`): the {v['attestations_checked']} ledger lines of client facts "
+           "each carry the client's HMAC under a key derived from the key holders' secret context, which the server "
+           "does not hold, and each matches: the server wrote what the clients sent. "
+           if v.get("attestations_checked") is not None else
+           "Client attestations were not checked (no HE, or the audit ran without the secret context): the ledger's "
+           "client facts rest on the server's hash chain alone. ")
+        + f"Result: **{'passed' if v.get('ok') else 'FAILED'}**.")
     if v.get("problems"):
         s.blocks.append("Problems found by the audit:")
         s.blocks.append([p.replace("`", "'") for p in v["problems"]])

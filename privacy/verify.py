@@ -17,12 +17,18 @@ What it checks, for ``DIR/ledger.jsonl`` (and ``DIR/server.json`` when present):
 4. **Round lines.** Each ``round`` line's ``accepted``/``rejected`` counts and ``epsilon_max``
    match the train lines of that round, and ``server.json["rounds_completed"]`` rounds all have
    their summary line (a hash chain alone cannot show that its tail was cut off).
+5. **Attestations** (with ``--keys DIR``, the key holders' secret context). Every ``stats`` and
+   ``train`` line that carries client facts carries the client's HMAC of them
+   (:mod:`privacy.attest`), and it matches the line's country, kind, stage, round, facts and the
+   run config's digest: the server, which holds no secret context, wrote what the clients sent.
 
 Limits (see ``threat_model.md``): the ledger is written by the server from facts the clients
 report. The chain detects editing, deleting, inserting or reordering lines after they were
 written, but not a ledger rewritten from scratch by its writer (the hash chain is not signed or
-anchored outside the server), and re-accounting checks that a client's *claims* are consistent
-with its *reported* mechanisms, not that it ran them.
+anchored outside the server); the attestations (HE runs, checked with the keys) detect a
+rewritten or invented client fact, not a dropped line or a forgery by a key holder (all clients
+share one key). Re-accounting checks that a client's *claims* are consistent with its
+*reported* mechanisms, not that it ran them.
 
 Accuracy: with ``value_discretization_interval=1e-3`` the PLD ε (pessimistic estimate) is
 within about 1.1% of Opacus's PRV ε on this project's mechanisms, always slightly below it
@@ -74,6 +80,7 @@ class VerifyResult:
     accountant: str = ACCOUNTANT_NAME
     accountant_version: str = field(default_factory=accountant_version)
     value_discretization_interval: float = VALUE_DISCRETIZATION_INTERVAL
+    attestations_checked: int | None = None   # lines whose client attestation matched; None: not checked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,8 +185,9 @@ def _effective_lines(records: list[dict]) -> list[tuple[int, dict]]:
 
 
 def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None = None,
-               rel_tol: float = 0.05) -> VerifyResult:
-    """Audit ``run_dir/ledger.jsonl`` (``run_dir`` may also be the ledger file itself)."""
+               rel_tol: float = 0.05, keys_dir=None) -> VerifyResult:
+    """Audit ``run_dir/ledger.jsonl`` (``run_dir`` may also be the ledger file itself); with
+    ``keys_dir`` (holding the key holders' ``secret.ctx``), check the clients' attestations too."""
     run = Path(run_dir)
     path = _ledger_path(run)
     res = VerifyResult(ok=False)
@@ -361,6 +369,8 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
                 problems.append(f"line {n} (round {rnd} summary): epsilon_max={rec['epsilon_max']} but the "
                                 f"largest ε on that round's train lines is {want}")
 
+    _check_attestations(records, config, keys_dir, res)
+
     # A hash chain cannot show that its tail was cut off; server.json's round count can.
     completed = server.get("rounds_completed")
     if isinstance(completed, int) and not isinstance(completed, bool):
@@ -372,6 +382,50 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
 
     res.ok = not problems
     return res
+
+
+def _check_attestations(records: list[dict], config: dict, keys_dir, res: VerifyResult) -> None:
+    """5. Every line that carries client facts carries the client's attestation of it
+    (:mod:`privacy.attest`), checked with the key holders' secret context in ``keys_dir``."""
+    from privacy.attest import FIELD, LEDGER_FACTS, check_line
+
+    facts = [(n, rec) for n, rec in enumerate(records, 1)
+             if rec.get("kind") in ("stats", "train") and any(k in rec for k in LEDGER_FACTS)]
+    signed = sum(1 for _, rec in facts if FIELD in rec)
+    he_run = str(config.get("privacy", "")) in ("he", "dp+he")
+    if keys_dir is None:
+        if signed:
+            res.notes.append(f"{signed} client attestation(s) not checked: give the key holders' secret "
+                             "context (--keys DIR) to check that the server wrote what the clients sent")
+        return
+    if config and not he_run:
+        res.notes.append("a run without HE: its clients hold no key and attest nothing")
+        return
+    from privacy.he import SECRET_CONTEXT_FILE
+    from privacy.attest import attestation_key
+
+    path = Path(keys_dir) / SECRET_CONTEXT_FILE
+    if not path.is_file():
+        res.problems.append(f"attestations: no secret context at {path}")
+        return
+    if not config:
+        res.problems.append("attestations: server.json holds no run config, and attestations cover its digest")
+        return
+    from federation.config import RunConfig
+
+    try:
+        digest = RunConfig.from_flower(config).digest()
+    except ValueError as exc:
+        res.problems.append(f"attestations: server.json's config is not a valid run config: {exc}")
+        return
+    key = attestation_key(path)
+    bad = 0
+    for n, rec in facts:
+        why = check_line(key, rec, digest)
+        if why:
+            bad += 1
+            res.problems.append(f"line {n} ({rec.get('country')}, {rec.get('kind')} round {rec.get('round')}): {why}")
+    res.attestations_checked = len(facts) - bad
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -393,10 +447,13 @@ def summary_text(res: VerifyResult, run_dir) -> str:
     for (cl, rc), names in sorted(groups.items(), key=lambda kv: -(kv[0][1] or 0)):
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         out.append(f"  claimed {_fmt(cl)}  recomputed {_fmt(rc)}  {len(names)} client(s): {shown}")
+    if res.attestations_checked is not None:
+        out.append(f"client attestations: {res.attestations_checked} line(s) match what the clients sent")
     out += [f"note: {n}" for n in res.notes]
     if res.ok and res.per_client:
         out.append("OK: chain intact, every claim re-accounted"
-                   + (", every client within budget" if res.epsilon_budget is not None else ""))
+                   + (", every client within budget" if res.epsilon_budget is not None else "")
+                   + (", every client fact attested" if res.attestations_checked is not None else ""))
     elif res.ok:
         out.append("OK: chain intact (no DP claims to re-account)")
     else:
@@ -413,9 +470,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epsilon", type=float, default=None, help="ε budget (default: server.json config)")
     ap.add_argument("--delta", type=float, default=None, help="δ (default: the ledger's / server.json's)")
     ap.add_argument("--rel-tol", type=float, default=0.05, help="allowed relative gap claimed vs recomputed ε")
+    ap.add_argument("--keys", default=None, metavar="DIR",
+                    help="folder with the key holders' secret.ctx: also check the clients' attestations")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
-    res = verify_run(args.run_dir, epsilon_budget=args.epsilon, delta=args.delta, rel_tol=args.rel_tol)
+    res = verify_run(args.run_dir, epsilon_budget=args.epsilon, delta=args.delta, rel_tol=args.rel_tol,
+                     keys_dir=args.keys)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:

@@ -135,6 +135,9 @@ def test_server_resumes_from_checkpoint(faulty_run):
     ck = json.loads((out / "checkpoint.json").read_text())
     assert ck["round"] == ROUNDS and ck["ledger"]["last_hash"] == lines[-1]["hash"]
     assert events["restarted-server"]["run_id"] != events["restarted-server"]["old_run"]
+    # the audit, with the key holders' context before it was deleted: every client fact is the
+    # client's own (attested), across the restart
+    assert "every client fact attested by its client" in (out / "report.html").read_text()
 
 
 # -- (c) a SuperNode whose key is not registered ------------------------------------------------

@@ -1,6 +1,7 @@
 """End to end through Flower's simulation engine (Ray), on the real seed data, real TenSEAL/Opacus."""
 
 import json
+import shutil
 
 import dp_accounting as dpa
 import numpy as np
@@ -147,6 +148,44 @@ def test_bad_clients_rejected_without_failing_the_round(dphe):
         assert "NaN" in by[("Angola", "train", rnd)]["reason"]
     for h in rep["history"]:
         assert h["accepted"] == 131 - 4 and h["accuracy"] is not None   # the round went on with the rest
+
+
+def test_ledger_facts_are_attested_by_the_clients(dphe, keys_dir, tmp_path):
+    """Every ledger line of client facts carries its client's HMAC (privacy.attest), and with the
+    secret context the audit checks them all. A server that rewrites its ledger from scratch (a
+    fresh, valid hash chain) with an understated ε, or with two clients'
+    lines swapped, passes the audit without the keys and fails it with them, naming those lines."""
+    from privacy.attest import FIELD, LEDGER_FACTS
+    from privacy.ledger import Ledger
+    from privacy.verify import verify_run
+
+    cfg, _ = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    facts = [l for l in ledger if l["kind"] in ("stats", "train") and any(k in l for k in LEDGER_FACTS)]
+    # 130 clients × 3 statistics stages; per round, 129 train replies with facts (Angola's NaN
+    # update is a client error, which carries none)
+    assert len(facts) == 130 * 3 + 2 * 129 and all(FIELD in l for l in facts)
+    res = verify_run(cfg.out_dir, keys_dir=keys_dir)
+    assert res.ok, res.problems
+    assert res.attestations_checked == len(facts)
+    assert "attestation(s) not checked" in " ".join(verify_run(cfg.out_dir).notes)
+
+    lines = [{k: v for k, v in l.items() if k not in ("seq", "prev_hash", "hash")} for l in ledger]
+    at = {(l["country"], l["kind"], l["round"]): n for n, l in enumerate(lines, 1) if l.get("country")}
+    edited, belgium, belarus = at[("Bahrain", "train", 2)], at[("Belgium", "train", 1)], at[("Belarus", "train", 1)]
+    lines[edited - 1]["epsilon"] *= 0.99         # understated, within re-accounting's tolerance
+    lines[belgium - 1]["country"], lines[belarus - 1]["country"] = "Belarus", "Belgium"
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    shutil.copy(f"{cfg.out_dir}/server.json", forged / "server.json")
+    rewritten = Ledger(forged / "ledger.jsonl")
+    for line in lines:
+        rewritten.append(line)
+    assert verify_run(forged).ok, verify_run(forged).problems        # the chain alone cannot tell
+    res = verify_run(forged, keys_dir=keys_dir)
+    assert not res.ok and res.attestations_checked == len(facts) - 3
+    assert [int(p.split()[1]) for p in res.problems] == sorted([edited, belgium, belarus])
+    assert all("attestation does not match" in p for p in res.problems)
 
 
 def test_he_equals_plaintext(tmp_path, keys_dir):

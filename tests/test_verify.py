@@ -302,3 +302,18 @@ def test_resumed_run_with_superseded_lines_verifies(tmp_path, sigmas):
     led.append(round_line(2, lines))
     res = verify_run(run)
     assert res.ok, res.problems
+
+
+# -- what the server copies from a client's reply ------------------------------------------------
+
+def test_server_copies_only_whitelisted_facts_and_the_attestation():
+    """A client's reply cannot set the server's own ledger fields (kind, round, status, country)
+    nor add unknown ones; its attestation travels beside the facts."""
+    from federation.strategy import _facts
+
+    meta = {"facts": json.dumps({"kind": "stats", "round": 9, "status": "accepted", "country": "X", "extra": 1,
+                                 "epsilon": 0.7, "history": [[4.0, 1.0, 1]]}),
+            "attestation": "ab" * 32}
+    base = {"kind": "train", "round": 3, "country": "Atlantis"}
+    assert _facts(meta, base) == {"epsilon": 0.7, "history": [[4.0, 1.0, 1]], "attestation": "ab" * 32}
+    assert _facts({"facts": "not json"}, base) == {} and _facts({"facts": "[1, 2]"}, base) == {}
