@@ -51,9 +51,9 @@ from federation.config import RunConfig
 from federation.durable import atomic_write
 from federation.participant import BudgetExceeded, Participant, released_flag, stage_key
 from federation.strategy import bytes_record, record_bytes
-from privacy.secure_sum import PlainCipher
 from privacy.attest import attestation_key
 from privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
+from privacy.secure_sum import PlainCipher
 
 STATE_KEY = "carbonfed"
 

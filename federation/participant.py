@@ -16,6 +16,8 @@ Guarantees
 * Each statistics release (stage 1 at the setup; stages 2 and 3, :meth:`Participant.refine`, in
   DP runs with more stages) happens at most once per run per client, and is charged before it is made.
 * Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
+* With HE on, every reply that carries ledger facts carries the client's attestation of the
+  ledger line they should make (:meth:`Participant.attested`, :mod:`privacy.attest`).
 """
 
 from __future__ import annotations
