@@ -418,6 +418,11 @@ def _check_attestations(records: list[dict], config: dict, keys_dir, res: Verify
     except ValueError as exc:
         res.problems.append(f"attestations: server.json's config is not a valid run config: {exc}")
         return
+    if facts and not signed:
+        res.problems.append(f"attestations: none of the {len(facts)} ledger lines of client facts carries a client "
+                            "attestation, in a run with HE: a ledger written before carbonfed recorded them, or "
+                            "one stripped of them; its client facts rest on the hash chain alone")
+        return
     key = attestation_key(path)
     bad = 0
     for n, rec in facts:

@@ -186,6 +186,15 @@ def test_ledger_facts_are_attested_by_the_clients(dphe, keys_dir, tmp_path):
     assert not res.ok and res.attestations_checked == len(facts) - 3
     assert [int(p.split()[1]) for p in res.problems] == sorted([edited, belgium, belarus])
     assert all("attestation does not match" in p for p in res.problems)
+    # a ledger stripped of every attestation (or older than them) is one problem, stated as such
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    shutil.copy(f"{cfg.out_dir}/server.json", stripped / "server.json")
+    bare = Ledger(stripped / "ledger.jsonl")
+    for line in ledger:
+        bare.append({k: v for k, v in line.items() if k not in ("seq", "prev_hash", "hash", FIELD)})
+    res = verify_run(stripped, keys_dir=keys_dir)
+    assert not res.ok and len(res.problems) == 1 and f"none of the {len(facts)} ledger lines" in res.problems[0]
 
 
 def test_he_equals_plaintext(tmp_path, keys_dir):
