@@ -387,7 +387,8 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
 def _check_attestations(records: list[dict], config: dict, keys_dir, res: VerifyResult) -> None:
     """5. Every line that carries client facts carries the client's attestation of it
     (:mod:`privacy.attest`), checked with the key holders' secret context in ``keys_dir``."""
-    from privacy.attest import FIELD, LEDGER_FACTS, check_line
+    from privacy.attest import FIELD, LEDGER_FACTS, attestation_key, check_line
+    from privacy.he import SECRET_CONTEXT_FILE
 
     facts = [(n, rec) for n, rec in enumerate(records, 1)
              if rec.get("kind") in ("stats", "train") and any(k in rec for k in LEDGER_FACTS)]
@@ -401,9 +402,6 @@ def _check_attestations(records: list[dict], config: dict, keys_dir, res: Verify
     if config and not he_run:
         res.notes.append("a run without HE: its clients hold no key and attest nothing")
         return
-    from privacy.he import SECRET_CONTEXT_FILE
-    from privacy.attest import attestation_key
-
     path = Path(keys_dir) / SECRET_CONTEXT_FILE
     if not path.is_file():
         res.problems.append(f"attestations: no secret context at {path}")
