@@ -45,12 +45,13 @@ def nearest_mean(z_fit, y_fit, z):
     return np.argmin(((z[:, None, :] - mu[None]) ** 2).sum(-1), 1)
 
 
-def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=None, raw_extra=0.0):
+def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=None, raw_extra=0.0, counts=False):
     """carbonfed's statistics releases for ``cfg`` (per-client Gaussian noise, summed; none
     without ``noise``: the same estimator on exact sums), then its scaler's inputs.
     ``stage_sigmas``: one noise multiplier per stage instead of the run's σ_s; ``raw_extra`` B > 0
     (stage 3 only): the model also gets the linear terms ``clip(x / c, ±B)`` (c public after
-    stage 2; no further release), not carbonfed's features."""
+    stage 2; no further release), not carbonfed's features. ``counts``: also return the released
+    (noisy, clipped at 1) class counts of stage 1, as ``(features, counts)``."""
     k = int(y.max()) + 1
     stages = Layouts.for_run(cfg, x.shape[1], k).stages
     sigmas = stage_sigmas or [lay.noise_multiplier for lay in stages]
@@ -65,7 +66,16 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
     z = scaler.apply(x).astype(np.float64)
     if raw_extra:
         z = np.concatenate([z, np.clip(x / scaler.scale, -raw_extra, raw_extra)], 1)
-    return z
+    return (z, scaler.class_counts) if counts else z
+
+
+def prior_init(n_inputs, class_counts):
+    """carbonfed's initial model for the twin: zero weights, the bias at the centred log class
+    frequencies of ``class_counts`` (``models.mlp.build_model`` with ``class_counts``)."""
+    log_freq = np.log(np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0))
+    w = np.zeros((n_inputs + 1, len(log_freq)))
+    w[-1] = log_freq - log_freq.mean()
+    return w
 
 
 def settings(cfg):
@@ -172,10 +182,10 @@ def main():
                 for seed in seeds:
                     rng = np.random.default_rng([seed, 0 if fold is None else fold + 1])
                     if cfg is None:
-                        z = (x - x[trm].mean(0)) / x[trm].std(0)
+                        z, counts = (x - x[trm].mean(0)) / x[trm].std(0), np.bincount(y[trm], minlength=5)
                     else:
-                        z = dp_stats_features(cfg, x, y, country, p.train, rng)
-                    w = dp_fedavg(run_cfg, z, y, country, p.train, rng, sigma)
+                        z, counts = dp_stats_features(cfg, x, y, country, p.train, rng, counts=True)
+                    w = dp_fedavg(run_cfg, z, y, country, p.train, rng, sigma, init=prior_init(z.shape[1], counts))
                     a, f = score(z, y, w, tem)
                     accs.append(a)
                     f1s.append(f)

@@ -18,8 +18,10 @@ Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys
 * ``"raw_extra"``: B > 0 adds the linear terms ``clip(x / c, ±B)`` as 21 more inputs (c is public
   after stage 2, so no further release);
 * ``"weight_decay"``: L2 weight decay of the clients' SGD (torch's: on weights and biases);
-* ``"torch_init"``: ``true`` starts from carbonfed's initial model (torch's default init with the
-  run's seed), not zeros;
+* ``"torch_init"``: ``true`` starts from torch's default init with the run's seed (carbonfed's
+  weights), not zero weights;
+* ``"prior_bias"``: ``false`` starts the bias at 0 instead of carbonfed's centred log class
+  frequencies of the released stage-1 counts;
 * ``"tail"``: score the mean of the last ``tail`` global models instead of the final one;
 * ``"lr_schedule"``: ``"constant"`` (carbonfed's), ``"linear"`` (lr × (1 − 0.8·t)) or
   ``"cosine"`` (lr × (0.1 + 0.9·(1 + cos πt)/2)), t = round / rounds.
@@ -74,6 +76,7 @@ def main():
         wd = float(over.pop("weight_decay", 0.0))
         init = None
         raw_extra = float(over.pop("raw_extra", 0.0))
+        prior = bool(over.pop("prior_bias", True))
         if over.pop("torch_init", False):   # carbonfed's initial model (torch default init, run seed)
             from models.mlp import build_model
             lin = build_model(x.shape[1] * (2 if raw_extra else 1), int(y.max()) + 1, (), int(over.get("seed", 0))).net[0]
@@ -91,8 +94,13 @@ def main():
                 p = part if fold is None else split_countries(part.train, fold)
                 for seed in seeds:
                     rng = np.random.default_rng([seed, 0 if fold is None else fold + 1])
-                    z = C.dp_stats_features(cfg, x, y, country, p.train, rng, stage_sigmas=drawn, raw_extra=raw_extra)
-                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail, wd, init)
+                    z, counts = C.dp_stats_features(cfg, x, y, country, p.train, rng, stage_sigmas=drawn,
+                                                    raw_extra=raw_extra, counts=True)
+                    start = C.prior_init(z.shape[1], counts) if prior else np.zeros((z.shape[1] + 1, len(counts)))
+                    if init is not None:
+                        start[:-1] = init[:-1]
+                        start[-1] = start[-1] if prior else init[-1]
+                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail, wd, start)
                     a, f = C.score(z, y, w, np.isin(country, p.test))
                     accs.append(a)
                     f1s.append(f)

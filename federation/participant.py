@@ -225,8 +225,11 @@ class Participant:
         self.state[released_flag(stage)] = True
         return {stage_key(stage): data, "noise_multiplier": self.noise_multiplier()}
 
-    def _global_model(self, model_bytes: bytes | None, model_terms: int):
-        model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed)
+    def _global_model(self, model_bytes: bytes | None, model_terms: int, scaler):
+        """The decrypted global model, or before round 1 the public initial model: the run's seed,
+        the output bias at the log class frequencies that statistics stage 1 released."""
+        model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed,
+                            class_counts=scaler.class_counts)
         if model_bytes is not None:
             vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
             params, _ = self.layouts.update.unpack_sum(vec, model_terms)
@@ -283,7 +286,7 @@ class Participant:
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)
         scaler = self._scaler(stats)
-        model = self._global_model(model_bytes, model_terms)
+        model = self._global_model(model_bytes, model_terms, scaler)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
                               self.noise_source("train", self.country, server_round))
@@ -315,7 +318,7 @@ class Participant:
         torch.set_num_threads(1)
         self._check_terms(model_terms if model_bytes is not None else None, stats)
         scaler = self._scaler(stats)
-        model = self._global_model(model_bytes, model_terms).eval()
+        model = self._global_model(model_bytes, model_terms, scaler).eval()
         with torch.no_grad():
             pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()
         k = len(self.dataset.classes)

@@ -106,7 +106,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                     "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
         final = {"path": str(run / "model.pt"), "samples": total,
                  "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
-                 "parameters": num_params(model)}
+                 "parameters": num_params(model),
+                 "initial_model": "torch's initialisation for the run's seed, output bias at the centred log class "
+                                  "frequencies of the statistics release (stage 1 counts)"}
 
     # Privacy, from the ledger: each client's last reported state.
     last: dict[str, dict] = {}

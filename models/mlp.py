@@ -35,11 +35,20 @@ def describe(n_features: int, n_classes: int, hidden: Sequence[int]) -> str:
     return f"MLP {shape} (ReLU)" if hidden else f"linear {shape} (multinomial logistic regression)"
 
 
-def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16), seed: int = 0) -> EmissionMLP:
-    """A freshly initialised model; identical for identical arguments."""
+def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16), seed: int = 0,
+                class_counts: Sequence[float] | None = None) -> EmissionMLP:
+    """A freshly initialised model; identical for identical arguments. With ``class_counts``
+    (the federation's released counts per class), the output layer's bias starts at the centred
+    log class frequencies, so the untrained model predicts the class prior rather than uniform
+    classes; the weights keep torch's initialisation."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return EmissionMLP(n_features, n_classes, hidden)
+        model = EmissionMLP(n_features, n_classes, hidden)
     finally:
         torch.random.set_rng_state(gen_state)
+    if class_counts is not None:
+        log_freq = torch.log(torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1.0))
+        with torch.no_grad():
+            model.net[-1].bias.copy_((log_freq - log_freq.mean()).to(torch.float32))
+    return model

@@ -353,3 +353,29 @@ def test_client_noise_is_secret_unless_the_run_asks_for_reproducible_noise(seed_
                 RunConfig(privacy="none", rounds=2, min_train_clients=1)):
         (s1, u1), (s2, u2) = twice(cfg)
         assert s1 == s2 and u1 == u2
+
+
+def test_initial_model_starts_at_the_released_class_prior(seed_data):
+    """Before round 1 every client starts from the same public model: torch's weights for the
+    run's seed and the output bias at the centred log class frequencies of the released counts,
+    so its predicted class probabilities at zero input are the class prior."""
+    from data.standardize import Standardizer
+
+    part = split_countries(seed_data.countries())
+    x, y = seed_data.all_arrays(part.train)
+    counts = np.bincount(y, minlength=5).astype(np.float64)
+    for hidden in ((), (32, 16)):
+        plain, prior = build_model(21, 5, hidden, 0), build_model(21, 5, hidden, 0, class_counts=counts)
+        assert np.array_equal(flatten_params(plain)[:-5], flatten_params(prior)[:-5])   # weights untouched
+        bias = prior.net[-1].bias.detach().double()
+        assert torch.softmax(bias, 0).numpy() == pytest.approx(counts / counts.sum(), rel=1e-5)
+        assert float(bias.sum()) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():      # the linear model at the scaler's mean row predicts the prior
+        linear = build_model(21, 5, (), 0, class_counts=counts)
+        assert torch.softmax(linear(torch.zeros(1, 21)), 1)[0].numpy() == pytest.approx(counts / counts.sum(), rel=1e-5)
+    # a participant's round-1 model is exactly that, from its scaler's released counts
+    scaler = Standardizer.exact(x, y, 5)
+    p = Participant(RunConfig(privacy="none", hidden="linear"), seed_data, part, part.train[0])
+    start = p._global_model(None, 0, scaler)
+    assert np.array_equal(flatten_params(start), flatten_params(build_model(21, 5, (), 0, class_counts=scaler.class_counts)))
+    assert int(start(torch.zeros(1, 21)).argmax()) == int(np.argmax(counts)) == 0
