@@ -97,9 +97,8 @@ def main():
                     z, counts = C.dp_stats_features(cfg, x, y, country, p.train, rng, stage_sigmas=drawn,
                                                     raw_extra=raw_extra, counts=True)
                     start = C.prior_init(z.shape[1], counts) if prior else np.zeros((z.shape[1] + 1, len(counts)))
-                    if init is not None:
-                        start[:-1] = init[:-1]
-                        start[-1] = start[-1] if prior else init[-1]
+                    if init is not None:     # torch's weights; its bias too without the prior
+                        start[:-1 if prior else None] = init[:-1 if prior else None]
                     w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail, wd, start)
                     a, f = C.score(z, y, w, np.isin(country, p.test))
                     accs.append(a)

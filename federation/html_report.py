@@ -243,13 +243,13 @@ def main(argv=None) -> int:
 
     try:
         baseline = load_baseline(args.baseline) if args.baseline else None
-        report = build_report(args.dir, args.keys)
-    except (ValueError, OSError) as exc:
+        # the key holders' folder: --keys, else the run config's (HE runs; one for the report and the audit)
+        keys = args.keys or json.loads((Path(args.dir) / "server.json").read_text())["config"].get("keys-dir") or None
+        report = build_report(args.dir, keys)
+    except (ValueError, OSError, KeyError) as exc:
         print(f"carbonfed report: error: {exc}", file=sys.stderr)
         return 2
-    config = json.loads((Path(args.dir) / "server.json").read_text()).get("config", {})
-    keys = args.keys or config.get("keys-dir") or None
-    res = verify_run(args.dir, keys_dir=keys if config.get("privacy") in ("he", "dp+he") else None)
+    res = verify_run(args.dir, keys_dir=keys if report["he"] else None)
     page, stmt = write_all(args.dir, report, res, baseline)
     run = Path(args.dir)
     print(f"report.json:          {run / 'report.json'}")

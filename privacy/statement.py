@@ -413,9 +413,10 @@ def _accounting(f: dict) -> Section:
         f"estimate, value discretisation {_g(v.get('value_discretization_interval'))}), which shares no code with "
         f"Opacus. Recomputed ε_max = {_f4(v.get('epsilon_max_recomputed'))} vs claimed "
         f"{_f4(v.get('epsilon_max_claimed'))}; budget ε = {_g(v.get('epsilon_budget'))}. "
-        + (f"Client attestations (`privacy/attest.py`): the {v['attestations_checked']} ledger lines of client facts "
-           "each carry the client's HMAC under a key derived from the key holders' secret context, which the server "
-           "does not hold, and each matches: the server wrote what the clients sent. "
+        + (f"Client attestations (`privacy/attest.py`): {v['attestations_checked']} ledger line(s) of client facts "
+           "carry the client's HMAC, under a key derived from the key holders' secret context that the server does "
+           "not hold, and it matches: for those lines the server wrote what the clients sent"
+           + (" (lines that do not match are listed under the problems below). " if v.get("problems") else ". ")
            if v.get("attestations_checked") is not None else
            "Client attestations were not checked (no HE, or the audit ran without the secret context): the ledger's "
            "client facts rest on the server's hash chain alone. ")
