@@ -36,7 +36,7 @@ from federation.participant import Layouts
 from privacy.accountant import calibrate_noise
 from privacy.dp_sgd import TrainSettings, planned_mechanism
 
-MAIN = RunConfig(hidden="linear", stats_stages=3)   # the README's main job
+MAIN = RunConfig(hidden="linear", stats_stages=3, average_last=10)   # the README's main job
 EARLIER = RunConfig(hidden="linear", lr=0.2)         # the main job before stage 3 (stats-stages 2)
 
 
@@ -83,9 +83,10 @@ def settings(cfg):
                          batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)
 
 
-def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tail=1, weight_decay=0.0, init=None):
+def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tail=None, weight_decay=0.0, init=None):
     """The twin's federated DP-SGD; round r trains with lr × ``schedule(r / rounds)``; returns the
-    mean of the last ``tail`` global models (1: the final one). ``weight_decay``: added to the
+    mean of the last ``tail`` global models (default ``cfg.average_last``, carbonfed's; 1: the final one; a list:
+    one mean per entry). ``weight_decay``: added to the
     gradient before momentum, as torch's SGD does; ``init``: the initial model (features + 1 bias
     row × classes; zeros by default)."""
     q, steps = planned_mechanism(settings(cfg))
@@ -95,6 +96,8 @@ def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tai
     w = np.zeros((z.shape[1], k)) if init is None else np.array(init, dtype=np.float64)
     eye = np.eye(k)
     clients = [(z[country == c], y[country == c]) for c in train]
+    tail = cfg.average_last if tail is None else tail
+    tails = list(tail) if isinstance(tail, (list, tuple)) else [tail]
     kept = []
     for r in range(cfg.rounds):
         lr = cfg.lr * schedule(r / cfg.rounds)
@@ -113,9 +116,10 @@ def dp_fedavg(cfg, z, y, country, train, rng, sigma, schedule=lambda t: 1.0, tai
                 wl = wl - lr * m
             total += len(yc) * wl
         w = total / sum(len(yc) for _, yc in clients)
-        if r >= cfg.rounds - tail:
+        if r >= cfg.rounds - max(tails):
             kept.append(w)
-    return np.mean(kept, axis=0)
+    means = [np.mean(kept[-k:], axis=0) for k in tails]
+    return means if isinstance(tail, (list, tuple)) else means[0]
 
 
 def score(z, y, w, mask):

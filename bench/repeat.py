@@ -7,6 +7,10 @@ Prints each run's held-out accuracy, macro-F1, ε_max and run time, then the mea
 many runs meet issue 2's thresholds (accuracy ≥ 0.95 and macro-F1 ≥ 0.70), with a Wilson 95 %
 interval for that rate.
 
+The runs use one key folder (``OUT/keys``), so the global model of the last round alone
+(``aggregates/model_round_NNN.bin``) can be decrypted and scored beside the run's model, the mean
+of the last ``average-last`` rounds' global models: a paired comparison on the same run.
+
 Usage: python bench/repeat.py --runs 5 --out runs/repeat [--data-dir DIR] [-- extra run options]
 (about 2 minutes per run on 2 cores)
 """
@@ -19,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MAIN_JOB = ["--hidden", "linear", "--stats-stages", "3"]
+MAIN_JOB = ["--hidden", "linear", "--stats-stages", "3", "--average-last", "10"]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -40,11 +44,14 @@ def main():
     args = ap.parse_args()
     carbonfed = Path(sys.executable).with_name("carbonfed")
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    rows = []
+    keys = Path(args.out).resolve() / "keys"
+    if not (keys / "secret.ctx").exists():
+        subprocess.run([str(carbonfed), "keygen", "--out", str(keys)], check=True, stdout=subprocess.DEVNULL)
+    rows, last_only = [], []
     for k in range(1, args.runs + 1):
         out = Path(args.out) / f"run-{k}"
         if not (out / "report.json").exists():
-            cmd = [str(carbonfed), "run", *MAIN_JOB, *args.extra, "--out", str(out)]
+            cmd = [str(carbonfed), "run", *MAIN_JOB, *args.extra, "--keys", str(keys), "--out", str(out)]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -52,7 +59,9 @@ def main():
         m = rep["metrics"]
         row = (m["accuracy"], m["macro_f1"], (rep.get("privacy") or {}).get("epsilon_max"), rep["timing"]["total_s"])
         rows.append(row)
-        print(f"run {k}: accuracy {row[0]:.4f}, macro-F1 {row[1]:.4f}, ε_max {row[2]}, {row[3]:.1f} s", flush=True)
+        last_only.append(last_round_scores(out, keys, rep))
+        print(f"run {k}: accuracy {row[0]:.4f}, macro-F1 {row[1]:.4f}, ε_max {row[2]}, {row[3]:.1f} s; "
+              f"the last round's global model alone: {last_only[-1][0]:.4f} / {last_only[-1][1]:.4f}", flush=True)
     acc = [r[0] for r in rows]
     ok = sum(1 for a, f, _, _ in rows if a >= 0.95 and f >= 0.70)
     mean = sum(acc) / len(acc)
@@ -60,6 +69,43 @@ def main():
     lo, hi = wilson(ok, len(rows))
     print(f"{len(rows)} runs: accuracy {mean:.4f} ± {std:.4f} (sample std), {min(acc):.3f}–{max(acc):.3f}; "
           f"both thresholds in {ok} of {len(rows)} (Wilson 95 % interval {lo:.2f}–{hi:.2f})")
+    diff = [r[0] - l[0] for r, l in zip(rows, last_only)]
+    ok_last = sum(1 for a, f in last_only if a >= 0.95 and f >= 0.70)
+    print(f"the last round's global model alone: accuracy {sum(a for a, _ in last_only) / len(rows):.4f}, both "
+          f"thresholds in {ok_last} of {len(rows)}; the run's model minus it: {sum(diff) / len(diff):+.4f} "
+          f"(better in {sum(d > 0 for d in diff)}, worse in {sum(d < 0 for d in diff)})")
+
+
+def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float]:
+    """Held-out accuracy and macro-F1 of the last round's global model alone (decrypted with
+    ``keys``), with the run's scaler from model.pt."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import f1_score
+
+    from data import load_dataset, split_countries
+    from data.standardize import Standardizer
+    from federation.config import RunConfig
+    from federation.participant import Layouts, make_cipher
+    from models.mlp import build_model
+    from models.params import load_flat_params
+    from privacy.he import load_secret_context
+    from privacy.ledger import read_ledger
+
+    cfg = RunConfig.from_flower(rep["provenance"]["config"])
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    last = [l for l in read_ledger(out / "ledger.jsonl") if l.get("kind") == "round"][-1]
+    lay = Layouts.for_run(cfg, len(ds.features), len(ds.classes)).update
+    ctx = load_secret_context(keys / "secret.ctx") if cfg.he else None
+    vec = make_cipher(cfg, ctx, lay.length).decrypt((out / "aggregates" / f"model_round_{last['round']:03d}.bin").read_bytes())
+    params, _ = lay.unpack_sum(vec, last["model_terms"])
+    saved = torch.load(out / "model.pt", weights_only=False)
+    model = build_model(len(ds.features), len(ds.classes), tuple(saved["hidden"]))
+    load_flat_params(model, params)
+    x, y = ds.all_arrays(split_countries(ds.countries(), cfg.holdout_offset).test)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(Standardizer.from_dict(saved["scaler"]).apply(x))).argmax(1).numpy()
+    return float(np.mean(pred == y)), float(f1_score(y, pred, average="macro"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys:
 
 * any :class:`federation.config.RunConfig` field (``"lr"``, ``"max_grad_norm"``,
-  ``"batches_per_epoch"``, ``"stats_noise_multiplier"``, ...); σ of DP-SGD is recomputed by
+  ``"batches_per_epoch"``, ``"stats_noise_multiplier"``, ``"average_last"`` (1: score the final
+  global model, not the mean of the last 10), ...); σ of DP-SGD is recomputed by
   carbonfed's accountant for ε after the statistics releases;
 * ``"stage_sigmas"``: one noise multiplier per statistics stage, e.g. ``[6, 6, 3.29]``, instead of
   one σ_s for all (Gaussian releases compose as one of σ = (Σ σ_k⁻²)^-½, so ``[6, 6, 3.29]``
@@ -22,7 +23,6 @@ Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys
   weights), not zero weights;
 * ``"prior_bias"``: ``false`` starts the bias at 0 instead of carbonfed's centred log class
   frequencies of the released stage-1 counts;
-* ``"tail"``: score the mean of the last ``tail`` global models instead of the final one;
 * ``"lr_schedule"``: ``"constant"`` (carbonfed's), ``"linear"`` (lr × (1 − 0.8·t)) or
   ``"cosine"`` (lr × (0.1 + 0.9·(1 + cos πt)/2)), t = round / rounds.
 
@@ -72,7 +72,6 @@ def main():
         schedule = SCHEDULES[over.pop("lr_schedule", "constant")]
         stage_sigmas = over.pop("stage_sigmas", None)
         noise_free = set(over.pop("noise_free_stages", []))
-        tail = int(over.pop("tail", 1))
         wd = float(over.pop("weight_decay", 0.0))
         init = None
         raw_extra = float(over.pop("raw_extra", 0.0))
@@ -99,7 +98,7 @@ def main():
                     start = C.prior_init(z.shape[1], counts) if prior else np.zeros((z.shape[1] + 1, len(counts)))
                     if init is not None:     # torch's weights; its bias too without the prior
                         start[:-1 if prior else None] = init[:-1 if prior else None]
-                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, tail, wd, start)
+                    w = C.dp_fedavg(cfg, z, y, country, p.train, rng, sigma, schedule, None, wd, start)
                     a, f = C.score(z, y, w, np.isin(country, p.test))
                     accs.append(a)
                     f1s.append(f)

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, fields
 PRIVACY_MODES = ("none", "dp", "he", "dp+he")
 
 
-_HELP = {"hidden": "hidden layer widths, comma-separated, or 'linear' (none: logistic regression); "}
+_HELP = {"hidden": "hidden layer widths, comma-separated, or 'linear' (none: logistic regression); ",
+         "average_last": "the run's model is the mean of the global models of the last N rounds, summed on "
+                         "ciphertexts by the server (1: the final round's model); "}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     class_weight_power: float = 0.0
     hidden: str = "32,16"
+    average_last: int = 1
     stats_noise_multiplier: float = 4.0
     stats_stages: int = 2
     max_client_samples: int = 512
@@ -62,6 +65,8 @@ class RunConfig:
             errors.append("rounds must be >= 1")
         if self.holdout_offset not in range(5):
             errors.append(f"holdout-offset must be 0..4, got {self.holdout_offset}")
+        if self.average_last < 1:
+            errors.append(f"average-last must be >= 1 (1: the final round's model), got {self.average_last}")
         if self.batches_per_epoch < 1 or self.local_epochs < 1:
             errors.append("batches-per-epoch and local-epochs must be >= 1")
         if self.stats_noise_multiplier < 0:

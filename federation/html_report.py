@@ -155,8 +155,10 @@ def render_html(facts: dict) -> str:
     ok = bool(v.get("ok"))
     eps_txt = (f"{_fmt(facts['epsilon_max'])} / {cfg.epsilon:g}" if cfg.dp else "∞ (no DP)")
     arch = (rep.get("model") or {}).get("architecture")
+    averaged = (rep.get("model") or {}).get("averaged_rounds") or []
     cards = [_card("data set", cfg.dataset), _card("mode", cfg.privacy),
-             *([_card("model", arch.split(" (")[0])] if arch else []),
+             *([_card("model", arch.split(" (")[0]
+                      + (f", mean of rounds {averaged[0]}–{averaged[-1]}" if len(averaged) > 1 else ""))] if arch else []),
              _card("accuracy", _fmt(m.get("accuracy"))), _card("macro-F1", _fmt(m.get("macro_f1"))),
              _card("ε max / target", eps_txt,
                    "" if not cfg.dp else ("ok" if (facts["epsilon_max"] or 0) <= cfg.epsilon else "bad")),

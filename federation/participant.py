@@ -83,7 +83,9 @@ class Layouts:
     def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int) -> "Layouts":
         t = HEParams().plain_modulus
         n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
-        codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round)
+        # headroom for the server's sum of the last ``average-last`` global models, each a sum of
+        # at most max-clients-per-round updates
+        codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round * cfg.average_last)
         stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round)
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec), stats=stats,
                    metrics=CountLayout(n_classes * n_classes),

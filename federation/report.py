@@ -86,7 +86,9 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         f = run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
         entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
                  "epsilon_max": r.get("epsilon_max"), "seconds": r["seconds"],
-                 "accepted": r["accepted"], "rejected": r["rejected"]}
+                 "accepted": r["accepted"], "rejected": r["rejected"],
+                 # the rounds whose global models the evaluated model averages (average-last)
+                 "model_rounds": r.get("model_rounds", [r["round"]])}
         if f.exists():
             cm = layouts.metrics.unpack_sum(decrypt(f.name, layouts.metrics.length), r["evaluated"])
             last_cm = cm.reshape(len(ds.classes), -1)
@@ -104,7 +106,14 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
         torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                     "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
-        final = {"path": str(run / "model.pt"), "samples": total,
+        averaged = server.get("model_rounds") or [server.get("rounds_completed")]
+        # the rows behind one global model (the averaged models' summed counts over their number)
+        final = {"path": str(run / "model.pt"), "samples": total / len(averaged),
+                 # which global models model.pt is: the mean of those of these rounds (average-last)
+                 "averaged_rounds": averaged,
+                 "output": (f"the sample-weighted mean of the global models of rounds {averaged[0]}–{averaged[-1]} "
+                            f"(average-last = {cfg.average_last}), summed on ciphertexts by the server"
+                            if len(averaged) > 1 else "the global model of the last round"),
                  "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
                  "parameters": num_params(model),
                  "initial_model": "torch's initialisation for the run's seed, output bias at the centred log class "

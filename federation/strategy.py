@@ -13,9 +13,15 @@ Guarantees
 * Clients that did not answer before the round's timeout are recorded as ``missing``; so are
   clients Flower reports gone (no heartbeat within its patience, error ``NODE_UNAVAILABLE``),
   as soon as Flower says so: the round does not wait for a dead node until its timeout.
-* After every round the ledger has one line per addressed client and one ``round`` line, and
-  the encrypted aggregates are on disk (written atomically): nothing recorded is lost if the
-  server stops.
+* The run's model is the sample-weighted mean of the global models of the last
+  ``average-last`` rounds (1: the final round's): the server adds those rounds' aggregates as
+  ciphertexts (post-processing of what the clients released), the held-out clients evaluate it
+  every round, and it is what ``aggregates/model.bin`` holds. The clients train on the latest
+  global model.
+* After every round the ledger has one line per addressed client and one ``round`` line (with
+  the rounds the evaluated model averages), and the encrypted aggregates are on disk (written
+  atomically; each round's global model as ``model_round_NNN.bin``): nothing recorded is lost
+  if the server stops.
 * After the setup and after every round the server writes a checkpoint (``checkpoint.json``,
   atomically, last): the encrypted global model and statistics aggregates (stage 1 and, in
   DP runs of more stages, stages 2 and 3 from ``query.refine``; with their SHA-256),
@@ -99,6 +105,7 @@ class ServerState:
     model: bytes | None = None
     model_terms: int = 0
     round: int = 0
+    tail: list[tuple[int, bytes, int]] = field(default_factory=list)  # (round, global model, terms), the last average-last
 
     def stage_terms(self) -> dict[str, int]:
         """``{"stats_terms": n1, "stats2_terms": n2, ...}`` (server.json, checkpoints)."""
@@ -138,12 +145,26 @@ class EncryptedFedAvg(Strategy):
             terms[f"{stage_key(k)}-terms"] = n
         return records, terms
 
-    def _payload(self, server_round: int, config: ConfigRecord) -> RecordDict:
+    def output_model(self) -> tuple[bytes | None, int]:
+        """The run's model as it stands, encrypted, and its number of terms: the sum of the
+        aggregates of the last ``average-last`` global models (each a sum of sample-weighted
+        updates carrying its sample count), added as ciphertexts; unpacked by a key holder it is
+        their sample-weighted mean. Before round 1: (None, 0)."""
+        if len(self.state.tail) <= 1:
+            return self.state.model, self.state.model_terms
+        total = SecureSum(self.cipher_for("update"))
+        for _, data, terms in self.state.tail:
+            total.add(data, terms)
+        return total.serialize(), total.terms
+
+    def _payload(self, server_round: int, config: ConfigRecord, model: tuple[bytes | None, int] | None = None) -> RecordDict:
+        """A request: the statistics aggregates and ``model`` (default: the latest global model)."""
+        data, model_terms = model or (self.state.model, self.state.model_terms)
         records, terms = self._stats_content()
-        cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": self.state.model_terms, **terms})
+        cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": model_terms, **terms})
         content = {"config": cfg, **records}
-        if self.state.model is not None:
-            content["model"] = bytes_record(self.state.model, self.cipher_for("update").stype)
+        if data is not None:
+            content["model"] = bytes_record(data, self.cipher_for("update").stype)
         return RecordDict(content)
 
     def _nodes(self, role: str) -> list[int]:
@@ -154,7 +175,7 @@ class EncryptedFedAvg(Strategy):
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in self._nodes("train")]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        content = self._payload(server_round, config)
+        content = self._payload(server_round, config, self.output_model())
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self._nodes("test")]
 
     def _record(self, line: dict) -> None:
@@ -213,7 +234,9 @@ class EncryptedFedAvg(Strategy):
                         server_round, total.terms, self.cfg.min_train_clients)
             return None, metrics
         self.state.model, self.state.model_terms = total.serialize(), total.terms
-        atomic_write(self.out / "aggregates" / "model.bin", self.state.model)
+        self.state.tail = [*self.state.tail, (server_round, self.state.model, total.terms)][-self.cfg.average_last:]
+        atomic_write(self.out / "aggregates" / f"model_round_{server_round:03d}.bin", self.state.model)
+        atomic_write(self.out / "aggregates" / "model.bin", self.output_model()[0])
         return bytes_record(self.state.model, total.cipher.stype), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -347,7 +370,8 @@ class EncryptedFedAvg(Strategy):
         d.mkdir(exist_ok=True)
         rnd = self.state.round
         files = {}
-        blobs = [("model", self.state.model)] + [(stage_key(k), data) for k, (data, _) in enumerate(self.state.stages, 1)]
+        blobs = ([("model", self.state.model)] + [(stage_key(k), data) for k, (data, _) in enumerate(self.state.stages, 1)]
+                 + [(f"tail-r{r:03d}", data) for r, data, _ in self.state.tail])
         for name, data in blobs:
             if data is not None:
                 f = d / f"{name}-{rnd:04d}.bin"
@@ -357,6 +381,7 @@ class EncryptedFedAvg(Strategy):
                "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
                "roles": {str(n): [r, c] for n, (r, c) in sorted(self.state.roles.items())},
                "model_terms": self.state.model_terms, **self.state.stage_terms(), "files": files,
+               "tail": [[r, terms] for r, _, terms in self.state.tail],
                "ledger": {"lines": self.ledger._seq, "last_hash": self.ledger._prev},
                "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from}
         path = self.out / CHECKPOINT_FILE
@@ -399,7 +424,8 @@ class EncryptedFedAvg(Strategy):
         self.state = ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
                                  stages=[(data[stage_key(k)], ck[f"{stage_key(k)}_terms"])
                                          for k in itertools.takewhile(lambda k: stage_key(k) in data, itertools.count(1))],
-                                 model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"])
+                                 model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"],
+                                 tail=[(r, data[f"tail-r{r:03d}"], terms) for r, terms in ck.get("tail", [])])
         self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         self.resumed_from = [*ck.get("resumed_from", []), ck["round"]]
         self._t0 = time.monotonic()
@@ -480,7 +506,9 @@ class EncryptedFedAvg(Strategy):
                 "evaluated": sum(1 for r in lines if r.get("kind") == "evaluate" and r["status"] == "accepted"),
                 "epsilon_max": max(eps) if eps else None,
                 "upload_bytes_per_client": (sum(r["bytes"] for r in accepted) / len(accepted)) if accepted else None,
-                "model_terms": self.state.model_terms}
+                "model_terms": self.state.model_terms,
+                # the rounds whose global models the evaluated model averages (average-last)
+                "model_rounds": [r for r, _, _ in self.state.tail]}
 
 
 def _facts(meta: dict, base: dict) -> dict:

@@ -56,7 +56,8 @@ class SecureSum:
         self._total = None
         self.terms = 0
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes, terms: int = 1) -> None:
+        """Add one contribution; ``terms``: how many it sums itself (an earlier aggregate's count)."""
         item = self.cipher.load(data)
         if self._total is None:
             self._total = item
@@ -64,7 +65,7 @@ class SecureSum:
             self._total = _centre(self._total + item, self.cipher.plain_modulus)
         else:
             self._total += item
-        self.terms += 1
+        self.terms += terms
 
     def serialize(self) -> bytes:
         if self._total is None:

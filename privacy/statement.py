@@ -497,8 +497,9 @@ def _coverage(f: dict) -> tuple[Section, Section]:
             "**Every upload** of each training client: each round's model update"
             + ((f", and the round-0 statistics releases ({cfg.stats_releases} stages, σ_s > 0)" if cfg.two_stage_stats else
                 ", and the round-0 statistics release (σ_s > 0)") if sig_s > 0 else "") + ".",
-            "Hence, as post-processing, **every broadcast global model**, the final model (`model.pt`), and the "
-            "scaler and class weights derived from the statistics aggregate, for any party that sees them, "
+            "Hence, as post-processing, **every broadcast global model**, the final model (`model.pt`"
+            + (f": the mean of the global models of the last {cfg.average_last} rounds, `average-last`" if cfg.average_last > 1 else "")
+            + "), and the scaler and class weights derived from the statistics aggregate, for any party that sees them, "
             "including one that decrypts individual ciphertexts.",
             "The composition over the whole run, adaptively (later rounds depend on earlier global models): ε is "
             "accounted over each client's full history, never per round.",
@@ -621,6 +622,11 @@ def _accuracy(f: dict) -> Section:
     s = Section("accuracy", "Accuracy and the non-private baseline")
     s.blocks.append(f"Held-out accuracy **{_f4(m.get('accuracy'))}**, macro-F1 **{_f4(m.get('macro_f1'))}** "
                     f"(last scored round; {rep['clients']['test']} held-out countries; exact, not DP).")
+    averaged = (rep.get("model") or {}).get("averaged_rounds") or []
+    if len(averaged) > 1:
+        s.blocks.append(f"The model scored is the run's model: the mean of the global models of the last "
+                        f"{f['cfg'].average_last} rounds (`average-last`; at the last round, rounds "
+                        f"{averaged[0]}–{averaged[-1]}), in every row of the table below the mean as it stood after that round.")
     if base is None:
         s.blocks.append("**no baseline run given**: run the same config with `--privacy none` and pass it with "
                         "`--baseline DIR` to compare.")

@@ -53,13 +53,15 @@ def test_run_with_a_missing_data_dir_names_it(tmp_path):
 
 def test_interrupted_run_resumes_from_its_last_round(tmp_path):
     """Killed after round 1, `carbonfed run --resume` finishes the same run: rounds 1..3 once each,
-    the ledger chain continued, ε within budget, and the run's own keys deleted at the end."""
+    the ledger chain continued, ε within budget, the run's model still the mean of rounds 1..3
+    (``--average-last 3``: the killed server's global models came back from the checkpoint), and
+    the run's own keys deleted at the end."""
     from privacy.ledger import check_chain, read_ledger
     from privacy.verify import verify_run
 
     out = tmp_path / "run"
     args = ["--data-dir", str(resolve_data_dir(None)), "--rounds", "3", "--local-epochs", "1",
-            "--batches-per-epoch", "2", "--out", str(out)]
+            "--batches-per-epoch", "2", "--average-last", "3", "--out", str(out)]
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     temp_before = set(Path(tempfile.gettempdir()).glob("*carbonfed-app-*"))
     proc = subprocess.Popen([str(BIN), "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -88,8 +90,10 @@ def test_interrupted_run_resumes_from_its_last_round(tmp_path):
     ledger = read_ledger(out / "ledger.jsonl")
     assert check_chain(ledger) == []
     assert [l["round"] for l in ledger if l["kind"] == "round"] == [1, 2, 3]
+    assert [l["model_rounds"] for l in ledger if l["kind"] == "round"] == [[1], [1, 2], [1, 2, 3]]
     assert [l["kind"] for l in ledger].count("resume") == 1
     report = json.loads((out / "report.json").read_text())
+    assert report["model"]["averaged_rounds"] == [1, 2, 3]
     assert report["rounds"] == 3 and report["privacy"]["epsilon_max"] <= 3.0
     assert verify_run(out).ok
     assert not keys.parent.exists() and not (out / ".client-state").exists()

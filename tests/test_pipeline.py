@@ -26,7 +26,8 @@ def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
 
 @pytest.fixture(scope="module")
 def dphe(tmp_path_factory, keys_dir):
-    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS, stats_stages=3)
+    # average_last=2: the held-out clients evaluate, and model.pt is, the mean of rounds 1 and 2
+    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS, stats_stages=3, average_last=2)
 
 
 def pld_epsilon(history, delta):
@@ -44,6 +45,7 @@ def test_report_shape_and_privacy(dphe):
     assert rep["clients"] == {"train": 130, "test": 33, "partition": {"train": 131, "test": 33}}
     assert 0 <= rep["metrics"]["accuracy"] <= 1 and 0 <= rep["metrics"]["macro_f1"] <= 1
     assert [h["round"] for h in rep["history"]] == [1, 2]
+    assert [h["model_rounds"] for h in rep["history"]] == [[1], [1, 2]] and rep["model"]["averaged_rounds"] == [1, 2]
     p = rep["privacy"]
     assert p["epsilon_max"] <= cfg.epsilon and p["delta"] == cfg.delta and p["accountant"] == "opacus.prv"
     assert len(p["epsilon_per_client"]) == 131 - 1       # the foreign-key client never got a role
@@ -199,12 +201,30 @@ def test_ledger_facts_are_attested_by_the_clients(dphe, keys_dir, tmp_path):
 
 def test_he_equals_plaintext(tmp_path, keys_dir):
     """The encrypted sum equals the plaintext one, so `he` and `none` train the same model; both
-    on the main job's asinh features, from three exact statistics releases."""
-    _, plain = _run(tmp_path, keys_dir, "none", stats_stages=3)
-    _, enc = _run(tmp_path, keys_dir, "he", stats_stages=3)
+    on the main job's asinh features, from three exact statistics releases. The run's model
+    (``average_last=2``) is the sample-weighted mean of the last two rounds' global models, which
+    the server summed as ciphertexts: it equals that mean computed in the clear from each
+    round's decrypted aggregate."""
+    _, plain = _run(tmp_path, keys_dir, "none", rounds=3, stats_stages=3, average_last=2)
+    cfg, enc = _run(tmp_path, keys_dir, "he", rounds=3, stats_stages=3, average_last=2)
     a, b = torch.load(plain["model"]["path"]), torch.load(enc["model"]["path"])
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    from federation.participant import Layouts, make_cipher
+    from models.mlp import build_model
+    from models.params import flatten_params
+    from privacy.he import load_secret_context
+    lay = Layouts.for_run(cfg, 21, 5).update
+    terms = {l["round"]: l["model_terms"] for l in read_ledger(f"{cfg.out_dir}/ledger.jsonl") if l["kind"] == "round"}
+    cipher = make_cipher(cfg, load_secret_context(keys_dir / "secret.ctx"), lay.length)
+    per_round = [lay.unpack_sum(cipher.decrypt((tmp_path / "he" / "aggregates" / f"model_round_{r:03d}.bin").read_bytes()),
+                                terms[r]) for r in (2, 3)]
+    assert not np.allclose(per_round[0][0], per_round[1][0])       # two different models
+    mean = sum(p * n for p, n in per_round) / sum(n for _, n in per_round)
+    model = build_model(21, 5, tuple(b["hidden"]))
+    model.load_state_dict(b["state_dict"])
+    assert np.allclose(flatten_params(model), mean, rtol=0, atol=1e-6)
+    assert enc["model"]["averaged_rounds"] == [2, 3] and enc["history"][-1]["model_rounds"] == [2, 3]
     assert plain["history"] == [{**h, "seconds": p["seconds"]} for h, p in zip(enc["history"], plain["history"])]
     assert enc["he"]["upload_bytes_per_client_round"] > 10 * 1318 * 8 / 100   # really ciphertexts
     assert plain["he"] is None and plain["privacy"] is None
