@@ -3,7 +3,8 @@ figures, no asserts.
 
 Each run is a fresh ``carbonfed run`` process, as a user starts it, into ``OUT/run-K``; a run dir
 that already holds a ``report.json`` is read, not run again, so an interrupted series resumes.
-Prints each run's held-out accuracy, macro-F1, ε_max and run time, then the mean ± std and how
+Prints each run's held-out accuracy, macro-F1, ε_max, run time and stray predictions (held-out
+rows put into a class no held-out row holds: each adds a class with F1 = 0 to macro-F1), then the mean ± std and how
 many runs meet issue 2's thresholds (accuracy ≥ 0.95 and macro-F1 ≥ 0.70), with a Wilson 95 %
 interval for that rate.
 
@@ -22,6 +23,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 MAIN_JOB = ["--hidden", "linear", "--stats-stages", "3", "--average-last", "10"]
 
@@ -58,28 +61,33 @@ def main():
         rep = json.loads((out / "report.json").read_text())
         m = rep["metrics"]
         row = (m["accuracy"], m["macro_f1"], (rep.get("privacy") or {}).get("epsilon_max"), rep["timing"]["total_s"])
+        cm = np.array(m["confusion_matrix"])
+        row = (*row, int(cm[:, cm.sum(1) == 0].sum()))
         rows.append(row)
         last_only.append(last_round_scores(out, keys, rep))
-        print(f"run {k}: accuracy {row[0]:.4f}, macro-F1 {row[1]:.4f}, ε_max {row[2]}, {row[3]:.1f} s; "
-              f"the last round's global model alone: {last_only[-1][0]:.4f} / {last_only[-1][1]:.4f}", flush=True)
+        print(f"run {k}: accuracy {row[0]:.4f}, macro-F1 {row[1]:.4f}, ε_max {row[2]}, {row[3]:.1f} s, {row[4]} stray; "
+              f"the last round's global model alone: {last_only[-1][0]:.4f} / {last_only[-1][1]:.4f}, "
+              f"{last_only[-1][2]} stray", flush=True)
     acc = [r[0] for r in rows]
-    ok = sum(1 for a, f, _, _ in rows if a >= 0.95 and f >= 0.70)
+    ok = sum(1 for a, f, *_ in rows if a >= 0.95 and f >= 0.70)
     mean = sum(acc) / len(acc)
     std = math.sqrt(sum((a - mean) ** 2 for a in acc) / max(len(acc) - 1, 1))
     lo, hi = wilson(ok, len(rows))
     print(f"{len(rows)} runs: accuracy {mean:.4f} ± {std:.4f} (sample std), {min(acc):.3f}–{max(acc):.3f}; "
           f"both thresholds in {ok} of {len(rows)} (Wilson 95 % interval {lo:.2f}–{hi:.2f})")
     diff = [r[0] - l[0] for r, l in zip(rows, last_only)]
-    ok_last = sum(1 for a, f in last_only if a >= 0.95 and f >= 0.70)
-    print(f"the last round's global model alone: accuracy {sum(a for a, _ in last_only) / len(rows):.4f}, both "
+    ok_last = sum(1 for a, f, _ in last_only if a >= 0.95 and f >= 0.70)
+    print(f"the last round's global model alone: accuracy {sum(l[0] for l in last_only) / len(rows):.4f}, both "
           f"thresholds in {ok_last} of {len(rows)}; the run's model minus it: {sum(diff) / len(diff):+.4f} "
           f"(better in {sum(d > 0 for d in diff)}, worse in {sum(d < 0 for d in diff)})")
+    print(f"stray predictions (held-out rows put into a class no held-out row holds): {sum(r[4] for r in rows)} in "
+          f"{sum(r[4] > 0 for r in rows)} runs; the last round's model alone: {sum(l[2] for l in last_only)} in "
+          f"{sum(l[2] > 0 for l in last_only)} runs")
 
 
-def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float]:
-    """Held-out accuracy and macro-F1 of the last round's global model alone (decrypted with
-    ``keys``), with the run's scaler from model.pt."""
-    import numpy as np
+def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float, int]:
+    """Held-out accuracy, macro-F1 and stray predictions (into classes no held-out row holds) of
+    the last round's global model alone (decrypted with ``keys``), with the run's scaler from model.pt."""
     import torch
     from sklearn.metrics import f1_score
 
@@ -105,7 +113,7 @@ def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float]:
     x, y = ds.all_arrays(split_countries(ds.countries(), cfg.holdout_offset).test)
     with torch.no_grad():
         pred = model(torch.from_numpy(Standardizer.from_dict(saved["scaler"]).apply(x))).argmax(1).numpy()
-    return float(np.mean(pred == y)), float(f1_score(y, pred, average="macro"))
+    return float(np.mean(pred == y)), float(f1_score(y, pred, average="macro")), int(np.sum(~np.isin(pred, y)))
 
 
 if __name__ == "__main__":
