@@ -76,7 +76,7 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
     server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
               "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
               # aggregates/model.bin: the run's model, the mean of the global models of model_rounds
-              "model_terms": strategy.output_model()[1], "model_rounds": [r for r, _, _ in strategy.state.tail],
+              "model_terms": strategy.output_model()[1], "model_rounds": strategy.state.tail_rounds(),
               **strategy.state.stage_terms(), "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
     atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)

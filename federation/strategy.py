@@ -107,6 +107,10 @@ class ServerState:
     round: int = 0
     tail: list[tuple[int, bytes, int]] = field(default_factory=list)  # (round, global model, terms), the last average-last
 
+    def tail_rounds(self) -> list[int]:
+        """The rounds whose global models the run's model averages (``average-last``)."""
+        return [r for r, _, _ in self.tail]
+
     def stage_terms(self) -> dict[str, int]:
         """``{"stats_terms": n1, "stats2_terms": n2, ...}`` (server.json, checkpoints)."""
         return {f"{stage_key(k)}_terms": terms for k, (_, terms) in enumerate(self.stages, 1)}
@@ -508,7 +512,7 @@ class EncryptedFedAvg(Strategy):
                 "upload_bytes_per_client": (sum(r["bytes"] for r in accepted) / len(accepted)) if accepted else None,
                 "model_terms": self.state.model_terms,
                 # the rounds whose global models the evaluated model averages (average-last)
-                "model_rounds": [r for r, _, _ in self.state.tail]}
+                "model_rounds": self.state.tail_rounds()}
 
 
 def _facts(meta: dict, base: dict) -> dict:
