@@ -33,6 +33,7 @@ import data.standardize as S
 from data import load_dataset, split_countries
 from federation.config import RunConfig
 from federation.participant import Layouts
+from models.mlp import prior_logits
 from privacy.accountant import calibrate_noise
 from privacy.dp_sgd import TrainSettings, planned_mechanism
 
@@ -72,9 +73,8 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
 def prior_init(n_inputs, class_counts):
     """carbonfed's initial model for the twin: zero weights, the bias at the centred log class
     frequencies of ``class_counts`` (``models.mlp.build_model`` with ``class_counts``)."""
-    log_freq = np.log(np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0))
-    w = np.zeros((n_inputs + 1, len(log_freq)))
-    w[-1] = log_freq - log_freq.mean()
+    w = np.zeros((n_inputs + 1, len(class_counts)))
+    w[-1] = prior_logits(class_counts)
     return w
 
 

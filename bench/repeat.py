@@ -60,9 +60,9 @@ def main():
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         rep = json.loads((out / "report.json").read_text())
         m = rep["metrics"]
-        row = (m["accuracy"], m["macro_f1"], (rep.get("privacy") or {}).get("epsilon_max"), rep["timing"]["total_s"])
         cm = np.array(m["confusion_matrix"])
-        row = (*row, int(cm[:, cm.sum(1) == 0].sum()))
+        row = (m["accuracy"], m["macro_f1"], (rep.get("privacy") or {}).get("epsilon_max"), rep["timing"]["total_s"],
+               int(cm[:, cm.sum(1) == 0].sum()))     # stray: predicted into a class no held-out row holds
         rows.append(row)
         last_only.append(last_round_scores(out, keys, rep))
         print(f"run {k}: accuracy {row[0]:.4f}, macro-F1 {row[1]:.4f}, ε_max {row[2]}, {row[3]:.1f} s, {row[4]} stray; "

@@ -24,8 +24,8 @@ Guarantees
   if the server stops.
 * After the setup and after every round the server writes a checkpoint (``checkpoint.json``,
   atomically, last): the encrypted global model and statistics aggregates (stage 1 and, in
-  DP runs of more stages, stages 2 and 3 from ``query.refine``; with their SHA-256),
-  the term counts, the roles of the nodes, the round number and the ledger position. A server
+  DP runs of more stages, stages 2 and 3 from ``query.refine``; with their SHA-256), the
+  SHA-256 of the averaged rounds' ``model_round_NNN.bin``, the term counts, the roles of the nodes, the round number and the ledger position. A server
   started again on the same out-dir with the same config and key resumes after the last
   complete round: no second statistics release, rounds 1..R each summarised once, the ledger
   chain continued (a ``resume`` line says from where, and how many lines of the interrupted
@@ -374,13 +374,16 @@ class EncryptedFedAvg(Strategy):
         d.mkdir(exist_ok=True)
         rnd = self.state.round
         files = {}
-        blobs = ([("model", self.state.model)] + [(stage_key(k), data) for k, (data, _) in enumerate(self.state.stages, 1)]
-                 + [(f"tail-r{r:03d}", data) for r, data, _ in self.state.tail])
+        blobs = [("model", self.state.model)] + [(stage_key(k), data) for k, (data, _) in enumerate(self.state.stages, 1)]
         for name, data in blobs:
             if data is not None:
                 f = d / f"{name}-{rnd:04d}.bin"
                 atomic_write(f, data)
                 files[name] = {"file": f"checkpoint/{f.name}", "sha256": _sha256(data)}
+        # the averaged global models: their round aggregates are already on disk (written
+        # atomically, never rewritten for a checkpointed round), so only their hashes are recorded
+        for r, data, _ in self.state.tail:
+            files[f"tail-r{r:03d}"] = {"file": f"aggregates/model_round_{r:03d}.bin", "sha256": _sha256(data)}
         doc = {"format": CHECKPOINT_FORMAT, "round": rnd, "config_sha256": self.cfg.digest(),
                "fingerprint": self.fingerprint, "rounds": self.cfg.rounds,
                "roles": {str(n): [r, c] for n, (r, c) in sorted(self.state.roles.items())},

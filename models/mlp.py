@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,13 @@ def describe(n_features: int, n_classes: int, hidden: Sequence[int]) -> str:
     return f"MLP {shape} (ReLU)" if hidden else f"linear {shape} (multinomial logistic regression)"
 
 
+def prior_logits(class_counts: Sequence[float]) -> np.ndarray:
+    """The centred log class frequencies of ``class_counts`` (each clamped at 1): the output bias
+    under which a model with zero weights predicts the class prior."""
+    log_freq = np.log(np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0))
+    return log_freq - log_freq.mean()
+
+
 def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16), seed: int = 0,
                 class_counts: Sequence[float] | None = None) -> EmissionMLP:
     """A freshly initialised model; identical for identical arguments. With ``class_counts``
@@ -48,7 +56,6 @@ def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16
     finally:
         torch.random.set_rng_state(gen_state)
     if class_counts is not None:
-        log_freq = torch.log(torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1.0))
         with torch.no_grad():
-            model.net[-1].bias.copy_((log_freq - log_freq.mean()).to(torch.float32))
+            model.net[-1].bias.copy_(torch.from_numpy(prior_logits(class_counts)).to(torch.float32))
     return model
