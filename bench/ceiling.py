@@ -8,7 +8,7 @@
 3. A numpy twin of the federated DP-SGD of the main job (multinomial logistic regression, 131
    clients; rounds, Poisson-sampled steps, clip, momentum and lr of :data:`MAIN`; σ from
    carbonfed's accountant for ε after the statistics releases; sample-weighted FedAvg), on
-   (a) the main job's features: three DP statistics releases, asinh(x / c) (``data.standardize``,
+   (a) the main job's features: three DP statistics releases, asinh(x / c) (``carbonfed.data.standardize``,
    the run's layouts);
    (b) the log features of two DP statistics releases (``stats-stages = 2``, the default; the
        earlier main job, with its lr 0.2);
@@ -29,13 +29,13 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-import data.standardize as S
-from data import load_dataset, split_countries
-from federation.config import RunConfig
-from federation.participant import Layouts
-from models.mlp import prior_logits
-from privacy.accountant import calibrate_noise
-from privacy.dp_sgd import TrainSettings, planned_mechanism
+import carbonfed.data.standardize as S
+from carbonfed.data import load_dataset, split_countries
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.client.participant import Layouts
+from carbonfed.models.mlp import prior_logits
+from carbonfed.privacy.accountant import calibrate_noise
+from carbonfed.privacy.dp_sgd import TrainSettings, planned_mechanism
 
 MAIN = RunConfig(hidden="linear", stats_stages=3, average_last=10)   # the README's main job
 EARLIER = RunConfig(hidden="linear", lr=0.2)         # the main job before stage 3 (stats-stages 2)
@@ -72,7 +72,7 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
 
 def prior_init(n_inputs, class_counts):
     """carbonfed's initial model for the twin: zero weights, the bias at the centred log class
-    frequencies of ``class_counts`` (``models.mlp.build_model`` with ``class_counts``)."""
+    frequencies of ``class_counts`` (``carbonfed.models.mlp.build_model`` with ``class_counts``)."""
     w = np.zeros((n_inputs + 1, len(class_counts)))
     w[-1] = prior_logits(class_counts)
     return w

@@ -91,14 +91,14 @@ def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float, i
     import torch
     from sklearn.metrics import f1_score
 
-    from data import load_dataset, split_countries
-    from data.standardize import Standardizer
-    from federation.config import RunConfig
-    from federation.participant import Layouts, make_cipher
-    from models.mlp import build_model
-    from models.params import load_flat_params
-    from privacy.he import load_secret_context
-    from privacy.ledger import read_ledger
+    from carbonfed.data import load_dataset, split_countries
+    from carbonfed.data.features import Standardizer
+    from carbonfed.federation.config import RunConfig
+    from carbonfed.federation.client.participant import Layouts, make_cipher
+    from carbonfed.models.mlp import build_model
+    from carbonfed.models.params import load_flat_params
+    from carbonfed.privacy.he import load_secret_context
+    from carbonfed.privacy.ledger import read_ledger
 
     cfg = RunConfig.from_flower(rep["provenance"]["config"])
     ds = load_dataset(cfg.dataset, cfg.data_dir or None)

@@ -11,11 +11,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from federation.config import RunConfig
-from federation.report import build_report
-from federation.simulation import run_simulation
-from privacy.he import keygen
-from privacy.ledger import read_ledger
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.simulation import run_simulation
+from carbonfed.privacy.he import keygen
+from carbonfed.privacy.ledger import read_ledger
 
 REFERENCE_UPLOAD = 1.41e6
 

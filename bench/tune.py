@@ -34,7 +34,7 @@ def _apply_hacks(h: dict) -> None:
     import opacus
     import torch
 
-    from data.standardize import Standardizer
+    from carbonfed.data.features import Standardizer
 
     if h.get("weight_decay"):
         torch.optim.SGD = functools.partial(torch.optim.SGD, weight_decay=float(h["weight_decay"]))
@@ -49,7 +49,7 @@ def _apply_hacks(h: dict) -> None:
                         clipping="per_layer", **kw)
         opacus.PrivacyEngine.make_private = per_layer
     if h.get("scale"):
-        import data.standardize as S
+        import carbonfed.data.features as S
         orig_from = S.Standardizer.from_sums.__func__
 
         def from_sums(cls, sums, d, k):
@@ -66,7 +66,7 @@ def _apply_hacks(h: dict) -> None:
             return cls(mean=std.mean, std=sd, class_counts=std.class_counts)
         S.Standardizer.from_sums = classmethod(from_sums)
     if h.get("log_unit"):
-        import data.standardize as S
+        import carbonfed.data.features as S
         c, b = float(h["log_unit"]), float(h.get("log_bound", 16.0))
 
         def transform(x):
@@ -74,7 +74,7 @@ def _apply_hacks(h: dict) -> None:
             return np.clip(np.sign(x) * np.log1p(np.abs(x) / c), -b, b) / b
         S.transform = transform
     if h.get("prior_bias"):
-        import federation.participant as FP
+        import carbonfed.federation.client.participant as FP
         orig_build = FP.build_model
         prior = np.log(np.array([8367, 172, 507, 2765, 161]) / 11972.0)   # seed data class shares
 
@@ -85,8 +85,8 @@ def _apply_hacks(h: dict) -> None:
             return m
         FP.build_model = build
     if h.get("refine_clip"):
-        import data.standardize as S
-        S.REFINE_CLIP = float(h["refine_clip"])
+        import carbonfed.privacy.stats_release as R
+        R.RefineLayout.clip = float(h["refine_clip"])
     if h.get("clamp"):
         k, apply = float(h["clamp"]), Standardizer.apply
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
@@ -95,11 +95,11 @@ def _apply_hacks(h: dict) -> None:
 def run(cfg_json: str) -> dict:
     import torch
 
-    from data import load_dataset, split_countries
-    from federation.config import RunConfig
-    from federation.participant import Participant, make_cipher, stage_key
-    from federation.report import scores
-    from privacy.secure_sum import SecureSum
+    from carbonfed.data import load_dataset, split_countries
+    from carbonfed.federation.config import RunConfig
+    from carbonfed.federation.client.participant import Participant, make_cipher, stage_key
+    from carbonfed.federation.report.build import scores
+    from carbonfed.privacy.secure_sum import SecureSum
 
     torch.set_num_threads(1)
     kw = json.loads(cfg_json)
@@ -153,8 +153,8 @@ def run(cfg_json: str) -> dict:
         params, _ = lay.update.unpack_sum(np.frombuffer(model, dtype=np.int64), mt)
         if beta or eta != 1.0 or adam:
             if w is None:
-                from models.mlp import build_model
-                from models.params import flatten_params
+                from carbonfed.models.mlp import build_model
+                from carbonfed.models.params import flatten_params
                 w = flatten_params(build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed))
                 m = np.zeros_like(w)
                 v = np.zeros_like(w)

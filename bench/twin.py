@@ -2,7 +2,7 @@
 
 Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys:
 
-* any :class:`federation.config.RunConfig` field (``"lr"``, ``"max_grad_norm"``,
+* any :class:`carbonfed.federation.config.RunConfig` field (``"lr"``, ``"max_grad_norm"``,
   ``"batches_per_epoch"``, ``"stats_noise_multiplier"``, ``"average_last"`` (1: score the final
   global model, not the mean of the last 10), ...); σ of DP-SGD is recomputed by
   carbonfed's accountant for ε after the statistics releases;
@@ -14,7 +14,7 @@ Each argument is a JSON object of overrides; ``{}`` is the main job itself. Keys
 * ``"asinh_clip"``, ``"asinh_unit"``, ``"asinh_std_floor"``, ``"asinh_floor_sds"``: the stage-3
   constants ``ASINH_CLIP``, ``ASINH_UNIT``, ``ASINH_STD_FLOOR`` and ``ASINH_FLOOR_SDS``
   (``{"asinh_floor_sds": 0}``: the earlier fixed std floor 0.05)
-  of :mod:`data.standardize`;
+  of :mod:`carbonfed.data.features`;
 * ``"asinh_k"``: ``ASINH_K`` (c = expm1(LOG_BOUND·(|m₂| + K·s₂)));
 * ``"raw_extra"``: B > 0 adds the linear terms ``clip(x / c, ±B)`` as 21 more inputs (c is public
   after stage 2, so no further release);
@@ -44,12 +44,13 @@ from dataclasses import replace
 import numpy as np
 
 import ceiling as C
-import data.standardize as S
-from data import split_countries
-from privacy.accountant import calibrate_noise
-from privacy.dp_sgd import planned_mechanism
+import carbonfed.data.features as S
+import carbonfed.privacy.stats_release as R
+from carbonfed.data import split_countries
+from carbonfed.privacy.accountant import calibrate_noise
+from carbonfed.privacy.dp_sgd import planned_mechanism
 
-CLIP, UNIT, FLOOR, SDS, K = S.ASINH_CLIP, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS, S.ASINH_K
+CLIP, UNIT, FLOOR, SDS, K = R.ASINH_CLIP, S.ASINH_UNIT, S.ASINH_STD_FLOOR, R.ASINH_FLOOR_SDS, S.ASINH_K
 SCHEDULES = {"constant": lambda t: 1.0, "linear": lambda t: 1 - 0.8 * t,
              "cosine": lambda t: 0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2}
 
@@ -64,10 +65,10 @@ def main():
     x, y, country, part = C.seed_arrays(args.data_dir)
     for spec in args.settings:
         over = json.loads(spec)
-        S.AsinhLayout.clip = float(over.pop("asinh_clip", CLIP))
+        R.AsinhLayout.clip = float(over.pop("asinh_clip", CLIP))
         S.ASINH_UNIT = float(over.pop("asinh_unit", UNIT))
         S.ASINH_STD_FLOOR = float(over.pop("asinh_std_floor", FLOOR))
-        S.ASINH_FLOOR_SDS = float(over.pop("asinh_floor_sds", SDS))
+        R.ASINH_FLOOR_SDS = float(over.pop("asinh_floor_sds", SDS))
         S.ASINH_K = float(over.pop("asinh_k", K))
         schedule = SCHEDULES[over.pop("lr_schedule", "constant")]
         stage_sigmas = over.pop("stage_sigmas", None)
@@ -77,7 +78,7 @@ def main():
         raw_extra = float(over.pop("raw_extra", 0.0))
         prior = bool(over.pop("prior_bias", True))
         if over.pop("torch_init", False):   # carbonfed's initial model (torch default init, run seed)
-            from models.mlp import build_model
+            from carbonfed.models.mlp import build_model
             lin = build_model(x.shape[1] * (2 if raw_extra else 1), int(y.max()) + 1, (), int(over.get("seed", 0))).net[0]
             init = np.concatenate([lin.weight.detach().numpy().T, lin.bias.detach().numpy()[None]], 0)
         cfg = replace(C.MAIN, **over)
@@ -107,7 +108,7 @@ def main():
             out.append(f"{name} {accs.mean():.4f} ± {accs.std():.4f} (min {accs.min():.3f}), macro-F1 {f1s.mean():.3f}, log-loss {np.mean(losses):.4f}"
                        + (f", both thresholds {np.mean((accs >= 0.95) & (f1s >= 0.70)):.2f}" if fold is None else ""))
         print(f"{spec}: σ_s {'/'.join(f'{s:.2f}' for s in stage_sigmas)}, σ {sigma:.3f} | " + " | ".join(out), flush=True)
-    S.AsinhLayout.clip, S.ASINH_UNIT, S.ASINH_STD_FLOOR, S.ASINH_FLOOR_SDS, S.ASINH_K = CLIP, UNIT, FLOOR, SDS, K
+    R.AsinhLayout.clip, S.ASINH_UNIT, S.ASINH_STD_FLOOR, R.ASINH_FLOOR_SDS, S.ASINH_K = CLIP, UNIT, FLOOR, SDS, K
 
 
 if __name__ == "__main__":

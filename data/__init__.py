@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 
-from data.dataset import FederatedDataset
-from data.errors import DataError, UnknownCountryError
-from data.locate import DATA_DIR_ENV, resolve_data_dir, sha256_file
-from data.owid import (
+from carbonfed.data.dataset import FederatedDataset
+from carbonfed.data.errors import DataError, UnknownCountryError
+from carbonfed.data.locate import DATA_DIR_ENV, resolve_data_dir, sha256_file
+from carbonfed.data.owid import (
     OWID_CLASSES,
     OWID_FEATURES,
     OWID_LABEL_SOURCE,
@@ -26,8 +26,8 @@ from data.owid import (
     leaking_columns,
     load_owid,
 )
-from data.partition import Partition, split_countries
-from data.seed import SEED_CLASSES, SEED_FEATURES, load_seed
+from carbonfed.data.partition import Partition, split_countries
+from carbonfed.data.seed import SEED_CLASSES, SEED_FEATURES, load_seed
 
 DATASET_NAMES: tuple[str, ...] = ("seed", "owid")
 

@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from data.errors import DataError, UnknownCountryError
+from carbonfed.data.errors import DataError, UnknownCountryError
 
 SOURCE_KEYS = ("path", "sha256", "rows_read", "rows_used", "url")
 

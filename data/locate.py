@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from data.errors import DataError
+from carbonfed.data.errors import DataError
 
 DATA_DIR_ENV = "CARBONFED_DATA_DIR"
 

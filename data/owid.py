@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.dataset import FederatedDataset
-from data.errors import DataError
-from data.locate import resolve_data_dir, sha256_file
-from data.table import read_table
+from carbonfed.data.dataset import FederatedDataset
+from carbonfed.data.errors import DataError
+from carbonfed.data.locate import resolve_data_dir, sha256_file
+from carbonfed.data.table import read_table
 
 OWID_FILENAME = "owid-co2-data-2020.csv"
 OWID_URL = "https://nyc3.digitaloceanspaces.com/owid-public/data/co2/owid-co2-data.csv"

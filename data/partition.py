@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from data.errors import UnknownCountryError
+from carbonfed.data.errors import UnknownCountryError
 
 HOLDOUT_STRIDE = 5
 

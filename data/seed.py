@@ -17,10 +17,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from data.dataset import FederatedDataset
-from data.errors import DataError
-from data.locate import resolve_data_dir
-from data.table import read_table
+from carbonfed.data.dataset import FederatedDataset
+from carbonfed.data.errors import DataError
+from carbonfed.data.locate import resolve_data_dir
+from carbonfed.data.table import read_table
 
 SEED_FILENAME = "seed-emission-categories.csv"
 SEED_LABEL_SOURCE = "category"

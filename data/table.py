@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data.errors import DataError
+from carbonfed.data.errors import DataError
 
 _MAX_SHOWN = 5
 _MISSING_TOKENS = ("", "NA", "NaN", "nan", "N/A", "null")  # cells read as "no value"

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from federation.config import PRIVACY_MODES, RunConfig
+from carbonfed.federation.config import PRIVACY_MODES, RunConfig
 
 
 # settings `carbonfed run` takes under its own names (--out, --keys) or sets itself (state-dir)
@@ -70,14 +70,14 @@ def _progress(cfg: RunConfig):
 
 
 def cmd_run(args) -> int:
-    from data import resolve_data_dir
-    from privacy.he import keygen
+    from carbonfed.data import resolve_data_dir
+    from carbonfed.privacy.he import keygen
 
     if args.resume:
         return _resume(args)
     overrides = RunConfig.options_given(args, skip=_OWN_OPTIONS)
     if args.download_owid:
-        from data import download_owid
+        from carbonfed.data import download_owid
 
         path = download_owid(args.download_owid)
         print(f"downloaded {path} (sha256 in {path}.sha256)")
@@ -110,7 +110,7 @@ CLIENT_STATE = ".client-state"   # the simulated clients' accountant state and r
 
 
 def _resume(args) -> int:
-    from privacy.he import SECRET_CONTEXT_FILE
+    from carbonfed.privacy.he import SECRET_CONTEXT_FILE
 
     if not args.out:
         print("error: --resume needs --out, the folder of the interrupted run", file=sys.stderr)
@@ -136,8 +136,8 @@ def _simulate(cfg: RunConfig, out: Path, verbose: bool, own_keys: bool) -> int:
     """Run (or resume) the simulation, then the report; a run's own keys are deleted at the end."""
     import shutil
 
-    from federation.report import build_report
-    from federation.simulation import run_simulation
+    from carbonfed.federation.report.build import build_report
+    from carbonfed.federation.simulation import run_simulation
 
     print(f"carbonfed: {cfg.dataset} data, privacy={cfg.privacy}"
           + (f", ε={cfg.epsilon}, δ={cfg.delta}" if cfg.dp else "") + f", {cfg.rounds} rounds → {out}")
@@ -163,8 +163,8 @@ def _simulate(cfg: RunConfig, out: Path, verbose: bool, own_keys: bool) -> int:
 
 
 def _audit_pages(out: Path, report: dict, keys: str | None):
-    from federation.html_report import write_all
-    from privacy.verify import verify_run
+    from carbonfed.federation.report.html import write_all
+    from carbonfed.privacy.audit.verify import verify_run
 
     audit = verify_run(out, keys_dir=keys)
     page, statement = write_all(out, report, audit)
@@ -190,7 +190,7 @@ def _print_summary(report: dict, out: Path) -> None:
 
 
 def cmd_keygen(args) -> int:
-    from privacy.he import keygen
+    from carbonfed.privacy.he import keygen
 
     secret, public = keygen(args.out)
     print(f"clients' secret context: {secret}\nserver's public context: {public}\n(both mode 0600; never commit them)")
@@ -198,9 +198,9 @@ def cmd_keygen(args) -> int:
 
 
 # subcommand → (module, function taking the remaining argv); imported only when used
-DELEGATED = {"report": ("federation.html_report", "main"), "verify": ("privacy.verify", "main"),
-             "deploy": ("federation.deploy", "main"), "audit-attack": ("privacy.audit", "main"),
-             "bench": ("privacy.bench_he", "main")}
+DELEGATED = {"report": ("carbonfed.federation.report.html", "main"), "verify": ("carbonfed.privacy.audit.verify", "main"),
+             "deploy": ("carbonfed.federation.deploy.local", "main"), "audit-attack": ("carbonfed.federation.experiments.audit_attack", "main"),
+             "bench": ("carbonfed.federation.experiments.bench_he", "main")}
 
 
 def main(argv=None) -> int:
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("audit-attack", help="empirical privacy audit: one-run canary ε lower bound and a "
                                             "loss-based membership-inference attack (`DIR [--canaries M] [--json]`)")
     a.add_argument("rest", nargs=argparse.REMAINDER)
-    from federation.sweep import add_arguments as sweep_arguments
+    from carbonfed.federation.experiments.sweep import add_arguments as sweep_arguments
 
     sweep_arguments(sub.add_parser("sweep", help="accuracy–privacy sweep over ε and seeds with a centralized "
                                                  "ceiling: sweep.csv, tradeoff.png, tradeoff.md"))
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         if args.cmd == "keygen":
             return cmd_keygen(args)
         if args.cmd == "sweep":
-            from federation.sweep import cmd_sweep
+            from carbonfed.federation.experiments.sweep import cmd_sweep
             return cmd_sweep(args)
         module, func = DELEGATED[args.cmd]          # commands that parse their own arguments
         return getattr(importlib.import_module(module), func)(args.rest)

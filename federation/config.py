@@ -78,7 +78,7 @@ class RunConfig:
         except ValueError:
             errors.append(f"hidden must be comma-separated layer widths, got {self.hidden!r}")
         try:
-            from federation.faults import parse_drill
+            from carbonfed.federation.faults import parse_drill
             parse_drill(self.fault_drill)
         except ValueError as exc:
             errors.append(str(exc))
@@ -94,18 +94,18 @@ class RunConfig:
         """Noise multiplier of each statistics release; 0 (exact statistics, outside the
         guarantee) without DP or with ``stats-noise-multiplier = 0``. It is
         ``stats-noise-multiplier``, raised where a small ε needs it so that the planned releases
-        spend at most half of ε (:func:`privacy.accountant.stats_noise_floor`): otherwise they
+        spend at most half of ε (:func:`carbonfed.privacy.accountant.stats_noise_floor`): otherwise they
         could take the whole budget and leave DP-SGD none. At ε ≥ 3 (δ = 1e-5) the default 4 stands."""
         if not self.dp or self.stats_noise_multiplier <= 0:
             return 0.0
-        from privacy.accountant import stats_noise_floor
+        from carbonfed.privacy.accountant import stats_noise_floor
         return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, self.stats_stages))
 
     @property
     def stats_releases(self) -> int:
         """How many statistics releases the run makes. DP runs with noisy statistics make
         ``stats-stages`` (2, the default: a per-feature refinement of the log features; 3: then
-        the asinh features of :mod:`data.standardize`, the seed main job's). Runs with exact
+        the asinh features of :mod:`carbonfed.data.features`, the seed main job's). Runs with exact
         statistics (no DP, or ``stats-noise-multiplier = 0``) need no refinement, so they make 1,
         except with ``stats-stages = 3``: the asinh features need ``c`` from the second stage, so
         they make all 3 (exactly), and a ``none`` or ``he`` run then trains on the main job's

@@ -24,17 +24,17 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from data import load_dataset
-from federation.client_app import app as client_app
-from federation.config import RunConfig
-from federation.server_app import make_server_app
+from carbonfed.data import load_dataset
+from carbonfed.federation.client.app import app as client_app
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.server.app import make_server_app
 
 
 def app_config_toml(cfg: RunConfig) -> dict:
     """The ``[tool.flwr.app]`` table of a Flower app whose defaults are ``cfg``."""
     return {"tool": {"flwr": {"app": {
         "publisher": "carbonfed",
-        "components": {"serverapp": "federation.server_app:app", "clientapp": "federation.client_app:app"},
+        "components": {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"},
         "config": cfg.to_flower()}}}}
 
 

@@ -1,5 +1,5 @@
 """Models trained by carbonfed clients."""
-from models.mlp import EmissionMLP, build_model
-from models.params import flatten_params, load_flat_params, num_params
+from carbonfed.models.mlp import EmissionMLP, build_model
+from carbonfed.models.params import flatten_params, load_flat_params, num_params
 
 __all__ = ["EmissionMLP", "build_model", "flatten_params", "load_flat_params", "num_params"]

@@ -18,7 +18,7 @@ Guarantees
   (:func:`check_line` says which).
 * Limits: all clients share one key (see ``threat_model.md``), so a client can attest facts in
   another client's name, and a key holder colluding with the server can forge any line. A server
-  that drops whole lines is not caught here (``privacy.verify`` checks round summaries and that
+  that drops whole lines is not caught here (``carbonfed.privacy.audit.verify`` checks round summaries and that
   histories only grow). Runs without HE have no key and no attestations.
 """
 

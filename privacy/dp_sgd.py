@@ -7,12 +7,12 @@ Guarantees (DP on)
   ε every client reports, reveals nothing about how many rows a client holds.
 * Per-sample gradients are clipped to ``max_grad_norm`` and Gaussian noise of std
   ``noise_multiplier × max_grad_norm`` is added to their sum (Opacus ``make_private``): each step
-  is the subsampled Gaussian mechanism that :class:`~privacy.accountant.ClientAccountant` accounts.
+  is the subsampled Gaussian mechanism that :class:`~carbonfed.privacy.accountant.ClientAccountant` accounts.
 * :func:`planned_mechanism` gives that ``(sample_rate, steps)`` before training, so a client can
   charge its accountant — or refuse — before touching its data; :func:`train_local` checks that
   Opacus ran exactly that.
 * Randomness (Poisson sampling and Gaussian noise) comes from the caller's
-  :class:`~privacy.randomness.NoiseSource`, a ChaCha20 stream keyed with 256 bits of OS entropy
+  :class:`~carbonfed.privacy.randomness.NoiseSource`, a ChaCha20 stream keyed with 256 bits of OS entropy
   unless the run asked for reproducible noise, never from torch's Mersenne Twister; the noise is
   hardened against floating-point attacks as Opacus's ``secure_mode`` is (which itself needs the
   unmaintained ``torchcsprng``): :class:`HardenedNoiseDPOptimizer`.
@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from privacy.randomness import NoiseSource
+from carbonfed.privacy.randomness import NoiseSource
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privacy.fixed_point import FixedPointCodec, WrapError
+from carbonfed.privacy.fixed_point import FixedPointCodec, WrapError
 
 BLOCK = 4096  # slots per BFV ciphertext (HEParams.poly_modulus_degree)
 

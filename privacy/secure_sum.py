@@ -5,8 +5,8 @@ Guarantees
 * :class:`SecureSum` adds each contribution into one running total as it arrives and keeps
   nothing else, so its memory does not grow with the number of clients.
 * A contribution that does not parse, belongs to other HE parameters, or has the wrong length
-  raises :class:`~privacy.he.CiphertextError` and leaves the running total untouched.
-* :class:`PlainCipher` is the HE-off twin of :class:`~privacy.he.BFVCipher`: the same integer
+  raises :class:`~carbonfed.privacy.he.CiphertextError` and leaves the running total untouched.
+* :class:`PlainCipher` is the HE-off twin of :class:`~carbonfed.privacy.he.BFVCipher`: the same integer
   vectors, summed modulo the same plain modulus, so turning HE on changes no number.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privacy.he import BFVCipher, CiphertextError
+from carbonfed.privacy.he import BFVCipher, CiphertextError
 
 
 class PlainCipher:

@@ -1,0 +1,329 @@
+"""One country's client: what it does with each request, independent of transport.
+
+The Flower ``ClientApp`` (:mod:`carbonfed.federation.client.app`) turns messages into calls on a
+:class:`Participant` and its replies back into messages. The participant keeps every piece of
+state that must survive between messages in :attr:`Participant.state` (a dict of plain lists and
+scalars that the ClientApp stores in ``context.state``), because a deployed client keeps nothing
+in memory between messages.
+
+Guarantees
+----------
+* The noise multiplier is calibrated once, for the whole planned run (``rounds`` rounds of
+  ``local_epochs`` epochs, plus the statistics release), so that the client's total ε at ``delta``
+  reaches at most the target ``epsilon``.
+* Before touching its data in a round, the client computes the ε it would have spent after
+  that round; if that exceeds its budget it refuses, says so, and spends nothing.
+* Each statistics release (stage 1 at the setup; stages 2 and 3, :meth:`Participant.refine`, in
+  DP runs with more stages) happens at most once per run per client, and is charged before it is made.
+* Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
+* With HE on, every reply that carries ledger facts carries the client's attestation of the
+  ledger line they should make (:meth:`Participant.attested`, :mod:`carbonfed.privacy.attest`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from carbonfed.data.dataset import FederatedDataset
+from carbonfed.data.partition import Partition
+from carbonfed.privacy.stats_release import AsinhLayout, RefineLayout, StatsLayout
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.faults import corrupt, nan_params, parse_drill
+from carbonfed.models.mlp import build_model
+from carbonfed.models.params import flatten_params, load_flat_params, num_params
+from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise
+from carbonfed.privacy.attest import FIELD as ATTESTATION
+from carbonfed.privacy.attest import attest, attestation_key
+from carbonfed.privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
+from carbonfed.privacy.fixed_point import FixedPointCodec
+from carbonfed.privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
+from carbonfed.privacy.packing import CountLayout, UpdateLayout
+from carbonfed.privacy.randomness import NoiseSource
+from carbonfed.privacy.secure_sum import PlainCipher
+
+PLAIN_FINGERPRINT = "plaintext"
+
+
+class BudgetExceeded(RuntimeError):
+    """The requested round would take the client past its (ε, δ) budget."""
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """The three integer layouts of a run, derived from its config and model size."""
+
+    update: UpdateLayout
+    stats: StatsLayout
+    metrics: CountLayout
+    refine: RefineLayout | None = None   # second-stage statistics (RunConfig.stats_releases >= 2)
+    asinh: AsinhLayout | None = None     # third-stage statistics (RunConfig.stats_releases == 3)
+
+    @property
+    def stages(self) -> list:
+        """The statistics releases of the run, in order: stage 1, then the later stages."""
+        return [lay for lay in (self.stats, self.refine, self.asinh) if lay is not None]
+
+    def scaler(self, aggregates: list[tuple[np.ndarray, int]]):
+        """The scaler from decrypted statistics aggregates ``[(vector, terms) of stage 1, of
+        stage 2, ...]``: each stage's aggregate read with the scaler of the stages before it."""
+        (vec, terms), rest = aggregates[0], aggregates[1:]
+        scaler = self.stats.unpack_sum(vec, terms)
+        for lay, (vec, terms) in zip(self.stages[1:], rest):
+            scaler = lay.unpack_sum(vec, terms, scaler)
+        return scaler
+
+    @classmethod
+    @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
+    def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int) -> "Layouts":
+        t = HEParams().plain_modulus
+        n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
+        # headroom for the server's sum of the last ``average-last`` global models, each a sum of
+        # at most max-clients-per-round updates
+        codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round * cfg.average_last)
+        stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round)
+        return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec), stats=stats,
+                   metrics=CountLayout(n_classes * n_classes),
+                   refine=RefineLayout(stats) if cfg.stats_releases >= 2 else None,
+                   asinh=AsinhLayout(stats) if cfg.stats_releases >= 3 else None)
+
+
+def stage_key(stage: int) -> str:
+    """The record (and aggregate file) name of statistics stage ``stage``: stats, stats2, stats3."""
+    return "stats" if stage == 1 else f"stats{stage}"
+
+
+def released_flag(stage: int) -> str:
+    """The participant-state key that says statistics stage ``stage`` was released."""
+    return {1: "stats_released", 2: "refine_released"}.get(stage, f"stage{stage}_released")
+
+
+def make_cipher(cfg: RunConfig, ctx, length: int):
+    """BFV under ``ctx`` when HE is on, else the plaintext twin with the same modulus."""
+    if cfg.he:
+        if ctx is None:
+            raise ValueError("HE is on but no TenSEAL context was given (keys-dir / secret-context unset)")
+        return BFVCipher(ctx, length)
+    return PlainCipher(length, HEParams().plain_modulus)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Participant:
+    cfg: RunConfig
+    dataset: FederatedDataset
+    partition: Partition
+    country: str
+    ctx: object = None            # secret TenSEAL context (HE on) or None
+    state: dict = field(default_factory=dict)
+    fingerprint: str = ""         # of ``ctx``'s public key; computed here unless the caller has it
+    attest_key: bytes = b""       # of the client's ledger attestations (carbonfed.privacy.attest); none without HE
+
+    def __post_init__(self):
+        self.role = self.partition.role(self.country)
+        self.fault = parse_drill(self.cfg.fault_drill).get(self.country, "")
+        if self.fault == "foreign-key" and self.cfg.he:
+            self.ctx, self.fingerprint = new_secret_context(), ""
+            self.attest_key = attestation_key(self.ctx.serialize(save_secret_key=True))
+        self.x, self.y = self.dataset.client_arrays(self.country)
+        self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
+        if not self.cfg.he:
+            self.fingerprint = PLAIN_FINGERPRINT
+        elif not self.fingerprint:
+            self.fingerprint = key_fingerprint(self.ctx)
+        if len(self.y) > self.cfg.max_client_samples:
+            raise ValueError(f"{self.country} holds {len(self.y)} rows, more than max-client-samples="
+                             f"{self.cfg.max_client_samples}: raise that public bound for this federation")
+        self.settings = TrainSettings(lr=self.cfg.lr, momentum=self.cfg.momentum, local_epochs=self.cfg.local_epochs,
+                                      batches_per_epoch=self.cfg.batches_per_epoch, max_grad_norm=self.cfg.max_grad_norm)
+
+    def attested(self, kind: str, stage: int | None, rnd: int, facts: dict) -> dict:
+        """Reply metadata for ledger ``facts``: the facts as JSON and, where this client holds the
+        key holders' secret context, its attestation of the ledger line they should make
+        (``kind`` stats or train, ``stage`` 1–3 or None, round ``rnd``; :mod:`carbonfed.privacy.attest`)."""
+        meta = {"facts": json.dumps(facts)}
+        if self.attest_key:
+            meta[ATTESTATION] = attest(self.attest_key, self.country, kind, stage, rnd, self.cfg.digest(), facts)
+        return meta
+
+    # -- privacy state ---------------------------------------------------------------------
+    @property
+    def accountant(self) -> ClientAccountant:
+        return ClientAccountant.from_state(self.state.get("accountant", {}))
+
+    def _save_accountant(self, acc: ClientAccountant) -> None:
+        self.state["accountant"] = acc.state_dict()
+
+    def stats_mechanism(self) -> list[tuple[float, float, int]]:
+        """The planned statistics releases: one unsubsampled Gaussian step per stage."""
+        s = self.cfg.stats_sigma       # 0 without DP or with exact statistics
+        return [(s, 1.0, 1)] * self.cfg.stats_releases if s > 0 else []
+
+    def _charge_release(self, stage: int) -> None:
+        """Charge statistics stage ``stage`` (1, 2 or 3) to the accountant, before it is made."""
+        if self.cfg.dp:
+            self.noise_multiplier()
+            acc = self.accountant
+            plan = self.stats_mechanism()
+            if stage <= len(plan):
+                acc.add(*plan[stage - 1])
+            self._save_accountant(acc)
+
+    def noise_multiplier(self) -> float:
+        """Calibrated once for the whole planned run, then kept in the state."""
+        if "noise_multiplier" not in self.state:
+            q, steps = planned_mechanism(self.settings)
+            self.state["noise_multiplier"] = calibrate_noise(
+                self.cfg.epsilon, self.cfg.delta, q, steps * self.cfg.rounds, prior=self.stats_mechanism())
+        return float(self.state["noise_multiplier"])
+
+    # -- requests --------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Role, key fingerprint and (training clients) the encrypted noisy statistics."""
+        out = {"role": self.role, "country": self.country, "fingerprint": self.fingerprint, "stats": None}
+        if self.role != "train":
+            return out
+        if self.state.get(released_flag(1)):
+            raise RuntimeError(f"{self.country} already released its statistics in this run; "
+                               "a second release would spend more privacy budget")
+        self._charge_release(1)
+        if self.cfg.dp:
+            out["noise_multiplier"] = self.noise_multiplier()
+        out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
+            self.layouts.stats.pack(self.x, self.y, self.noise_source("stats", self.country)))
+        self.state[released_flag(1)] = True
+        return out
+
+    def refine(self, stats: list[tuple[bytes, int]]) -> dict:
+        """The next statistics stage, k = len(stats) + 1 (2 or 3), measured with the scaler made
+        from the aggregates of stages 1..k-1 in ``stats``; the reply's key is ``stage_key(k)``."""
+        stage = len(stats) + 1
+        if self.role != "train":
+            raise RuntimeError(f"{self.country} is an evaluation client: it releases no statistics")
+        if not 2 <= stage <= len(self.layouts.stages):
+            raise RuntimeError(f"this run has no statistics stage {stage} (it makes "
+                               f"{len(self.layouts.stages)}: stats-stages={self.cfg.stats_stages}, DP noise on or off)")
+        done = [k for k in range(1, stage) if not self.state.get(released_flag(k))]
+        if done:
+            raise RuntimeError(f"{self.country} has no record of its stage-{done[0]} statistics release; "
+                               f"refusing stage {stage}")
+        if self.state.get(released_flag(stage)):
+            raise RuntimeError(f"{self.country} already released its stage-{stage} statistics in this run; "
+                               "another release would spend more privacy budget")
+        self._check_terms(None, stats)
+        prev = self._standardizer(stats)
+        self._charge_release(stage)
+        lay = self.layouts.stages[stage - 1]
+        data = make_cipher(self.cfg, self.ctx, lay.length).encrypt(
+            lay.pack(self.x, prev, self.noise_source(stage_key(stage), self.country)))
+        self.state[released_flag(stage)] = True
+        return {stage_key(stage): data, "noise_multiplier": self.noise_multiplier()}
+
+    def _global_model(self, model_bytes: bytes | None, model_terms: int, scaler):
+        """The decrypted global model, or before round 1 the public initial model: the run's seed,
+        the output bias at the log class frequencies that statistics stage 1 released."""
+        model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed,
+                            class_counts=scaler.class_counts)
+        if model_bytes is not None:
+            vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
+            params, _ = self.layouts.update.unpack_sum(vec, model_terms)
+            load_flat_params(model, params)
+        return model
+
+    def _standardizer(self, stats: list[tuple[bytes, int]]):
+        """The scaler from the statistics aggregates ``[(stage 1, terms), (stage 2, terms), ...]``:
+        all the run's stages, or (:meth:`refine`) the stages before the one being released."""
+        lays = self.layouts.stages
+        if len(stats) > len(lays):
+            raise ValueError(f"{len(stats)} statistics aggregates came with the request; this run makes {len(lays)}")
+        return self.layouts.scaler([(make_cipher(self.cfg, self.ctx, lay.length).decrypt(data), terms)
+                                    for lay, (data, terms) in zip(lays, stats)])
+
+    def _scaler(self, stats: list[tuple[bytes, int]]):
+        """The run's final scaler: every stage's aggregate must have come with the request."""
+        if len(stats) < len(self.layouts.stages):
+            raise ValueError(f"this run makes {len(self.layouts.stages)} statistics stages, but only "
+                             f"{len(stats)} aggregate(s) came with the request")
+        return self._standardizer(stats)
+
+    def noise_source(self, *purpose) -> NoiseSource:
+        """The randomness of one release: with DP, ChaCha20 keyed from OS entropy unless the run
+        asked for reproducible noise; otherwise (and then) keyed from the public seed and ``purpose``."""
+        if self.cfg.dp and not self.cfg.reproducible_noise:
+            return NoiseSource.from_os_entropy()
+        return NoiseSource.derived(self.cfg.seed, *purpose)
+
+    def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
+              stats: list[tuple[bytes, int]]) -> dict:
+        """Train one round; returns the encrypted update and the ledger facts of this round.
+
+        With DP on, the round's mechanism is charged to the accountant (in ``state``) *before*
+        training starts: whatever fails afterwards, the spend is never forgotten.
+        """
+        torch.set_num_threads(1)
+        self._check_terms(model_terms if model_bytes is not None else None, stats)
+        q, steps = planned_mechanism(self.settings)
+        facts = {"round": server_round, "sample_rate": q, "steps": steps}
+        settings = self.settings
+        if self.cfg.dp:
+            sigma = self.noise_multiplier()
+            acc = self.accountant
+            eps_before = acc.epsilon(self.cfg.delta)
+            eps_after = acc.epsilon_after(sigma, q, steps, self.cfg.delta)
+            facts.update(noise_multiplier=sigma, epsilon_before=eps_before)
+            if eps_after > self.cfg.epsilon:
+                raise BudgetExceeded(
+                    f"{self.country}: round {server_round} would raise ε from {eps_before:.4f} to "
+                    f"{eps_after:.4f}, above the budget ε={self.cfg.epsilon} at δ={self.cfg.delta}; refusing to train")
+            acc.add(sigma, q, steps)
+            self._save_accountant(acc)
+            facts.update(epsilon=eps_after, total_steps=acc.total_steps())
+            settings = settings.with_noise(sigma)
+        scaler = self._scaler(stats)
+        model = self._global_model(model_bytes, model_terms, scaler)
+        settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
+        outcome = train_local(model, scaler.apply(self.x), self.y, settings,
+                              self.noise_source("train", self.country, server_round))
+        params = flatten_params(model)
+        if self.fault == "nan":
+            params = nan_params(params)
+        if not np.all(np.isfinite(params)):
+            raise ValueError(f"{self.country}: local training produced NaN/inf parameters; update withheld")
+        rng = np.random.default_rng(_seed(self.cfg.seed, "encode", self.country, server_round))
+        vec, clipped = self.layouts.update.pack(params, len(self.y), rng)
+        facts.update(steps=outcome.steps, clipped_params=clipped)
+        if self.fault == "wrong-length":
+            vec = vec[:-1]
+        update = make_cipher(self.cfg, self.ctx, len(vec)).encrypt(vec)
+        if self.fault == "corrupt":
+            update = corrupt(update)
+        return {"update": update, "facts": facts}
+
+    def _check_terms(self, model_terms: int | None, stats: list[tuple[bytes, int]]) -> None:
+        """An aggregate of fewer than min-train-clients terms could be one client's own data."""
+        counts = [("model", model_terms)] + [("statistics", t) for _, t in stats]
+        low = [(k, v) for k, v in counts if v is not None and v < self.cfg.min_train_clients]
+        if low:
+            raise ValueError(f"refusing an aggregate of {low[0][1]} {low[0][0]} contributions "
+                             f"(< min-train-clients={self.cfg.min_train_clients}): it could expose single clients")
+
+    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats: list[tuple[bytes, int]]) -> bytes:
+        """Encrypted confusion matrix (true class × predicted class) of the global model here."""
+        torch.set_num_threads(1)
+        self._check_terms(model_terms if model_bytes is not None else None, stats)
+        scaler = self._scaler(stats)
+        model = self._global_model(model_bytes, model_terms, scaler).eval()
+        with torch.no_grad():
+            pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()
+        k = len(self.dataset.classes)
+        cm = np.zeros((k, k), dtype=np.int64)
+        np.add.at(cm, (self.y, pred), 1)
+        return make_cipher(self.cfg, self.ctx, self.layouts.metrics.length).encrypt(self.layouts.metrics.pack(cm))

@@ -1,0 +1,213 @@
+"""report.json: what a run achieved, computed by a key holder from the server's outputs.
+
+Every number comes from one of three places, and from nowhere else:
+* the ledger (``ledger.jsonl``): ε per client, the mechanism settings, who took part, timings;
+* the encrypted aggregates, decrypted here with the clients' secret context: the held-out
+  confusion matrices (accuracy, macro-F1) and the final global model;
+* ``server.json``: the config, HE parameters and total time as the server measured them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carbonfed.data import load_dataset, sha256_file, split_countries
+from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, LOG_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
+from carbonfed.privacy.stats_release import ASINH_CLIP, ASINH_FLOOR_SDS, CONTRIB_CLIP, REFINE_CLIP
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.client.participant import Layouts, make_cipher, stage_key
+from carbonfed.models.mlp import build_model, describe
+from carbonfed.models.params import load_flat_params, num_params
+from carbonfed.privacy.accountant import ACCOUNTANT_NAME
+from carbonfed.privacy.he import SECRET_CONTEXT_FILE, load_secret_context
+from carbonfed.privacy.ledger import read_ledger
+
+
+def scores(cm: np.ndarray) -> dict:
+    """Accuracy and macro-F1 (over classes present in truth or prediction, as scikit-learn)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    f1 = [c["f1"] for c in per_class(cm, range(len(cm))) if c["f1"] is not None]
+    return {"accuracy": float(np.trace(cm) / total) if total else None,
+            "macro_f1": float(np.mean(f1)) if f1 else None}
+
+
+def per_class(cm: np.ndarray, classes) -> list[dict]:
+    """Precision, recall, F1 and support of each class (None where undefined: nothing predicted /
+    no true row); macro-F1 averages the F1 of the classes with a true or a predicted row."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    return [{"class": name,
+             "precision": float(tp[k] / predicted[k]) if predicted[k] else None,
+             "recall": float(tp[k] / support[k]) if support[k] else None,
+             "f1": float(2 * tp[k] / (support[k] + predicted[k])) if support[k] + predicted[k] else None,
+             "support": int(support[k]), "predicted": int(predicted[k])}
+            for k, name in enumerate(classes)]
+
+
+def _one_or_range(values):
+    vals = sorted(set(v for v in values if v is not None))
+    if not vals:
+        return None
+    return vals[0] if len(vals) == 1 else {"min": vals[0], "max": vals[-1]}
+
+
+def floored_std_features(scaler, features) -> list[str]:
+    """The features whose final std is the scaler's floor (:attr:`Standardizer.floor`): their
+    released variance was at or below the floor's square.
+    Either the feature is nearly constant (exact statistics say so) or, under DP, the noise
+    pulled its variance down; its scale in the model is then uncertain."""
+    return [f for f, sd in zip(features, scaler.std) if sd <= scaler.floor * (1 + 1e-9)]
+
+
+def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
+    run = Path(run_dir)
+    server = json.loads((run / "server.json").read_text())
+    cfg = RunConfig.from_flower(server["config"])
+    ledger = read_ledger(run / "ledger.jsonl")
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    part = split_countries(ds.countries(), cfg.holdout_offset)
+    layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+    ctx = None
+    if cfg.he:
+        keys = Path(keys_dir or cfg.keys_dir)
+        ctx = load_secret_context(keys / SECRET_CONTEXT_FILE)
+
+    def decrypt(name: str, length: int):
+        return make_cipher(cfg, ctx, length).decrypt((run / "aggregates" / name).read_bytes())
+
+    rounds = [r for r in ledger if r.get("kind") == "round"]
+    history, last_cm = [], None
+    for r in rounds:
+        f = run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
+        entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
+                 "epsilon_max": r.get("epsilon_max"), "seconds": r["seconds"],
+                 "accepted": r["accepted"], "rejected": r["rejected"],
+                 # the rounds whose global models the evaluated model averages (average-last)
+                 "model_rounds": r.get("model_rounds", [r["round"]])}
+        if f.exists():
+            cm = layouts.metrics.unpack_sum(decrypt(f.name, layouts.metrics.length), r["evaluated"])
+            last_cm = cm.reshape(len(ds.classes), -1)
+            entry.update(scores(last_cm))
+        history.append(entry)
+
+    # Final model: decrypted by the key holder, saved next to the report.
+    final, floored, std_floor = None, None, None
+    if (run / "aggregates" / "model.bin").exists():
+        params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
+        model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
+        load_flat_params(model, params)
+        scaler = layouts.scaler([(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"])
+                                 for k, lay in enumerate(layouts.stages, 1)])
+        floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
+        torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
+                    "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
+        averaged = server.get("model_rounds") or [server.get("rounds_completed")]
+        # the rows behind one global model (the averaged models' summed counts over their number)
+        final = {"path": str(run / "model.pt"), "samples": total / len(averaged),
+                 # which global models model.pt is: the mean of those of these rounds (average-last)
+                 "averaged_rounds": averaged,
+                 "output": (f"the sample-weighted mean of the global models of rounds {averaged[0]}–{averaged[-1]} "
+                            f"(average-last = {cfg.average_last}), summed on ciphertexts by the server"
+                            if len(averaged) > 1 else "the global model of the last round"),
+                 "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
+                 "parameters": num_params(model),
+                 "initial_model": "torch's initialisation for the run's seed, output bias at the centred log class "
+                                  "frequencies of the statistics release (stage 1 counts)"}
+
+    # Privacy, from the ledger: each client's last reported state.
+    last: dict[str, dict] = {}
+    for line in ledger:
+        if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
+            last[line["country"]] = line
+    # The statistics releases as charged: the unsubsampled steps of the stats lines' histories.
+    stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
+                                for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+    covered = stats_sigma is not None
+    # how many releases were charged: the longest run of unsubsampled steps a stats line carries
+    stats_releases = max((sum(1 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+                          for l in ledger if l.get("kind") == "stats"), default=0)
+    privacy = None
+    if cfg.dp:
+        eps = {c: line["epsilon"] for c, line in sorted(last.items())}
+        train_lines = [l for l in ledger if l.get("kind") == "train" and l.get("noise_multiplier") is not None]
+        privacy = {"delta": cfg.delta, "epsilon_target": cfg.epsilon,
+                   "epsilon_max": max(eps.values()) if eps else None, "epsilon_per_client": eps,
+                   "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
+                   "max_grad_norm": cfg.max_grad_norm,
+                   "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
+                   "stats_noise_multiplier": stats_sigma,
+                   "stats_release_covered": covered}
+    he = None
+    if cfg.he:
+        uploads = [r["upload_bytes_per_client"] for r in rounds if r.get("upload_bytes_per_client")]
+        he = {**{k: server["he"][k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes",
+                                               "plain_modulus", "security_bits", "server_has_secret_key")},
+              "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
+              "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
+                         "the sample-weighted fixed-point parameters",
+              "fixed_point_resolution": layouts.update.codec.resolution}
+    preprocessing = {
+        "transform": (f"asinh(x / c) per feature (stage 3: c = expm1({LOG_BOUND:g}·(|m2| + {ASINH_K:g}·s2)) from the "
+                      "stage-2 mean m2 and std s2 of the log features below); then (u - mean) / std with the "
+                      "stage-3 federated mean and std" if layouts.asinh is not None else
+                      f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
+                      "with the federated mean and std"),
+        "released": f"the sum over all training clients of (rows per class, Σx, {SECOND_MOMENT_WEIGHT:g}·Σx²) of the "
+                    f"signed-log1p features (clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g})"
+                    + (f", each record's (x, {SECOND_MOMENT_WEIGHT:g}·x²) clipped to L2 norm {CONTRIB_CLIP:g}"
+                       if covered else "")
+                    + "; it reveals the global class frequencies and each feature's mean and variance, never "
+                      "one client's own statistics",
+        "stages": len(layouts.stages),
+        "second_stage": (f"then the sum of (Σz, Σz²) with z = clip((x - m1) / u, ±{REFINE_Z_BOUND:g}), m1 the "
+                         f"stage-1 mean and u = max(|m1|, stage-1 std, {STD_FLOOR:g}) per feature, each record's (z, z²) "
+                         f"clipped to L2 norm {REFINE_CLIP:g}; the mean and std of the log features come from it (stage-1 "
+                         "counts): each feature's variance is measured in its own unit"
+                         if layouts.refine is not None else None),
+        "third_stage": (f"then the sum of (Σz, Σz²) with z = clip((asinh(x / c) - {ASINH_CENTER:g}) / {ASINH_UNIT:g}, "
+                        f"±{ASINH_Z_BOUND:g}), c from stage 2 as above, each record's (z, z²) clipped to L2 norm "
+                        f"{ASINH_CLIP:g}; the model's mean and std of asinh(x / c) come from it (variance floored at the larger "
+                        f"of {ASINH_STD_FLOOR:g}² and {ASINH_FLOOR_SDS:g} standard deviations of the noise on its second-moment term, "
+                        f"{ASINH_UNIT:g}²·σ_s·{ASINH_CLIP:g}·√clients / rows)" if layouts.asinh is not None else None),
+        "noise_multiplier": stats_sigma or 0.0,
+        # features whose released std fell to the floor: nearly constant (with asinh features: c
+        # far above the data, e.g. OWID's energy per capita) or, under DP, a variance the noise
+        # pulled down; null without model.pt
+        "floored_std_features": floored,
+        "std_floor": std_floor,
+        "covered_by_epsilon": covered,
+        "statement": (f"charged to every training client's accountant as {stats_releases} Gaussian release(s) "
+                      f"(noise multiplier {stats_sigma} each; L2 sensitivity "
+                      + " and ".join(f"{lay.sensitivity:.4f}" for lay in layouts.stages[:stats_releases]) + "): inside ε"
+                      if covered else
+                      "released WITHOUT noise: outside the differential-privacy guarantee"),
+    }
+    last_scored = next((h for h in reversed(history) if h["accuracy"] is not None), None)
+    report = {
+        "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
+        "holdout_offset": cfg.holdout_offset,
+        # who took part, from the ledger (a deployment may federate a subset of the partition)
+        "clients": {"train": len({l["country"] for l in ledger if l.get("kind") == "stats"
+                                  and l.get("status") == "accepted"}) or len(part.train),
+                    "test": len({l["country"] for l in ledger if l.get("kind") == "evaluate"
+                                 and l.get("status") == "accepted"}) or len(part.test),
+                    "partition": {"train": len(part.train), "test": len(part.test)}},
+        "metrics": {"accuracy": last_scored["accuracy"] if last_scored else None,
+                    "macro_f1": last_scored["macro_f1"] if last_scored else None,
+                    # the last scored round's summed confusion matrix: rows true class, columns predicted
+                    "classes": list(ds.classes),
+                    "confusion_matrix": last_cm.astype(int).tolist() if last_cm is not None else None,
+                    "per_class": per_class(last_cm, ds.classes) if last_cm is not None else None},
+        "history": history, "privacy": privacy, "he": he, "preprocessing": preprocessing,
+        "timing": {"total_s": server["total_s"], "per_round_s": float(np.mean([r["seconds"] for r in rounds])) if rounds else None},
+        "model": final,
+        "provenance": {"config_sha256": server["config_sha256"], "config": server["config"],
+                       "data": {**ds.source, "sha256": ds.source.get("sha256") or sha256_file(ds.source["path"])}},
+    }
+    (run / "report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,96 @@
+"""The Flower ServerApp: loads the public context, runs :class:`EncryptedFedAvg`, writes the run.
+
+It never loads a secret key: with HE on it loads ``keys-dir/public.ctx`` and refuses to start if
+that file holds a secret key. It reads no data either: the vector lengths follow from the data
+set's public schema (feature and class lists), so ``data-dir`` need not exist on the server. It writes, under ``out-dir``: ``ledger.jsonl``, the encrypted
+aggregates (``aggregates/``), a checkpoint after every round (``checkpoint.json``,
+``checkpoint/``) and ``server.json`` (config, HE parameters, timings). Decrypting the final
+model and the metrics is the key holders' job (``carbonfed report``).
+
+Started again on an out-dir that holds a checkpoint of the same config and key (a restarted
+server: ``flwr run`` once more with the same run config), it resumes after the last complete
+round; ``server.json`` then counts the time of every server that worked on the run and lists
+the rounds it resumed after (``resumed_from``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from carbonfed.data import OWID_CLASSES, OWID_FEATURES, SEED_CLASSES, SEED_FEATURES
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.client.participant import PLAIN_FINGERPRINT, Layouts, make_cipher, stage_key
+from carbonfed.federation.durable import atomic_write
+from carbonfed.federation.server.strategy import EncryptedFedAvg
+from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
+
+log = logging.getLogger("carbonfed")
+
+
+
+def out_dir_for(cfg: RunConfig, run_id: int) -> Path:
+    return Path(cfg.out_dir).resolve() if cfg.out_dir else Path.cwd() / "runs" / f"flwr-{run_id}"
+
+
+# The public schema of each data set: the server needs the vector lengths, never the data.
+SCHEMAS = {"seed": (SEED_FEATURES, SEED_CLASSES), "owid": (OWID_FEATURES, OWID_CLASSES)}
+
+
+def schema(dataset: str) -> tuple[int, int]:
+    """(number of features, number of classes) of ``dataset``, without reading any data."""
+    if dataset not in SCHEMAS:
+        raise ValueError(f"unknown data set {dataset!r}; valid names are {sorted(SCHEMAS)}")
+    features, classes = SCHEMAS[dataset]
+    return len(features), len(classes)
+
+
+def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedFedAvg, object]:
+    layouts = Layouts.for_run(cfg, *schema(cfg.dataset))
+    ctx, fingerprint = None, PLAIN_FINGERPRINT
+    if cfg.he:
+        if not cfg.keys_dir:
+            raise ValueError("HE is on: set run config keys-dir to the folder made by `carbonfed keygen`")
+        ctx = load_public_context(Path(cfg.keys_dir) / PUBLIC_CONTEXT_FILE)
+        fingerprint = key_fingerprint(ctx)
+    lengths = {"update": layouts.update.length, "metrics": layouts.metrics.length,
+               **{stage_key(k): lay.length for k, lay in enumerate(layouts.stages, 1)}}
+    return EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out, on_round), ctx
+
+
+def run_server(grid: Grid, context: Context, on_round=None) -> Path:
+    """The ServerApp's body; ``on_round`` receives each round's summary (progress display)."""
+    cfg = RunConfig.from_flower(dict(context.run_config))
+    out = out_dir_for(cfg, grid.run.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    strategy, ctx = build_strategy(cfg, out, on_round)
+    he = None
+    if ctx is not None:
+        he = {**params_of(ctx).describe(), "server_has_secret_key": ctx.has_secret_key(),
+              "key_fingerprint": strategy.fingerprint}
+    strategy.start(grid)
+    server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
+              "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
+              # aggregates/model.bin: the run's model, the mean of the global models of model_rounds
+              "model_terms": strategy.output_model()[1], "model_rounds": strategy.state.tail_rounds(),
+              **strategy.state.stage_terms(), "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
+    atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
+    log.info("run written to %s", out)
+    return out
+
+
+def make_server_app(on_round=None) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, on_round)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,249 @@
+"""End to end through Flower's simulation engine (Ray), on the real seed data, real TenSEAL/Opacus."""
+
+import json
+import shutil
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from dp_accounting.pld import pld_privacy_accountant
+
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.simulation import run_simulation
+from carbonfed.privacy.ledger import check_chain, read_ledger
+
+pytestmark = pytest.mark.slow   # builds whole federations
+
+FAULTS = "Albania:corrupt,Algeria:wrong-length,Angola:nan,Argentina:foreign-key"
+
+
+def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
+    cfg = RunConfig(privacy=privacy, rounds=rounds, keys_dir=str(keys_dir) if "he" in privacy else "",
+                    out_dir=str(tmp_path / privacy.replace("+", "")), **kw)
+    run_simulation(cfg)
+    return cfg, build_report(cfg.out_dir, keys_dir)
+
+
+@pytest.fixture(scope="module")
+def dphe(tmp_path_factory, keys_dir):
+    # average_last=2: the held-out clients evaluate, and model.pt is, the mean of rounds 1 and 2
+    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS, stats_stages=3, average_last=2)
+
+
+def pld_epsilon(history, delta):
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        event = dpa.GaussianDpEvent(sigma) if q == 1.0 else dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
+        acc.compose(event, int(steps))
+    return acc.get_epsilon(delta)
+
+
+def test_report_shape_and_privacy(dphe):
+    cfg, rep = dphe
+    assert rep["dataset"] == "seed" and rep["privacy_mode"] == "dp+he" and rep["rounds"] == 2
+    # the foreign-key client was refused at setup, so 130 of the partition's 131 trained
+    assert rep["clients"] == {"train": 130, "test": 33, "partition": {"train": 131, "test": 33}}
+    assert 0 <= rep["metrics"]["accuracy"] <= 1 and 0 <= rep["metrics"]["macro_f1"] <= 1
+    assert [h["round"] for h in rep["history"]] == [1, 2]
+    assert [h["model_rounds"] for h in rep["history"]] == [[1], [1, 2]] and rep["model"]["averaged_rounds"] == [1, 2]
+    p = rep["privacy"]
+    assert p["epsilon_max"] <= cfg.epsilon and p["delta"] == cfg.delta and p["accountant"] == "opacus.prv"
+    assert len(p["epsilon_per_client"]) == 131 - 1       # the foreign-key client never got a role
+    he = rep["he"]
+    assert he["server_has_secret_key"] is False and he["security_bits"] >= 128
+    assert he["upload_bytes_per_client_round"] < 1.41e6 / 20
+    for k in ("total_s", "per_round_s"):
+        assert rep["timing"][k] > 0
+    # the default model is the seed project's MLP; model.pt holds exactly the parameters stated
+    assert rep["model"]["architecture"] == "MLP 21→32→16→5 (ReLU)"
+    state = torch.load(rep["model"]["path"], weights_only=False)["state_dict"]
+    assert rep["model"]["parameters"] == sum(v.numel() for v in state.values()) == 21 * 32 + 32 + 32 * 16 + 16 + 16 * 5 + 5
+
+
+def test_reported_metrics_are_the_final_models_on_the_held_out_rows(dphe):
+    """The confusion matrix the held-out clients summed under encryption equals scikit-learn's on
+    the predictions of model.pt (with its saved scaler) for every held-out row; accuracy, macro-F1
+    and the per-class figures follow from it as scikit-learn computes them."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from carbonfed.data import load_dataset, split_countries
+    from carbonfed.data.features import Standardizer
+    from carbonfed.models.mlp import build_model
+
+    cfg, rep = dphe
+    saved = torch.load(rep["model"]["path"], weights_only=False)
+    model = build_model(21, 5, tuple(saved["hidden"]))
+    model.load_state_dict(saved["state_dict"])
+    scaler = Standardizer.from_dict(saved["scaler"])
+    ds = load_dataset("seed")
+    x, y = ds.all_arrays(split_countries(ds.countries()).test)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(scaler.apply(x))).argmax(1).numpy()
+    m = rep["metrics"]
+    assert m["classes"] == list(ds.classes)
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(5)).tolist()
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=range(5), zero_division=np.nan)
+    for k, pc in enumerate(m["per_class"]):
+        assert pc["support"] == support[k]
+        for ours, theirs in ((pc["precision"], prec[k]), (pc["recall"], rec[k])):
+            assert (ours is None and np.isnan(theirs)) or ours == pytest.approx(theirs)
+        present = pc["support"] + pc["predicted"] > 0
+        assert (pc["f1"] is None) == (not present) and (not present or pc["f1"] == pytest.approx(f1[k]))
+
+
+def test_epsilon_recomputed_by_independent_accountant(dphe):
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    assert check_chain(ledger) == []
+    last = {}
+    for line in ledger:
+        if line["kind"] in ("stats", "train") and line.get("history"):
+            last[line["country"]] = line
+    histories = {json.dumps(l["history"]) for l in last.values()}
+    for h in histories:                                   # every client of the seed set has 73 rows
+        hist = json.loads(h)
+        claimed = {l["epsilon"] for l in last.values() if json.dumps(l["history"]) == h}
+        independent = pld_epsilon(hist, cfg.delta)
+        for c in claimed:
+            assert c == pytest.approx(independent, rel=0.05)
+        assert independent <= cfg.epsilon * 1.05
+
+
+def test_three_statistics_stages_each_charged_once(dphe):
+    """Every training client released stages 1, 2 and 3 once each, all charged as [σ_s, 1, 1]
+    before its first round; the report says so, and model.pt's scaler reads asinh features."""
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    stats = [l for l in ledger if l["kind"] == "stats" and l["status"] == "accepted"]
+    stage1, stage2, stage3 = (sorted(l["country"] for l in stats if l.get("stage", 1) == k) for k in (1, 2, 3))
+    assert stage1 == stage2 == stage3 and len(stage3) == 130 == len(set(stage3))
+    s = cfg.stats_sigma
+    for line in stats:
+        want = [[s, 1.0, 1]] * line.get("stage", 1)
+        assert line["history"] == want
+    first_train = {}
+    for line in ledger:
+        if line["kind"] == "train" and line.get("history") and line["country"] not in first_train:
+            first_train[line["country"]] = line
+    assert all(l["history"][:3] == [[s, 1.0, 1]] * 3 for l in first_train.values())
+    pre = rep["preprocessing"]
+    assert pre["stages"] == 3 and pre["covered_by_epsilon"] and "3 Gaussian release(s)" in pre["statement"]
+    assert pre["transform"].startswith("asinh(x / c)") and pre["third_stage"]
+    scaler = torch.load(rep["model"]["path"], weights_only=False)["scaler"]
+    assert scaler["scale"] is not None and len(scaler["scale"]) == 21
+
+
+def test_bad_clients_rejected_without_failing_the_round(dphe):
+    cfg, rep = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    by = {(l["country"], l["kind"], l.get("round")): l for l in ledger if "country" in l}
+    assert by[("Argentina", "stats", 0)]["status"] == "rejected"
+    assert "fingerprint" in by[("Argentina", "stats", 0)]["reason"]
+    for rnd in (1, 2):
+        assert by[("Albania", "train", rnd)]["status"] == "rejected"
+        assert "malformed update" in by[("Albania", "train", rnd)]["reason"]
+        assert by[("Algeria", "train", rnd)]["status"] == "rejected"
+        assert "expected" in by[("Algeria", "train", rnd)]["reason"]
+        assert by[("Angola", "train", rnd)]["status"] == "rejected"
+        assert "NaN" in by[("Angola", "train", rnd)]["reason"]
+    for h in rep["history"]:
+        assert h["accepted"] == 131 - 4 and h["accuracy"] is not None   # the round went on with the rest
+
+
+def test_ledger_facts_are_attested_by_the_clients(dphe, keys_dir, tmp_path):
+    """Every ledger line of client facts carries its client's HMAC (carbonfed.privacy.attest), and with the
+    secret context the audit checks them all. A server that rewrites its ledger from scratch (a
+    fresh, valid hash chain) with an understated ε, or with two clients'
+    lines swapped, passes the audit without the keys and fails it with them, naming those lines."""
+    from carbonfed.privacy.attest import FIELD, LEDGER_FACTS
+    from carbonfed.privacy.ledger import Ledger
+    from carbonfed.privacy.audit.verify import verify_run
+
+    cfg, _ = dphe
+    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
+    facts = [l for l in ledger if l["kind"] in ("stats", "train") and any(k in l for k in LEDGER_FACTS)]
+    # 130 clients × 3 statistics stages; per round, 129 train replies with facts (Angola's NaN
+    # update is a client error, which carries none)
+    assert len(facts) == 130 * 3 + 2 * 129 and all(FIELD in l for l in facts)
+    res = verify_run(cfg.out_dir, keys_dir=keys_dir)
+    assert res.ok, res.problems
+    assert res.attestations_checked == len(facts)
+    assert "attestation(s) not checked" in " ".join(verify_run(cfg.out_dir).notes)
+
+    lines = [{k: v for k, v in l.items() if k not in ("seq", "prev_hash", "hash")} for l in ledger]
+    at = {(l["country"], l["kind"], l["round"]): n for n, l in enumerate(lines, 1) if l.get("country")}
+    edited, belgium, belarus = at[("Bahrain", "train", 2)], at[("Belgium", "train", 1)], at[("Belarus", "train", 1)]
+    lines[edited - 1]["epsilon"] *= 0.99         # understated, within re-accounting's tolerance
+    lines[belgium - 1]["country"], lines[belarus - 1]["country"] = "Belarus", "Belgium"
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    shutil.copy(f"{cfg.out_dir}/server.json", forged / "server.json")
+    rewritten = Ledger(forged / "ledger.jsonl")
+    for line in lines:
+        rewritten.append(line)
+    assert verify_run(forged).ok, verify_run(forged).problems        # the chain alone cannot tell
+    res = verify_run(forged, keys_dir=keys_dir)
+    assert not res.ok and res.attestations_checked == len(facts) - 3
+    assert [int(p.split()[1]) for p in res.problems] == sorted([edited, belgium, belarus])
+    assert all("attestation does not match" in p for p in res.problems)
+    # a ledger stripped of every attestation (or older than them) is one problem, stated as such
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    shutil.copy(f"{cfg.out_dir}/server.json", stripped / "server.json")
+    bare = Ledger(stripped / "ledger.jsonl")
+    for line in ledger:
+        bare.append({k: v for k, v in line.items() if k not in ("seq", "prev_hash", "hash", FIELD)})
+    res = verify_run(stripped, keys_dir=keys_dir)
+    assert not res.ok and len(res.problems) == 1 and f"none of the {len(facts)} ledger lines" in res.problems[0]
+
+
+def test_he_equals_plaintext(tmp_path, keys_dir):
+    """The encrypted sum equals the plaintext one, so `he` and `none` train the same model; both
+    on the main job's asinh features, from three exact statistics releases. The run's model
+    (``average_last=2``) is the sample-weighted mean of the last two rounds' global models, which
+    the server summed as ciphertexts: it equals that mean computed in the clear from each
+    round's decrypted aggregate."""
+    _, plain = _run(tmp_path, keys_dir, "none", rounds=3, stats_stages=3, average_last=2)
+    cfg, enc = _run(tmp_path, keys_dir, "he", rounds=3, stats_stages=3, average_last=2)
+    a, b = torch.load(plain["model"]["path"]), torch.load(enc["model"]["path"])
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    from carbonfed.federation.client.participant import Layouts, make_cipher
+    from carbonfed.models.mlp import build_model
+    from carbonfed.models.params import flatten_params
+    from carbonfed.privacy.he import load_secret_context
+    lay = Layouts.for_run(cfg, 21, 5).update
+    terms = {l["round"]: l["model_terms"] for l in read_ledger(f"{cfg.out_dir}/ledger.jsonl") if l["kind"] == "round"}
+    cipher = make_cipher(cfg, load_secret_context(keys_dir / "secret.ctx"), lay.length)
+    per_round = [lay.unpack_sum(cipher.decrypt((tmp_path / "he" / "aggregates" / f"model_round_{r:03d}.bin").read_bytes()),
+                                terms[r]) for r in (2, 3)]
+    assert not np.allclose(per_round[0][0], per_round[1][0])       # two different models
+    mean = sum(p * n for p, n in per_round) / sum(n for _, n in per_round)
+    model = build_model(21, 5, tuple(b["hidden"]))
+    model.load_state_dict(b["state_dict"])
+    assert np.allclose(flatten_params(model), mean, rtol=0, atol=1e-6)
+    assert enc["model"]["averaged_rounds"] == [2, 3] and enc["history"][-1]["model_rounds"] == [2, 3]
+    assert plain["history"] == [{**h, "seconds": p["seconds"]} for h, p in zip(enc["history"], plain["history"])]
+    assert enc["he"]["upload_bytes_per_client_round"] > 10 * 1318 * 8 / 100   # really ciphertexts
+    assert plain["he"] is None and plain["privacy"] is None
+    for rep in (plain, enc):
+        assert rep["preprocessing"]["stages"] == 3 and rep["preprocessing"]["covered_by_epsilon"] is False
+        assert torch.load(rep["model"]["path"], weights_only=False)["scaler"]["scale"] is not None   # asinh features
+    # the report names the features whose released std is at the floor: with exact statistics, those
+    # whose asinh(x / c) has a std below the floor on the training rows (c: the run's own)
+    from carbonfed.data import load_dataset, split_countries
+    from carbonfed.data.features import ASINH_STD_FLOOR
+    ds = load_dataset("seed")
+    x, _ = ds.all_arrays(split_countries(ds.countries()).train)
+    scale = np.array(torch.load(plain["model"]["path"], weights_only=False)["scaler"]["scale"])
+    flat = [f for f, sd in zip(ds.features, np.arcsinh(x / scale).std(axis=0)) if sd < ASINH_STD_FLOOR]
+    assert flat == ["co2_including_luc"]
+    assert plain["preprocessing"]["floored_std_features"] == enc["preprocessing"]["floored_std_features"] == flat
+    # the privacy statement counts the exact releases from the ledger's stats lines
+    from carbonfed.federation.report.statement import write_privacy_statement
+    md = write_privacy_statement(tmp_path / "none", plain, None).read_text()
+    assert "| statistics releases in the ledger | none charged: 3 exact stage(s), outside ε |" in md
