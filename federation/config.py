@@ -3,7 +3,9 @@
 Guarantees: the defaults here are the single source of truth; ``pyproject.toml``'s
 ``[tool.flwr.app.config]`` mirrors them (a test checks), so ``flwr run .`` and
 ``carbonfed run`` run the same job. :meth:`RunConfig.from_flower` validates every value and says
-which key is wrong; :meth:`RunConfig.digest` is the config hash reports cite.
+which key is wrong; :meth:`RunConfig.digest` is the config hash reports cite. :func:`flower_app_toml`
+is the one description of the Flower app (components and run-config defaults) that the simulation
+and the deployment write for Flower, the same as ``pyproject.toml``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from carbonfed.federation.faults import parse_drill
+from carbonfed.privacy.accountant import stats_noise_floor
+
 PRIVACY_MODES = ("none", "dp", "he", "dp+he")
+# The Flower app's components, as in pyproject.toml's [tool.flwr.app.components] (a test checks).
+APP_COMPONENTS = {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
 
 
 _HELP = {"hidden": "hidden layer widths, comma-separated, or 'linear' (none: logistic regression); ",
@@ -78,7 +85,6 @@ class RunConfig:
         except ValueError:
             errors.append(f"hidden must be comma-separated layer widths, got {self.hidden!r}")
         try:
-            from carbonfed.federation.faults import parse_drill
             parse_drill(self.fault_drill)
         except ValueError as exc:
             errors.append(str(exc))
@@ -98,7 +104,6 @@ class RunConfig:
         could take the whole budget and leave DP-SGD none. At ε ≥ 3 (δ = 1e-5) the default 4 stands."""
         if not self.dp or self.stats_noise_multiplier <= 0:
             return 0.0
-        from carbonfed.privacy.accountant import stats_noise_floor
         return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, self.stats_stages))
 
     @property
@@ -178,3 +183,9 @@ class RunConfig:
         for k in ("data_dir", "keys_dir", "out_dir", "min_nodes"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def flower_app_toml(cfg: RunConfig) -> dict:
+    """The ``[tool.flwr.app]`` table (as a TOML document) of a Flower app whose run-config defaults are ``cfg``."""
+    return {"tool": {"flwr": {"app": {"publisher": "carbonfed", "components": dict(APP_COMPONENTS),
+                                      "config": cfg.to_flower()}}}}

@@ -4,6 +4,12 @@ This is what ``flwr run .`` does with the app declared in ``pyproject.toml``; ``
 calls it directly so that it can pass the run config, one SuperNode per country, and a
 progress callback, and so that the key holder (this process, which made the keys) can decrypt
 the result afterwards. The ServerApp still only receives the public context's path.
+
+Guarantees: the ClientApps and the ServerApp receive ``cfg`` as their run config (through the
+Flower internals wrapped in :mod:`carbonfed.federation.flower_compat`); the server waits for one
+simulated SuperNode per country of the data set unless ``cfg.min_nodes`` says otherwise; the
+temporary app folder lives in the run's own folder (``out-dir``), so a killed run leaves
+nothing elsewhere, and it is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -15,27 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
-from flwr.app import Context, RecordDict
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.telemetry import EventType
 
 from carbonfed.data import load_dataset
 from carbonfed.federation.client.app import app as client_app
-from carbonfed.federation.config import RunConfig
+from carbonfed.federation.config import RunConfig, flower_app_toml
+from carbonfed.federation.flower_compat import simulate
 from carbonfed.federation.server.app import make_server_app
-
-
-def app_config_toml(cfg: RunConfig) -> dict:
-    """The ``[tool.flwr.app]`` table of a Flower app whose defaults are ``cfg``."""
-    return {"tool": {"flwr": {"app": {
-        "publisher": "carbonfed",
-        "components": {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"},
-        "config": cfg.to_flower()}}}}
 
 
 def run_simulation(cfg: RunConfig, on_round=None, verbose: bool = False) -> Path:
@@ -52,20 +43,10 @@ def run_simulation(cfg: RunConfig, on_round=None, verbose: bool = False) -> Path
         parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".carbonfed-app-", dir=parent) as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(
-            {"project": {"name": "carbonfed-run", "version": "0.1.0"}, **app_config_toml(cfg)}))
-        # As flwr.simulation.run_simulation does, plus our run config in the Run and contexts.
-        run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-        run.federation_id = NOOP_FEDERATION_ID
-        run.override_config = cfg.to_flower()
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-        ctx = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=cfg.to_flower())
-        _run_simulation(
-            num_supernodes=num_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app,
-            server_app=make_server_app(on_round), backend_name="ray",
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.ERROR,
-                                          "log_to_driver": verbose}},
-            app_dir=app_dir, run=run, server_app_context=ctx, verbose_logging=verbose, is_app=True)
+            {"project": {"name": "carbonfed-run", "version": "0.1.0"}, **flower_app_toml(cfg)}))
+        simulate(make_server_app(on_round), client_app, num_nodes, cfg.to_flower(), app_dir,
+                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                 "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.ERROR,
+                                               "log_to_driver": verbose}},
+                 verbose=verbose)
     return Path(cfg.out_dir)

@@ -49,8 +49,8 @@ from flwr.clientapp import ClientApp
 from carbonfed.data import load_dataset, split_countries
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.durable import atomic_write
-from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag, stage_key
-from carbonfed.federation.server.strategy import bytes_record, record_bytes
+from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag
+from carbonfed.federation.wire import bytes_record, record_bytes, stage_key
 from carbonfed.privacy.attest import attestation_key
 from carbonfed.privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
 from carbonfed.privacy.secure_sum import PlainCipher

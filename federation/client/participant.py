@@ -35,6 +35,7 @@ from carbonfed.data.partition import Partition
 from carbonfed.privacy.stats_release import AsinhLayout, RefineLayout, StatsLayout
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.faults import corrupt, nan_params, parse_drill
+from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params, load_flat_params, num_params
 from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise
@@ -91,11 +92,6 @@ class Layouts:
                    metrics=CountLayout(n_classes * n_classes),
                    refine=RefineLayout(stats) if cfg.stats_releases >= 2 else None,
                    asinh=AsinhLayout(stats) if cfg.stats_releases >= 3 else None)
-
-
-def stage_key(stage: int) -> str:
-    """The record (and aggregate file) name of statistics stage ``stage``: stats, stats2, stats3."""
-    return "stats" if stage == 1 else f"stats{stage}"
 
 
 def released_flag(stage: int) -> str:

@@ -10,6 +10,7 @@ Every number comes from one of three places, and from nowhere else:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from carbonfed.data import load_dataset, sha256_file, split_countries
 from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, LOG_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from carbonfed.privacy.stats_release import ASINH_CLIP, ASINH_FLOOR_SDS, CONTRIB_CLIP, REFINE_CLIP
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.client.participant import Layouts, make_cipher, stage_key
+from carbonfed.federation.client.participant import Layouts, make_cipher
+from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model, describe
 from carbonfed.models.params import load_flat_params, num_params
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME
@@ -64,94 +66,133 @@ def floored_std_features(scaler, features) -> list[str]:
     return [f for f, sd in zip(features, scaler.std) if sd <= scaler.floor * (1 + 1e-9)]
 
 
-def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
-    run = Path(run_dir)
-    server = json.loads((run / "server.json").read_text())
-    cfg = RunConfig.from_flower(server["config"])
-    ledger = read_ledger(run / "ledger.jsonl")
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-    part = split_countries(ds.countries(), cfg.holdout_offset)
-    layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
-    ctx = None
-    if cfg.he:
-        keys = Path(keys_dir or cfg.keys_dir)
-        ctx = load_secret_context(keys / SECRET_CONTEXT_FILE)
+@dataclass
+class _RunInputs:
+    """What :func:`build_report` reads: the run's records, its data set and layouts, and the secret context."""
 
-    def decrypt(name: str, length: int):
-        return make_cipher(cfg, ctx, length).decrypt((run / "aggregates" / name).read_bytes())
+    run: Path
+    server: dict
+    cfg: RunConfig
+    ledger: list[dict]
+    ds: object
+    layouts: Layouts
+    ctx: object | None
 
-    rounds = [r for r in ledger if r.get("kind") == "round"]
+    @classmethod
+    def load(cls, run_dir: str | Path, keys_dir: str | Path | None) -> "_RunInputs":
+        run = Path(run_dir)
+        server = json.loads((run / "server.json").read_text())
+        cfg = RunConfig.from_flower(server["config"])
+        ledger = read_ledger(run / "ledger.jsonl")
+        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+        ctx = load_secret_context(Path(keys_dir or cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.he else None
+        return cls(run, server, cfg, ledger, ds, layouts, ctx)
+
+    def decrypt(self, name: str, length: int):
+        """The aggregate ``aggregates/name`` decrypted (or read, without HE) as ``length`` integers."""
+        return make_cipher(self.cfg, self.ctx, length).decrypt((self.run / "aggregates" / name).read_bytes())
+
+    def rounds(self) -> list[dict]:
+        return [r for r in self.ledger if r.get("kind") == "round"]
+
+
+def _history(inp: _RunInputs) -> tuple[list[dict], np.ndarray | None]:
+    """Per round: the scores of its decrypted confusion matrix and the ledger's round summary;
+    and the last scored round's confusion matrix."""
     history, last_cm = [], None
-    for r in rounds:
-        f = run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
+    metrics = inp.layouts.metrics
+    for r in inp.rounds():
+        f = inp.run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
         entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
                  "epsilon_max": r.get("epsilon_max"), "seconds": r["seconds"],
                  "accepted": r["accepted"], "rejected": r["rejected"],
                  # the rounds whose global models the evaluated model averages (average-last)
                  "model_rounds": r.get("model_rounds", [r["round"]])}
         if f.exists():
-            cm = layouts.metrics.unpack_sum(decrypt(f.name, layouts.metrics.length), r["evaluated"])
-            last_cm = cm.reshape(len(ds.classes), -1)
+            cm = metrics.unpack_sum(inp.decrypt(f.name, metrics.length), r["evaluated"])
+            last_cm = cm.reshape(len(inp.ds.classes), -1)
             entry.update(scores(last_cm))
         history.append(entry)
+    return history, last_cm
 
-    # Final model: decrypted by the key holder, saved next to the report.
-    final, floored, std_floor = None, None, None
-    if (run / "aggregates" / "model.bin").exists():
-        params, total = layouts.update.unpack_sum(decrypt("model.bin", layouts.update.length), server["model_terms"])
-        model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
-        load_flat_params(model, params)
-        scaler = layouts.scaler([(decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"])
-                                 for k, lay in enumerate(layouts.stages, 1)])
-        floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
-        torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
-                    "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
-        averaged = server.get("model_rounds") or [server.get("rounds_completed")]
-        # the rows behind one global model (the averaged models' summed counts over their number)
-        final = {"path": str(run / "model.pt"), "samples": total / len(averaged),
-                 # which global models model.pt is: the mean of those of these rounds (average-last)
-                 "averaged_rounds": averaged,
-                 "output": (f"the sample-weighted mean of the global models of rounds {averaged[0]}–{averaged[-1]} "
-                            f"(average-last = {cfg.average_last}), summed on ciphertexts by the server"
-                            if len(averaged) > 1 else "the global model of the last round"),
-                 "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
-                 "parameters": num_params(model),
-                 "initial_model": "torch's initialisation for the run's seed, output bias at the centred log class "
-                                  "frequencies of the statistics release (stage 1 counts)"}
 
-    # Privacy, from the ledger: each client's last reported state.
+def _final_model(inp: _RunInputs) -> tuple[dict | None, list[str] | None, float | None]:
+    """The final model, decrypted by the key holder and saved as ``model.pt`` next to the report;
+    with the features whose std is floored and the floor (all None without ``aggregates/model.bin``)."""
+    run, cfg, ds, layouts, server = inp.run, inp.cfg, inp.ds, inp.layouts, inp.server
+    if not (run / "aggregates" / "model.bin").exists():
+        return None, None, None
+    params, total = layouts.update.unpack_sum(inp.decrypt("model.bin", layouts.update.length), server["model_terms"])
+    model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
+    load_flat_params(model, params)
+    scaler = layouts.scaler([(inp.decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"])
+                             for k, lay in enumerate(layouts.stages, 1)])
+    floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
+    torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
+                "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
+    averaged = server.get("model_rounds") or [server.get("rounds_completed")]
+    # the rows behind one global model (the averaged models' summed counts over their number)
+    final = {"path": str(run / "model.pt"), "samples": total / len(averaged),
+             # which global models model.pt is: the mean of those of these rounds (average-last)
+             "averaged_rounds": averaged,
+             "output": (f"the sample-weighted mean of the global models of rounds {averaged[0]}–{averaged[-1]} "
+                        f"(average-last = {cfg.average_last}), summed on ciphertexts by the server"
+                        if len(averaged) > 1 else "the global model of the last round"),
+             "architecture": describe(len(ds.features), len(ds.classes), cfg.hidden_sizes),
+             "parameters": num_params(model),
+             "initial_model": "torch's initialisation for the run's seed, output bias at the centred log class "
+                              "frequencies of the statistics release (stage 1 counts)"}
+    return final, floored, std_floor
+
+
+def _stats_release(ledger: list[dict]) -> tuple[object, bool, int]:
+    """The statistics releases as charged (the unsubsampled steps of the stats lines' histories):
+    their noise multiplier (one value or a range; None when none was charged), whether they are
+    inside ε, and how many were charged (the longest run of them a stats line carries)."""
+    stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
+                                for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+    stats_releases = max((sum(1 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+                          for l in ledger if l.get("kind") == "stats"), default=0)
+    return stats_sigma, stats_sigma is not None, stats_releases
+
+
+def _privacy(cfg: RunConfig, ledger: list[dict], stats_sigma, covered: bool) -> dict | None:
+    """Privacy, from the ledger: each client's last reported ε and the mechanisms' settings (None without DP)."""
+    if not cfg.dp:
+        return None
     last: dict[str, dict] = {}
     for line in ledger:
         if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
             last[line["country"]] = line
-    # The statistics releases as charged: the unsubsampled steps of the stats lines' histories.
-    stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
-                                for h in (l.get("history") or []) if float(h[1]) >= 1.0)
-    covered = stats_sigma is not None
-    # how many releases were charged: the longest run of unsubsampled steps a stats line carries
-    stats_releases = max((sum(1 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
-                          for l in ledger if l.get("kind") == "stats"), default=0)
-    privacy = None
-    if cfg.dp:
-        eps = {c: line["epsilon"] for c, line in sorted(last.items())}
-        train_lines = [l for l in ledger if l.get("kind") == "train" and l.get("noise_multiplier") is not None]
-        privacy = {"delta": cfg.delta, "epsilon_target": cfg.epsilon,
-                   "epsilon_max": max(eps.values()) if eps else None, "epsilon_per_client": eps,
-                   "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
-                   "max_grad_norm": cfg.max_grad_norm,
-                   "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
-                   "stats_noise_multiplier": stats_sigma,
-                   "stats_release_covered": covered}
-    he = None
-    if cfg.he:
-        uploads = [r["upload_bytes_per_client"] for r in rounds if r.get("upload_bytes_per_client")]
-        he = {**{k: server["he"][k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes",
-                                               "plain_modulus", "security_bits", "server_has_secret_key")},
-              "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
-              "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
-                         "the sample-weighted fixed-point parameters",
-              "fixed_point_resolution": layouts.update.codec.resolution}
-    preprocessing = {
+    eps = {c: line["epsilon"] for c, line in sorted(last.items())}
+    train_lines = [l for l in ledger if l.get("kind") == "train" and l.get("noise_multiplier") is not None]
+    return {"delta": cfg.delta, "epsilon_target": cfg.epsilon,
+            "epsilon_max": max(eps.values()) if eps else None, "epsilon_per_client": eps,
+            "accountant": ACCOUNTANT_NAME, "noise_multiplier": _one_or_range(l["noise_multiplier"] for l in train_lines),
+            "max_grad_norm": cfg.max_grad_norm,
+            "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
+            "stats_noise_multiplier": stats_sigma,
+            "stats_release_covered": covered}
+
+
+def _he(inp: _RunInputs) -> dict | None:
+    """The HE parameters as the server ran them, the upload size and the packing (None without HE)."""
+    if not inp.cfg.he:
+        return None
+    uploads = [r["upload_bytes_per_client"] for r in inp.rounds() if r.get("upload_bytes_per_client")]
+    return {**{k: inp.server["he"][k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes",
+                                                "plain_modulus", "security_bits", "server_has_secret_key")},
+            "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
+            "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
+                       "the sample-weighted fixed-point parameters",
+            "fixed_point_resolution": inp.layouts.update.codec.resolution}
+
+
+def _preprocessing(layouts: Layouts, stats_sigma, covered: bool, stats_releases: int,
+                   floored: list[str] | None, std_floor: float | None) -> dict:
+    """What the statistics release computed and released, and whether ε covers it."""
+    return {
         "transform": (f"asinh(x / c) per feature (stage 3: c = expm1({LOG_BOUND:g}·(|m2| + {ASINH_K:g}·s2)) from the "
                       "stage-2 mean m2 and std s2 of the log features below); then (u - mean) / std with the "
                       "stage-3 federated mean and std" if layouts.asinh is not None else
@@ -187,27 +228,51 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
                       if covered else
                       "released WITHOUT noise: outside the differential-privacy guarantee"),
     }
+
+
+def _clients(inp: _RunInputs) -> dict:
+    """Who took part, from the ledger (a deployment may federate a subset of the partition)."""
+    part = split_countries(inp.ds.countries(), inp.cfg.holdout_offset)
+    ledger = inp.ledger
+    return {"train": len({l["country"] for l in ledger if l.get("kind") == "stats"
+                          and l.get("status") == "accepted"}) or len(part.train),
+            "test": len({l["country"] for l in ledger if l.get("kind") == "evaluate"
+                         and l.get("status") == "accepted"}) or len(part.test),
+            "partition": {"train": len(part.train), "test": len(part.test)}}
+
+
+def _metrics(history: list[dict], last_cm: np.ndarray | None, classes) -> dict:
+    """The last scored round's accuracy and macro-F1, its summed confusion matrix (rows true class,
+    columns predicted) and per-class scores."""
     last_scored = next((h for h in reversed(history) if h["accuracy"] is not None), None)
+    return {"accuracy": last_scored["accuracy"] if last_scored else None,
+            "macro_f1": last_scored["macro_f1"] if last_scored else None,
+            "classes": list(classes),
+            "confusion_matrix": last_cm.astype(int).tolist() if last_cm is not None else None,
+            "per_class": per_class(last_cm, classes) if last_cm is not None else None}
+
+
+def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dict:
+    """Build ``report.json`` of a run (and ``model.pt``, the decrypted final model) and return it.
+
+    HE runs need the clients' secret context: ``keys_dir`` (default: the run config's keys-dir).
+    """
+    inp = _RunInputs.load(run_dir, keys_dir)
+    cfg, server, ds, rounds = inp.cfg, inp.server, inp.ds, inp.rounds()
+    history, last_cm = _history(inp)
+    final, floored, std_floor = _final_model(inp)
+    stats_sigma, covered, stats_releases = _stats_release(inp.ledger)
     report = {
         "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
         "holdout_offset": cfg.holdout_offset,
-        # who took part, from the ledger (a deployment may federate a subset of the partition)
-        "clients": {"train": len({l["country"] for l in ledger if l.get("kind") == "stats"
-                                  and l.get("status") == "accepted"}) or len(part.train),
-                    "test": len({l["country"] for l in ledger if l.get("kind") == "evaluate"
-                                 and l.get("status") == "accepted"}) or len(part.test),
-                    "partition": {"train": len(part.train), "test": len(part.test)}},
-        "metrics": {"accuracy": last_scored["accuracy"] if last_scored else None,
-                    "macro_f1": last_scored["macro_f1"] if last_scored else None,
-                    # the last scored round's summed confusion matrix: rows true class, columns predicted
-                    "classes": list(ds.classes),
-                    "confusion_matrix": last_cm.astype(int).tolist() if last_cm is not None else None,
-                    "per_class": per_class(last_cm, ds.classes) if last_cm is not None else None},
-        "history": history, "privacy": privacy, "he": he, "preprocessing": preprocessing,
+        "clients": _clients(inp),
+        "metrics": _metrics(history, last_cm, ds.classes),
+        "history": history, "privacy": _privacy(cfg, inp.ledger, stats_sigma, covered), "he": _he(inp),
+        "preprocessing": _preprocessing(inp.layouts, stats_sigma, covered, stats_releases, floored, std_floor),
         "timing": {"total_s": server["total_s"], "per_round_s": float(np.mean([r["seconds"] for r in rounds])) if rounds else None},
         "model": final,
         "provenance": {"config_sha256": server["config_sha256"], "config": server["config"],
                        "data": {**ds.source, "sha256": ds.source.get("sha256") or sha256_file(ds.source["path"])}},
     }
-    (run / "report.json").write_text(json.dumps(report, indent=2))
+    (inp.run / "report.json").write_text(json.dumps(report, indent=2))
     return report

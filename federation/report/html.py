@@ -21,8 +21,11 @@ import json
 import sys
 from pathlib import Path
 
-from carbonfed.federation.report.statement import (STATEMENT_FILE, collect_facts, inline_html, render_html_sections,
-                               render_markdown, statement_sections, statement_title)
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.report.facts import collect_facts
+from carbonfed.federation.report.markup import inline_html, render_html_sections
+from carbonfed.federation.report.statement import STATEMENT_FILE, statement_markdown, statement_sections, statement_title
+from carbonfed.privacy.audit.verify import summary_text, verify_run
 
 HTML_FILE = "report.html"
 
@@ -197,7 +200,7 @@ largest ε over clients (bold) and the target (dashed).</figcaption></figure>
 </section>
 {render_html_sections(sections)}
 <footer>Same content as <code>{STATEMENT_FILE}</code> in the run directory. Built by
-<code>federation/html_report.py</code>; self-contained (no external assets).</footer>
+<code>federation/report/html.py</code>; self-contained (no external assets).</footer>
 </main></body></html>
 """
 
@@ -215,7 +218,7 @@ def write_all(run_dir, report: dict, verify_result, baseline: dict | None = None
     facts = collect_facts(run_dir, report, verify_result, baseline)
     run = Path(run_dir)
     stmt = run / STATEMENT_FILE
-    stmt.write_text(render_markdown(statement_title(facts), statement_sections(facts)), encoding="utf-8")
+    stmt.write_text(statement_markdown(facts), encoding="utf-8")
     page = run / HTML_FILE
     page.write_text(render_html(facts), encoding="utf-8")
     return page, stmt
@@ -239,10 +242,6 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="a non-private run (e.g. --privacy none) of the same config, to compare accuracy")
     args = ap.parse_args(argv)
-
-    from carbonfed.federation.report.build import build_report
-    from carbonfed.privacy.audit.verify import summary_text, verify_run
-
     try:
         baseline = load_baseline(args.baseline) if args.baseline else None
         # the key holders' folder: --keys, else the run config's (HE runs; one for the report and the audit)

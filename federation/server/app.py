@@ -1,4 +1,5 @@
-"""The Flower ServerApp: loads the public context, runs :class:`EncryptedFedAvg`, writes the run.
+"""The Flower ServerApp: loads the public context, runs :class:`EncryptedFedAvg` (recorded and
+resumable: :class:`~carbonfed.federation.server.loop.ResumableRun`), writes the run.
 
 It never loads a secret key: with HE on it loads ``keys-dir/public.ctx`` and refuses to start if
 that file holds a secret key. It reads no data either: the vector lengths follow from the data
@@ -24,16 +25,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from carbonfed.data import OWID_CLASSES, OWID_FEATURES, SEED_CLASSES, SEED_FEATURES
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.client.participant import PLAIN_FINGERPRINT, Layouts, make_cipher, stage_key
+from carbonfed.federation.client.participant import PLAIN_FINGERPRINT, Layouts, make_cipher
 from carbonfed.federation.durable import atomic_write
+from carbonfed.federation.server.loop import ResumableRun
 from carbonfed.federation.server.strategy import EncryptedFedAvg
+from carbonfed.federation.wire import stage_key
 from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, HEParams, key_fingerprint, load_public_context, params_of
 
 log = logging.getLogger("carbonfed")
 
 
-
 def out_dir_for(cfg: RunConfig, run_id: int) -> Path:
+    """The run's folder: run config ``out-dir``, or ``runs/flwr-<run id>`` under the working folder."""
     return Path(cfg.out_dir).resolve() if cfg.out_dir else Path.cwd() / "runs" / f"flwr-{run_id}"
 
 
@@ -49,7 +52,9 @@ def schema(dataset: str) -> tuple[int, int]:
     return len(features), len(classes)
 
 
-def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedFedAvg, object]:
+def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[ResumableRun, object]:
+    """The server's run of ``cfg`` into ``out`` (:class:`ResumableRun` around
+    :class:`EncryptedFedAvg`), and the public TenSEAL context (None with HE off)."""
     layouts = Layouts.for_run(cfg, *schema(cfg.dataset))
     ctx, fingerprint = None, PLAIN_FINGERPRINT
     if cfg.he:
@@ -59,7 +64,8 @@ def build_strategy(cfg: RunConfig, out: Path, on_round=None) -> tuple[EncryptedF
         fingerprint = key_fingerprint(ctx)
     lengths = {"update": layouts.update.length, "metrics": layouts.metrics.length,
                **{stage_key(k): lay.length for k, lay in enumerate(layouts.stages, 1)}}
-    return EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out, on_round), ctx
+    fedavg = EncryptedFedAvg(cfg, lambda kind: make_cipher(cfg, ctx, lengths[kind]), fingerprint, out)
+    return ResumableRun(fedavg, on_round), ctx
 
 
 def run_server(grid: Grid, context: Context, on_round=None) -> Path:
@@ -67,27 +73,30 @@ def run_server(grid: Grid, context: Context, on_round=None) -> Path:
     cfg = RunConfig.from_flower(dict(context.run_config))
     out = out_dir_for(cfg, grid.run.run_id)
     out.mkdir(parents=True, exist_ok=True)
-    strategy, ctx = build_strategy(cfg, out, on_round)
+    run, ctx = build_strategy(cfg, out, on_round)
+    fedavg = run.fedavg
     he = None
     if ctx is not None:
         he = {**params_of(ctx).describe(), "server_has_secret_key": ctx.has_secret_key(),
-              "key_fingerprint": strategy.fingerprint}
-    strategy.start(grid)
+              "key_fingerprint": fedavg.fingerprint}
+    run.start(grid)
     server = {"config": cfg.to_flower(), "config_sha256": cfg.digest(), "he": he,
-              "plain_modulus": HEParams().plain_modulus, "total_s": strategy.elapsed(),
+              "plain_modulus": HEParams().plain_modulus, "total_s": run.elapsed(),
               # aggregates/model.bin: the run's model, the mean of the global models of model_rounds
-              "model_terms": strategy.output_model()[1], "model_rounds": strategy.state.tail_rounds(),
-              **strategy.state.stage_terms(), "rounds_completed": strategy.state.round, "resumed_from": strategy.resumed_from}
+              "model_terms": fedavg.output_model()[1], "model_rounds": fedavg.state.tail_rounds(),
+              **fedavg.state.stage_terms(), "rounds_completed": fedavg.state.round, "resumed_from": run.resumed_from}
     atomic_write(out / "server.json", json.dumps(server, indent=2).encode())
     log.info("run written to %s", out)
     return out
 
 
 def make_server_app(on_round=None) -> ServerApp:
+    """A ServerApp whose main is :func:`run_server` (``on_round``: per-round progress callback)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        """Run the server's part of the run (:func:`run_server`)."""
         run_server(grid, context, on_round)
 
     return server_app

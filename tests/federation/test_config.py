@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from carbonfed.federation.config import RunConfig
+from carbonfed.federation.config import APP_COMPONENTS, RunConfig, flower_app_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,6 +14,20 @@ def test_pyproject_mirrors_runconfig_defaults():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
     assert flwr["config"] == RunConfig().to_flower()
+    # what the simulation and the deployment write for Flower is the same app
+    assert flower_app_toml(RunConfig())["tool"]["flwr"]["app"] == flwr and APP_COMPONENTS == flwr["components"]
+
+
+def test_flower_is_the_version_its_internals_were_checked_against():
+    """carbonfed.federation.flower_compat wraps the Flower internals carbonfed uses; an upgrade
+    must re-check them (pyproject pins flwr; this fails if the installed one differs)."""
+    import flwr
+
+    from carbonfed.federation.flower_compat import FLOWER_VERSION_CHECKED
+
+    assert flwr.__version__ == FLOWER_VERSION_CHECKED
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"flwr[simulation]=={FLOWER_VERSION_CHECKED}" in pins
 
 
 def test_from_flower_round_trip_and_errors():

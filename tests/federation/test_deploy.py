@@ -12,15 +12,21 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 import time
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from carbonfed.federation.client.app import PersistentState, merge_states
-from carbonfed.federation.config import RunConfig
-from carbonfed.federation.deploy.local import (Node, _free_port, deploy_local, local_deployment, make_node_key,
-                               marked_pids)
+from carbonfed.federation.config import APP_COMPONENTS, RunConfig
+from carbonfed.federation.deploy.certs import make_node_key
+from carbonfed.federation.deploy.deployment import Node, local_deployment
+from carbonfed.federation.deploy.flower_cli import REPO, flower_bin, write_app
+from carbonfed.federation.deploy.local import deploy_local
+from carbonfed.federation.deploy.processes import free_port, marked_pids
 from carbonfed.privacy.ledger import check_chain, read_ledger
 
 pytestmark = pytest.mark.slow   # builds whole federations
@@ -149,7 +155,7 @@ def test_unregistered_supernode_is_refused(tmp_path):
     with local_deployment(cfg, tmp_path) as dep:
         marker = dep.procs.marker
         key, pub = make_node_key(tmp_path / "rogue")
-        rogue = Node("Albania", "train", key, pub, _free_port(), tmp_path / "rogue-state")
+        rogue = Node("Albania", "train", key, pub, free_port(), tmp_path / "rogue-state")
         proc = dep.procs.start("rogue", dep.supernode_argv(rogue))
         rc = proc.wait(timeout=120)
         assert rc != 0
@@ -157,6 +163,31 @@ def test_unregistered_supernode_is_refused(tmp_path):
         assert "Failed to activate SuperNode" in log
         assert dep.online_nodes() == {}                     # the SuperLink knows no node
     assert marked_pids(marker) == []
+
+
+# -- the app copy that `flwr run` bundles -------------------------------------------------------
+
+def test_app_copy_bundles_the_carbonfed_packages(tmp_path):
+    """`flwr run` builds its FAB from write_app's copy: the code under carbonfed/<package>/ (the
+    components' modules included), the job's run config as the app's defaults, the repository
+    untouched."""
+    repo_pyproject = (REPO / "pyproject.toml").read_bytes()
+    cfg = RunConfig(privacy="dp", rounds=5, hidden="linear")
+    app = write_app(cfg, tmp_path / "app")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0"}
+    res = subprocess.run([flower_bin("flwr"), "build", "--app", str(app)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (fab,) = tmp_path.glob("*.fab")
+    with zipfile.ZipFile(fab) as z:
+        names = set(z.namelist())
+        doc = tomllib.loads(z.read("pyproject.toml").decode())
+    for component in APP_COMPONENTS.values():
+        assert component.split(":")[0].replace(".", "/") + ".py" in names
+    assert {"carbonfed/data/__init__.py", "carbonfed/models/__init__.py", "carbonfed/privacy/he.py"} <= names
+    assert doc["tool"]["flwr"]["app"]["components"] == APP_COMPONENTS
+    assert doc["tool"]["flwr"]["app"]["config"] == cfg.to_flower()
+    assert (REPO / "pyproject.toml").read_bytes() == repo_pyproject
 
 
 # -- (d) nothing left running -------------------------------------------------------------------
@@ -186,21 +217,20 @@ def test_merge_keeps_the_larger_spend(tmp_path):
 
 def test_client_restart_keeps_epsilon_and_replays(tmp_path, keys_dir):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
     from carbonfed.data import resolve_data_dir
     from carbonfed.federation.client import app as ca
-    from carbonfed.federation.client.participant import Layouts, make_cipher, stage_key
+    from carbonfed.federation.client.participant import Layouts, make_cipher
+    from carbonfed.federation.flower_compat import act_as_server_app
     from carbonfed.federation.server.app import schema
-    from carbonfed.federation.server.strategy import bytes_record, record_bytes
+    from carbonfed.federation.wire import bytes_record, record_bytes, stage_key
     from carbonfed.privacy.he import load_public_context
     from carbonfed.privacy.secure_sum import SecureSum
 
     cfg = RunConfig(privacy="dp+he", rounds=3, local_epochs=1, batches_per_epoch=2, keys_dir=str(keys_dir),
                     data_dir=str(resolve_data_dir(None)), stats_stages=3)    # the main job's three stages
     state_dir = tmp_path / "state"
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID   # as a ServerApp
+    act_as_server_app(run_id=1)          # Messages are built as the ServerApp's
 
     def fresh_node(country):   # what a (re)started SuperNode gives the ClientApp: an empty context.state
         return Context(run_id=1, node_id=7, node_config={"country": country, "state-dir": str(state_dir)},

@@ -10,7 +10,8 @@ from carbonfed.data import split_countries
 from carbonfed.data.features import transform
 from carbonfed.privacy.stats_release import StatsLayout
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.client.participant import BudgetExceeded, Participant, make_cipher, stage_key
+from carbonfed.federation.client.participant import BudgetExceeded, Participant, make_cipher
+from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params
 from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise, epsilon_of

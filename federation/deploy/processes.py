@@ -1,0 +1,179 @@
+"""A process supervisor: start the processes of a deployment, find them again and stop them, by PID.
+
+Guarantees
+----------
+* Every process started through :class:`Processes` carries ``CARBONFED_DEPLOY_MARKER=<marker>/<role>``
+  in its environment, and so does everything it spawns (the environment is inherited):
+  :func:`marked_pids` finds them all, grandchildren included, by reading ``/proc``.
+* :meth:`Processes.kill` signals only marked processes, each by PID; what is still alive after
+  the grace period gets SIGKILL; if anything survives SIGKILL it raises :class:`DeployError`.
+  :meth:`Processes.close` stops every marked process and closes the log files.
+* Inside :func:`signals_raise`, SIGTERM and SIGHUP raise ``SystemExit`` (as SIGINT raises
+  ``KeyboardInterrupt``), so that the ``finally`` that stops the processes runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger("carbonfed.deploy")
+
+MARKER_ENV = "CARBONFED_DEPLOY_MARKER"  # environment marker of every process started here
+CWD_ENV = "CARBONFED_DEPLOY_CWD"        # the working folder of every process started here
+
+
+class DeployError(RuntimeError):
+    """The deployment could not be brought up or the run did not finish."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_marker(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = fh.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = MARKER_ENV.encode() + b"="
+    for item in env:
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, already dead and only waiting to be reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def marked_pids(marker: str) -> list[int]:
+    """PIDs of the live processes whose environment carries ``marker`` (exactly, or as
+    ``marker/<role>``): every process a deployment started, including grandchildren."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            m = _proc_marker(int(entry))
+            if m is not None and (m == marker or m.startswith(marker + "/")) and _alive(int(entry)):
+                out.append(int(entry))
+    return sorted(out)
+
+
+class Processes:
+    """The processes of one deployment, each tagged ``<marker>/<role>`` in its environment; the
+    long-running ones log to ``log_dir/<role>.log``."""
+
+    def __init__(self, marker: str, env: dict[str, str], log_dir: Path):
+        self.marker, self.env, self.log_dir = marker, env, log_dir
+        self.popen: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+        self._lock = threading.Lock()
+
+    def env_for(self, role: str) -> dict[str, str]:
+        return {**self.env, MARKER_ENV: f"{self.marker}/{role}"}
+
+    @property
+    def cwd(self) -> str | None:
+        return self.env.get(CWD_ENV)
+
+    def start(self, role: str, argv: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log_dir / f"{role}.log", "ab")
+        self._logs.append(fh)
+        p = subprocess.Popen(argv, env=self.env_for(role), stdout=fh, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd)
+        with self._lock:
+            self.popen[role] = p
+        log.debug("started %s (pid %d): %s", role, p.pid, " ".join(argv))
+        return p
+
+    def run(self, role: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        """A short-lived command (the flwr CLI), marked like the others."""
+        return subprocess.run(argv, env=self.env_for(role), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, cwd=self.cwd)
+
+    def run_all(self, role: str, argvs: list[list[str]], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+        """Short-lived commands run concurrently, marked like the others; in the order given."""
+        running = [subprocess.Popen(argv, env=self.env_for(role), text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=self.cwd)
+                   for argv in argvs]
+        done = []
+        for p in running:
+            stdout, stderr = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        return done
+
+    def pids(self, role: str | None = None) -> list[int]:
+        tag = self.marker if role is None else f"{self.marker}/{role}"
+        return [p for p in marked_pids(self.marker) if role is None or _proc_marker(p) == tag]
+
+    def exited(self, role: str) -> int | None:
+        """The exit code of the process last started as ``role``, None if it runs (or never ran)."""
+        p = self.popen.get(role)
+        return None if p is None else p.poll()
+
+    def kill(self, role: str | None = None, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
+        """Send ``sig`` to every live process of ``role`` (all roles if None), by PID; what is
+        still alive ``grace`` seconds later gets SIGKILL. Reaps the direct children."""
+        deadline = time.monotonic() + grace
+        sent: set[int] = set()
+        while pids := self.pids(role):
+            late = time.monotonic() > deadline
+            for pid in pids:
+                if late or pid not in sent:
+                    try:
+                        os.kill(pid, signal.SIGKILL if late else sig)
+                    except ProcessLookupError:
+                        pass
+                    sent.add(pid)
+            self._reap()
+            time.sleep(0.2)
+            if time.monotonic() > deadline + 10:
+                raise DeployError(f"processes {pids} survive SIGKILL")
+        self._reap()
+
+    def _reap(self) -> None:
+        with self._lock:
+            for p in self.popen.values():
+                p.poll()
+
+    def close(self) -> None:
+        self.kill(None, signal.SIGTERM)
+        for fh in self._logs:
+            fh.close()
+
+
+@contextmanager
+def signals_raise():
+    """SIGTERM/SIGHUP raise SystemExit (SIGINT raises KeyboardInterrupt anyway), so that the
+    ``finally`` that stops every process runs. Only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,84 @@
+"""The one place where carbonfed uses Flower internals (checked against Flower 1.42.0).
+
+Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serverapp``,
+``flwr.clientapp``) or its command line (``flwr run``, ``flower-superlink``, ... in
+:mod:`carbonfed.federation.deploy`). What the public API cannot do:
+
+* **A simulation with a run config, from Python** (:func:`simulate`).
+  ``flwr.simulation.run_simulation`` (public, deprecated in 1.42 in favour of ``flwr run``) gives
+  the ServerApp an empty run config and the ClientApps ``get_fused_config(run)``, which is empty
+  for a Run without a FAB. ``carbonfed run`` needs both to receive its
+  :class:`~carbonfed.federation.config.RunConfig`, its own ServerApp object (with a progress
+  callback) and the key holder in this process, so it calls the function ``run_simulation``
+  wraps, ``flwr.simulation.run_simulation._run_simulation``, with an app folder whose
+  ``pyproject.toml`` holds the run config (the ClientApps' contexts fuse it, as under
+  ``flwr run``) and a ServerApp context that holds it. The Run is made as ``_run_simulation``
+  makes it when given none (random run and task ids, the no-op federation, the legacy task
+  identity), with the run config as its override config, so that the context's run id is the Run's.
+* **The task identity of a ServerApp** (:func:`act_as_server_app`), under which ``flwr.app.Message``
+  objects are made: the simulation sets it for its ServerApp thread; a test that builds messages
+  in process needs it too.
+* **"The node is gone"** (:func:`node_unavailable`): ``flwr.app`` exports no error codes; the
+  SuperLink's reply for a node whose heartbeats stopped carries ``ErrorCode.NODE_UNAVAILABLE``
+  from ``flwr.common.constant``.
+
+The simulation engine is imported only when :func:`simulate` runs (it takes seconds and is not
+needed by a SuperNode's ClientApp), so that this module stays cheap to import.
+
+Guarantee: if a Flower upgrade moves or changes these internals, this module fails (at import
+or in the call), and nothing else in carbonfed needs to change but this file.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+# Flower 1.42.0 internals (here and in simulate() only):
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+
+FLOWER_VERSION_CHECKED = "1.42.0"
+
+
+def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: dict,
+             app_dir: str, backend_config: dict, verbose: bool) -> None:
+    """Run ``server_app`` with ``num_supernodes`` simulated SuperNodes running ``client_app``, in
+    Flower's simulation engine, until the ServerApp returns (re-raising its exception).
+
+    ``app_dir`` must hold a ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is ``run_config``:
+    each ClientApp's ``context.run_config`` is read from it, as under ``flwr run``; the
+    ServerApp's ``context.run_config`` is ``run_config``. As ``flwr.simulation.run_simulation``
+    does, a fresh random run id is drawn and the exit telemetry event is the Python API's.
+    """
+    # Flower 1.42.0 internals; the engine is heavy to import, so only here.
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.telemetry import EventType
+
+    # What _run_simulation does when given no Run, plus our run config in the Run and in the
+    # ServerApp's context; the public run_simulation passes neither.
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    act_as_server_app(run.run_id)
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, backend_name="ray",
+                    backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
+                    verbose_logging=verbose, is_app=True)
+
+
+def act_as_server_app(run_id: int) -> None:
+    """Make the ``flwr.app.Message`` objects this process creates from now on the ServerApp's of
+    ``run_id`` (task 1, the SuperLink's node id), as the simulation does for its ServerApp."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+
+
+def node_unavailable(msg: Message) -> bool:
+    """An error reply the SuperLink made because the node is gone (its heartbeats stopped)."""
+    return msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE

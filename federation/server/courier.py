@@ -1,0 +1,73 @@
+"""The Courier: pushes one request to its nodes and yields the replies as they arrive.
+
+Flower's ``Grid.send_and_receive`` waits for every reply (or the timeout) before it returns; the
+server here streams instead, so that each reply is added and dropped as it comes, and so that a
+node Flower reports gone ends the wait for it at once.
+
+Guarantees
+----------
+* :meth:`Courier.stream` yields each reply at most once, as soon as a poll returns it, and stops
+  when every addressed node has answered or ``timeout`` seconds have passed.
+* A node whose heartbeats stopped gets an error reply from the SuperLink (``NODE_UNAVAILABLE``,
+  after Flower's heartbeat patience): the wait for it ends then, not at the timeout; that reply
+  is not yielded.
+* Once the wait is over, ``on_missing(node, reason)`` is called, in node order, for every node
+  Flower reported gone and every node that did not answer in time.
+* :meth:`Courier.node_of` names the node a reply answers for, even for an error reply made by
+  the SuperLink (which carries the SuperLink's id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from carbonfed.federation.wire import gone
+
+POLL_MIN_S, POLL_MAX_S = 0.05, 0.5     # pause between polls for replies
+
+
+class Courier:
+    """Streams requests through a Flower Grid; ``timeout`` (seconds) bounds each wait."""
+
+    def __init__(self, timeout: float):
+        """No request under way; every wait lasts at most ``timeout`` seconds."""
+        self.timeout = timeout
+        self._addressee: dict[str, int] = {}   # message id -> node it was sent to (current request)
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the addressee of the message it replies to (an error
+        reply made by the SuperLink for a node that is gone carries the SuperLink's id)."""
+        return self._addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def stream(self, grid: Grid, messages: list[Message],
+               on_missing: Callable[[int, str], None] | None = None) -> Iterator[Message]:
+        """Push ``messages``, then yield replies as they arrive; at the end, report the absent
+        nodes to ``on_missing``."""
+        ids = list(grid.push_messages(messages))
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        self._addressee = dict(pending)
+        offline: list[tuple[int, str]] = []
+        deadline = time.monotonic() + self.timeout
+        pause = POLL_MIN_S
+        while pending and time.monotonic() < deadline:
+            got = list(grid.pull_messages(list(pending)))
+            for msg in got:
+                node = pending.pop(msg.metadata.reply_to_message_id, None)
+                if gone(msg) and node is not None:
+                    offline.append((node, f"node offline (no heartbeat within Flower's patience): {msg.error.reason}"))
+                    continue
+                yield msg
+            # poll fast while replies come, back off while none do (each poll of a deployed
+            # SuperLink is an HTTPS request)
+            pause = POLL_MIN_S if got else min(2 * pause, POLL_MAX_S)
+            if not got:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        if on_missing is None:
+            return
+        late = [(node, f"no reply within round-timeout={self.timeout}s") for node in pending.values()]
+        for node, reason in sorted(offline + late):
+            on_missing(node, reason)

@@ -1,0 +1,174 @@
+"""LedgerRecorder: the privacy ledger of a run, kept by a wrapper around :class:`EncryptedFedAvg`.
+
+As Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps an inner strategy to add noise,
+this wraps one to write down what happens: the inner strategy decides what each reply is worth
+(:class:`~carbonfed.federation.server.strategy.Verdict`), the recorder writes the line.
+
+Guarantees
+----------
+* Every reply gets one ledger line, written (hash-chained, fsynced) as soon as its verdict is
+  made: ``accepted`` (with its size in bytes), ``rejected`` or ``refused`` with the reason.
+  Nothing recorded is lost if the server stops.
+* A line carries the server's own fields (kind, stage, round, node, country, status, reason,
+  bytes, δ) and, from a reply that is not an error, the client's privacy facts restricted to the
+  known keys (:func:`client_facts`): a client cannot overwrite the server's fields.
+* Clients that did not answer before the round's timeout, or that Flower reported gone, get a
+  ``missing`` line once the wait is over (an absence: no data, no budget spent on the server's side).
+* After every round one ``round`` line sums up its lines, with the rounds the evaluated model
+  averages (``model_rounds``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from carbonfed.federation.server.strategy import EncryptedFedAvg, Verdict
+from carbonfed.federation.server.strategy_utils import StrategyWrapper, refuse_start
+from carbonfed.privacy.attest import FIELD as ATTESTATION
+from carbonfed.privacy.attest import reported_facts
+from carbonfed.privacy.ledger import Ledger
+from carbonfed.privacy.secure_sum import SecureSum
+
+log = logging.getLogger("carbonfed")
+
+
+def client_facts(meta: dict, base: dict) -> dict:
+    """The privacy facts a client reports, restricted to known keys (a client cannot overwrite
+    the server's own fields such as kind, round or status), with the client's attestation of
+    them (:mod:`carbonfed.privacy.attest`) when it sent one."""
+    try:
+        facts = json.loads(meta.get("facts", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(facts, dict):
+        return {}
+    out = {k: v for k, v in reported_facts(facts).items() if k not in base}
+    if isinstance(meta.get(ATTESTATION), str):
+        out[ATTESTATION] = meta[ATTESTATION]
+    return out
+
+
+def sender(reply: Message) -> int:
+    """The node a reply comes from, as its metadata says."""
+    return reply.metadata.src_node_id
+
+
+class LedgerRecorder(StrategyWrapper):
+    """Writes the ledger of an inner :class:`EncryptedFedAvg` (it becomes its verdict listener)."""
+
+    def __init__(self, strategy: EncryptedFedAvg, ledger: Ledger, node_of: Callable[[Message], int] = sender):
+        """``node_of(reply)``: the node a reply answers for (the courier's, which knows whom it
+        addressed; an error reply made by the SuperLink carries the SuperLink's id)."""
+        super().__init__(strategy)
+        self.ledger = ledger
+        self.node_of = node_of
+        self._round_lines: list[dict] = []            # ledger lines of the round under way
+        self._context: tuple[str, int, dict] | None = None   # kind, round, extra fields of the replies read
+        strategy.on_verdict = self._record_verdict
+
+    def start(self, grid: Grid, *args, **kwargs) -> Result:
+        """Refused, as the inner strategy's (:func:`~carbonfed.federation.server.strategy_utils.refuse_start`)."""
+        refuse_start(self)
+
+    # -- lines ---------------------------------------------------------------------------------
+    def country(self, node: int) -> str:
+        """The country the setup learned for ``node``, or ``node-<id>``."""
+        return self.strategy.state.roles.get(node, ("?", f"node-{node}"))[1]
+
+    def line(self, kind: str, rnd: int, node: int, country: str | None = None, extra: dict | None = None) -> dict:
+        """The server's own fields of a line about ``node``."""
+        return {"kind": kind, **(extra or {}), "round": rnd, "node_id": node,
+                "country": self.country(node) if country is None else country}
+
+    def with_facts(self, base: dict, meta: dict) -> dict:
+        """``base`` with the client's facts (:func:`client_facts`) and the run's δ (None without DP)."""
+        base.update(client_facts(meta, base))
+        base["delta"] = self.strategy.cfg.delta if self.strategy.cfg.dp else None
+        return base
+
+    def record(self, line: dict) -> dict:
+        """Append a line of the round under way."""
+        rec = self.ledger.append(line)
+        self._round_lines.append(rec)
+        return rec
+
+    def accept(self, base: dict, size: int) -> None:
+        """The reply was added: its size in bytes."""
+        self.record({**base, "status": "accepted", "reason": "", "bytes": size})
+
+    def reject(self, base: dict, reason: str, status: str = "rejected") -> None:
+        """The reply was not added (``rejected``, ``refused``) or never came (``missing``)."""
+        self.record({**base, "status": status, "reason": reason})
+        log.warning("round %s: %s %s: %s", base.get("round"), status, base.get("country"), reason)
+
+    def missing(self, kind: str, rnd: int, node: int, reason: str) -> None:
+        """``node`` did not answer a ``kind`` request of round ``rnd``."""
+        self.reject(self.line(kind, rnd, node), reason, status="missing")
+
+    # -- the inner strategy's verdicts ------------------------------------------------------------
+    @contextmanager
+    def _judging(self, kind: str, rnd: int, extra: dict | None = None) -> Iterator[None]:
+        """Verdicts made inside are lines of ``kind`` in round ``rnd`` (with ``extra`` fields)."""
+        self._context = (kind, rnd, extra or {})
+        try:
+            yield
+        finally:
+            self._context = None
+
+    def _record_verdict(self, msg: Message, verdict: Verdict) -> None:
+        """One line for one reply of the requests under way."""
+        if self._context is None:
+            raise RuntimeError("a verdict outside a request the recorder knows of")
+        kind, rnd, extra = self._context
+        base = self.line(kind, rnd, self.node_of(msg), extra=extra)
+        if not msg.has_error():
+            self.with_facts(base, dict(msg.content.config_records.get("meta", ConfigRecord())))
+        if verdict.status == "accepted":
+            self.accept(base, verdict.bytes)
+        else:
+            self.reject(base, verdict.reason, verdict.status)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner aggregate; a ``train`` line per reply."""
+        with self._judging("train", server_round):
+            return self.strategy.aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The inner aggregate; an ``evaluate`` line per reply."""
+        with self._judging("evaluate", server_round):
+            return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def accumulate_stage(self, stage: int, key: str, replies: Iterable[Message]) -> SecureSum:
+        """The inner sum of statistics stage ``stage`` (2 or 3, round 0); a ``stats`` line per reply."""
+        with self._judging("stats", 0, {"stage": stage}):
+            return self.strategy.accumulate(replies, key)
+
+    # -- rounds --------------------------------------------------------------------------------
+    def begin_round(self) -> None:
+        """The lines recorded from now on make the next round's summary."""
+        self._round_lines = []
+
+    def close_round(self, rnd: int, seconds: float) -> dict:
+        """Append and return the ``round`` line of round ``rnd`` (which took ``seconds``)."""
+        lines, state = self._round_lines, self.strategy.state
+        accepted = [r for r in lines if r.get("kind") == "train" and r["status"] == "accepted"]
+        eps = [r["epsilon"] for r in lines if r.get("kind") == "train" and r.get("epsilon") is not None]
+        summary = {"kind": "round", "round": rnd, "seconds": seconds,
+                   "accepted": len(accepted),
+                   "rejected": sum(1 for r in lines if r.get("kind") == "train" and r["status"] != "accepted"),
+                   "evaluated": sum(1 for r in lines if r.get("kind") == "evaluate" and r["status"] == "accepted"),
+                   "epsilon_max": max(eps) if eps else None,
+                   "upload_bytes_per_client": (sum(r["bytes"] for r in accepted) / len(accepted)) if accepted else None,
+                   "model_terms": state.model_terms,
+                   # the rounds whose global models the evaluated model averages (average-last)
+                   "model_rounds": state.tail_rounds()}
+        self.ledger.append(summary)
+        return summary

@@ -1,0 +1,143 @@
+"""Round 0: who is who, and the federated statistics release; after a resume, who is who again.
+
+Guarantees
+----------
+* The setup waits for ``min-nodes`` SuperNodes (0: until their number has not changed for a few
+  seconds), at most the round timeout, then asks each one its role, country and key fingerprint
+  (``query.setup``). A node under another key or HE setting takes no part.
+* The training clients' stage-1 statistics are summed as ciphertexts; in DP runs of more stages,
+  stages 2 and 3 follow (``query.refine``), each measured with the scaler of the aggregates of
+  the stages before it. Each reply gets one ``stats`` ledger line (missing nodes: one ``setup``
+  or ``stats`` line). A training client whose statistics are malformed is excluded from the run.
+* A stage with fewer than ``min-train-clients`` accepted releases stops the run (RuntimeError):
+  no aggregate that could expose single clients is ever kept.
+* :func:`rebind` (after a resume) asks the nodes unknown to the checkpoint who they are
+  (``query.role``: no data, no budget) and gives a known country's role to its new node id;
+  unknown countries take no part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from carbonfed.federation.server.courier import Courier
+from carbonfed.federation.server.recorder import LedgerRecorder
+from carbonfed.federation.server.strategy import EncryptedFedAvg
+from carbonfed.federation.server.strategy_utils import add_reply
+from carbonfed.federation.wire import REFINE, ROLE, SETUP, stage_key
+from carbonfed.privacy.he import CiphertextError
+from carbonfed.privacy.secure_sum import SecureSum
+
+log = logging.getLogger("carbonfed")
+
+SETTLE_S = 5.0   # with min-nodes 0: the node count must stay the same this long
+
+
+def wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
+    """The SuperNodes connected once ``want`` of them are (0: once their number has not changed
+    for ``SETTLE_S`` seconds); RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if len(nodes) != last:
+            last, since = len(nodes), now
+        if (want and len(nodes) >= want) or (not want and nodes and now - since >= SETTLE_S):
+            return nodes
+        if now > deadline:
+            raise RuntimeError(f"{len(nodes)} SuperNodes connected within round-timeout="
+                               f"{timeout}s; min-nodes={want}")
+        time.sleep(0.2)
+
+
+def _request(kind: str, rnd: int, nodes: list[int], **config) -> list[Message]:
+    """One ``kind`` query of round ``rnd`` per node, with ``config`` beside the round number."""
+    return [Message(content=RecordDict({"config": ConfigRecord({"server-round": rnd, **config})}),
+                    message_type=kind, dst_node_id=n) for n in nodes]
+
+
+def _setup_reply(recorder: LedgerRecorder, total: SecureSum, msg: Message) -> None:
+    """Learn the role and country of the node that sent ``msg``; add its statistics (a training
+    client) into ``total``; ledger what was made of it."""
+    fedavg, node = recorder.strategy, recorder.node_of(msg)
+    base = recorder.line("stats", 0, node, country=f"node-{node}")
+    if msg.has_error():
+        recorder.reject(base, f"client error: {msg.error.reason}")
+        return
+    meta = dict(msg.content.config_records["meta"])
+    base["country"] = meta.get("country", base["country"])
+    if meta.get("fingerprint") != fedavg.fingerprint:
+        recorder.reject(base, "key fingerprint differs from the server's public context")
+        return
+    fedavg.state.roles[node] = (meta["role"], base["country"])
+    if meta["role"] != "train":
+        return
+    recorder.with_facts(base, meta)
+    try:
+        recorder.accept(base, add_reply(total, msg, "stats"))
+    except (CiphertextError, KeyError) as exc:
+        recorder.reject(base, f"malformed statistics: {exc}")
+        fedavg.state.roles[node] = ("excluded", base["country"])
+
+
+def setup(grid: Grid, courier: Courier, recorder: LedgerRecorder) -> None:
+    """Round 0: learn each node's role and country, and sum the training clients' statistics
+    (then, in DP runs of more stages, their later stages: :func:`refine`)."""
+    fedavg = recorder.strategy
+    cfg = fedavg.cfg
+    nodes = wait_for_nodes(grid, cfg.min_nodes, courier.timeout)
+    total = SecureSum(fedavg.cipher_for("stats"))
+    for msg in courier.stream(grid, _request(SETUP, 0, nodes), partial(recorder.missing, "setup", 0)):
+        _setup_reply(recorder, total, msg)
+    if total.terms < cfg.min_train_clients:
+        raise RuntimeError(f"only {total.terms} training clients answered the setup "
+                           f"(min-train-clients={cfg.min_train_clients})")
+    fedavg.keep_stage(total)
+    for stage in range(2, cfg.stats_releases + 1):
+        refine(grid, courier, recorder, stage)
+    log.info("setup: %d training and %d evaluation clients", len(fedavg.nodes("train")), len(fedavg.nodes("test")))
+
+
+def refine(grid: Grid, courier: Courier, recorder: LedgerRecorder, stage: int) -> None:
+    """Round 0, statistics stage ``stage`` (2 or 3): the training clients whose statistics were
+    summed release it, measured with the scaler of the aggregates of the earlier stages they receive."""
+    fedavg = recorder.strategy
+    records, terms = fedavg.stats_content(stage - 1)
+    content = RecordDict({"config": ConfigRecord({"server-round": 0, **terms}), **records})
+    msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in fedavg.nodes("train")]
+    replies = courier.stream(grid, msgs, partial(recorder.missing, "stats", 0))
+    total = recorder.accumulate_stage(stage, stage_key(stage), replies)
+    if total.terms < fedavg.cfg.min_train_clients:
+        raise RuntimeError(f"only {total.terms} training clients answered statistics stage {stage} "
+                           f"(min-train-clients={fedavg.cfg.min_train_clients})")
+    fedavg.keep_stage(total)
+
+
+def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:
+    """After a resume: ask nodes unknown to the checkpoint who they are (``query.role``) and
+    give a known country's role to its new node id. Unknown countries take no part."""
+    roles = fedavg.state.roles
+    unknown = sorted(set(grid.get_node_ids()) - set(roles))
+    if not unknown:
+        return
+    by_country = {c: (n, r) for n, (r, c) in roles.items()}
+    for msg in courier.stream(grid, _request(ROLE, fedavg.state.round, unknown)):
+        node = courier.node_of(msg)
+        if msg.has_error():
+            log.warning("node %d did not say who it is: %s", node, msg.error.reason)
+            continue
+        meta = dict(msg.content.config_records["meta"])
+        country, role = meta.get("country"), meta.get("role")
+        if country not in by_country or by_country[country][1] != role or meta.get("fingerprint") != fedavg.fingerprint:
+            log.warning("node %d (%s) is not a %s client of this run's setup; it takes no part", node, country, role)
+            continue
+        old, _ = by_country[country]
+        roles.pop(old, None)
+        roles[node] = (role, country)
+        log.warning("%s is now node %d (was %d)", country, node, old)
