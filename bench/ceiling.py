@@ -8,7 +8,7 @@
 3. A numpy twin of the federated DP-SGD of the main job (multinomial logistic regression, 131
    clients; rounds, Poisson-sampled steps, clip, momentum and lr of :data:`MAIN`; σ from
    carbonfed's accountant for ε after the statistics releases; sample-weighted FedAvg), on
-   (a) the main job's features: three DP statistics releases, asinh(x / c) (``carbonfed.data.standardize``,
+   (a) the main job's features: three DP statistics releases, asinh(x / c) (``carbonfed.privacy.stats_release``,
    the run's layouts);
    (b) the log features of two DP statistics releases (``stats-stages = 2``, the default; the
        earlier main job, with its lr 0.2);
@@ -29,8 +29,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-import carbonfed.data.standardize as S
 from carbonfed.data import load_dataset, split_countries
+from carbonfed.data.features import Standardizer
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.client.participant import Layouts
 from carbonfed.models.mlp import prior_logits
@@ -59,7 +59,7 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
 
     def noisy(i, layout, v):
         return v + rng.normal(0, sigmas[i] * layout.sensitivity, v.shape) if noise else v
-    scaler = S.Standardizer.from_sums(sum(noisy(0, stages[0], stages[0].local_sums(x[country == c], y[country == c]))
+    scaler = Standardizer.from_sums(sum(noisy(0, stages[0], stages[0].local_sums(x[country == c], y[country == c]))
                                           for c in train), x.shape[1], k)
     for i, lay in enumerate(stages[1:], 1):
         scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler,

@@ -1,6 +1,6 @@
 """Hyper-parameter exploration without Flower: the same Participant code, summed in-process.
 
-Not the product path (that is Flower, see federation/strategy.py); a quick way to compare
+Not the product path (that is Flower, see federation/server/strategy.py); a quick way to compare
 settings. Usage: python bench/tune.py '{"privacy": "none", "lr": 0.5}' '{"privacy": "dp", ...}'
 Prints one JSON line per config: accuracy and macro-F1 on the held-out countries per round.
 
@@ -92,30 +92,30 @@ def _apply_hacks(h: dict) -> None:
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
 
 
-def run(cfg_json: str) -> dict:
-    import torch
+HACKS = ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias", "refine_clip")
 
+
+def _extras(kw: dict) -> tuple[dict, dict]:
+    """Pop the exploration-only keys off ``kw`` (what stays are RunConfig settings): (options, hacks)."""
+    avg_last = kw.pop("avg_last", 1)
+    x = {"avg_last": list(avg_last) if isinstance(avg_last, list) else [avg_last],
+         "ema": kw.pop("ema", []),      # EMA decay(s) of the global model, scored after the tail averages
+         "server_momentum": kw.pop("server_momentum", 0.0), "server_lr": kw.pop("server_lr", 1.0),
+         "server_adam": kw.pop("server_adam", 0.0),   # FedAdam server lr (Reddi et al. 2021); 0 = off
+         "server_tau": kw.pop("server_tau", 1e-3),
+         # validation fold k: train on the training countries minus their stride-5 fold k, score on it
+         "val": kw.pop("val", None),
+         "lr_final": kw.pop("lr_final", 1.0)}   # cosine decay of the local lr to lr·lr_final at the last round
+    return x, {k: kw.pop(k) for k in HACKS if k in kw}
+
+
+def _setup(cfg, val):
+    """(dataset, training participants, scoring participants, layouts, the statistics aggregates)."""
     from carbonfed.data import load_dataset, split_countries
-    from carbonfed.federation.config import RunConfig
-    from carbonfed.federation.client.participant import Participant, make_cipher, stage_key
-    from carbonfed.federation.report.build import scores
+    from carbonfed.federation.client.participant import Participant, make_cipher
+    from carbonfed.federation.wire import stage_key
     from carbonfed.privacy.secure_sum import SecureSum
 
-    torch.set_num_threads(1)
-    kw = json.loads(cfg_json)
-    avg_last = kw.pop("avg_last", 1)
-    avg_last = list(avg_last) if isinstance(avg_last, list) else [avg_last]
-    ema = kw.pop("ema", [])      # EMA decay(s) of the global model, scored after the tail averages
-    beta = kw.pop("server_momentum", 0.0)
-    eta = kw.pop("server_lr", 1.0)
-    adam = kw.pop("server_adam", 0.0)   # FedAdam server lr (Reddi et al. 2021); 0 = off
-    tau = kw.pop("server_tau", 1e-3)
-    val = kw.pop("val", None)   # validation fold k: train on the training countries minus their stride-5 fold k, score on it
-    lr_final = kw.pop("lr_final", 1.0)   # cosine decay of the local lr to lr·lr_final at the last round
-    hacks = {k: kw.pop(k) for k in ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias", "refine_clip") if k in kw}
-    _apply_hacks(hacks)
-    cfg = RunConfig(**kw)
-    kw.update(val=val, avg_last=avg_last, ema=ema, lr_final=lr_final, server_momentum=beta, server_lr=eta, server_adam=adam, **hacks)
     ds = load_dataset(cfg.dataset)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     if val is not None:     # the held-out test countries take no part in tuning
@@ -133,64 +133,116 @@ def run(cfg_json: str) -> dict:
         for p in train:
             total.add(p.refine(sagg)[stage_key(k)])
         sagg.append((total.serialize(), total.terms))
+    return ds, train, test, lay, sagg
+
+
+def _two_term(cfg, lay, params, rng):
+    """``params`` (float) re-packed as a two-term plaintext aggregate: (bytes, terms)."""
+    from carbonfed.federation.client.participant import make_cipher
+    from carbonfed.privacy.secure_sum import SecureSum
+
+    plain = make_cipher(cfg, None, lay.update.length)
+    total = SecureSum(plain)
+    vec, _ = lay.update.pack(params, 1, rng)
+    total.add(plain.encrypt(vec))
+    total.add(plain.encrypt(vec))
+    return total.serialize(), total.terms
+
+
+class _ServerOptimizer:
+    """FedAvgM (``server_momentum``, ``server_lr``) or FedAdam (``server_adam``, ``server_tau``) on the
+    decrypted aggregate, from the run's initial model."""
+
+    def __init__(self, cfg, ds, x: dict):
+        self.cfg, self.ds = cfg, ds
+        self.beta, self.eta, self.adam, self.tau = x["server_momentum"], x["server_lr"], x["server_adam"], x["server_tau"]
+        self.active = bool(self.beta or self.eta != 1.0 or self.adam)
+        self.w = self.m = self.v = None
+
+    def step(self, params):
+        if self.w is None:
+            from carbonfed.models.mlp import build_model
+            from carbonfed.models.params import flatten_params
+            self.w = flatten_params(build_model(len(self.ds.features), len(self.ds.classes), self.cfg.hidden_sizes,
+                                                self.cfg.seed))
+            self.m = np.zeros_like(self.w)
+            self.v = np.zeros_like(self.w)
+        if self.adam:
+            d = params - self.w
+            self.m = 0.9 * self.m + 0.1 * d
+            self.v = 0.99 * self.v + 0.01 * d * d
+            self.w = self.w + self.adam * self.m / (np.sqrt(self.v) + self.tau)
+        else:
+            self.m = self.beta * self.m + (params - self.w)
+            self.w = self.w + self.eta * self.m
+        return self.w
+
+
+def _score(cfg, lay, test, sagg, cands) -> list:
+    """Accuracy and macro-F1 (4 decimals) on ``test`` of each candidate model (float params)."""
+    from carbonfed.federation.client.participant import make_cipher
+    from carbonfed.federation.report.build import scores
+    from carbonfed.privacy.secure_sum import SecureSum
+
+    row = []
+    for cand in cands:
+        model, terms = _two_term(cfg, lay, cand, np.random.default_rng(0))
+        msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
+        for p in test:
+            msum.add(p.evaluate(model, terms, sagg))
+        cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
+        row += [round(v, 4) for v in scores(cm.reshape(5, 5)).values()]
+    return row
+
+
+def _train_round(cfg, lay, train, rnd, model, mt, sagg, lr_final):
+    """One round of local training, summed: (aggregate, terms, the largest ε spent so far)."""
+    from carbonfed.federation.client.participant import make_cipher
+    from carbonfed.privacy.secure_sum import SecureSum
+
+    agg = SecureSum(make_cipher(cfg, None, lay.update.length))
+    eps = 0
+    if lr_final != 1.0:
+        f = lr_final + (1 - lr_final) * 0.5 * (1 + np.cos(np.pi * (rnd - 1) / max(cfg.rounds - 1, 1)))
+        for p in train:
+            p.settings = replace(p.settings, lr=cfg.lr * f)
+    for p in train:
+        out = p.train(rnd, model, mt, sagg)
+        agg.add(out["update"])
+        eps = max(eps, out["facts"].get("epsilon") or 0)
+    return agg.serialize(), agg.terms, eps
+
+
+def run(cfg_json: str) -> dict:
+    import torch
+
+    from carbonfed.federation.config import RunConfig
+
+    torch.set_num_threads(1)
+    kw = json.loads(cfg_json)
+    x, hacks = _extras(kw)
+    _apply_hacks(hacks)
+    cfg = RunConfig(**kw)
+    kw.update(val=x["val"], avg_last=x["avg_last"], ema=x["ema"], lr_final=x["lr_final"],
+              server_momentum=x["server_momentum"], server_lr=x["server_lr"], server_adam=x["server_adam"], **hacks)
+    avg_last, ema = x["avg_last"], x["ema"]
+    ds, train, test, lay, sagg = _setup(cfg, x["val"])
+    opt = _ServerOptimizer(cfg, ds, x)
     model, mt = None, 0
-    recent = []
-    hist = []
-    w = m = v = None
+    recent, hist = [], []
     t0 = time.time()
     for rnd in range(1, cfg.rounds + 1):
-        agg = SecureSum(make_cipher(cfg, None, lay.update.length))
-        eps = 0
-        if lr_final != 1.0:
-            f = lr_final + (1 - lr_final) * 0.5 * (1 + np.cos(np.pi * (rnd - 1) / max(cfg.rounds - 1, 1)))
-            for p in train:
-                p.settings = replace(p.settings, lr=cfg.lr * f)
-        for p in train:
-            out = p.train(rnd, model, mt, sagg)
-            agg.add(out["update"])
-            eps = max(eps, out["facts"].get("epsilon") or 0)
-        model, mt = agg.serialize(), agg.terms
+        model, mt, eps = _train_round(cfg, lay, train, rnd, model, mt, sagg, x["lr_final"])
         params, _ = lay.update.unpack_sum(np.frombuffer(model, dtype=np.int64), mt)
-        if beta or eta != 1.0 or adam:
-            if w is None:
-                from carbonfed.models.mlp import build_model
-                from carbonfed.models.params import flatten_params
-                w = flatten_params(build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed))
-                m = np.zeros_like(w)
-                v = np.zeros_like(w)
-            if adam:
-                d = params - w
-                m = 0.9 * m + 0.1 * d
-                v = 0.99 * v + 0.01 * d * d
-                w = w + adam * m / (np.sqrt(v) + tau)
-            else:
-                m = beta * m + (params - w)
-                w = w + eta * m
-            params = w
-            plain = make_cipher(cfg, None, lay.update.length)
-            vec, _ = lay.update.pack(w, 1, np.random.default_rng(rnd))
-            s2 = SecureSum(plain)
-            s2.add(plain.encrypt(vec))
-            s2.add(plain.encrypt(vec))
-            model, mt = s2.serialize(), s2.terms
+        if opt.active:
+            params = opt.step(params)
+            model, mt = _two_term(cfg, lay, params, np.random.default_rng(rnd))
         recent = (recent + [params])[-max(avg_last):]
         emas = {b: params if rnd == 1 else b * emas[b] + (1 - b) * params for b in ema} if ema else {}
         if rnd % 5 == 0 or rnd == cfg.rounds:
             # Each tail average / EMA (float), re-packed as a two-term aggregate for the clients' evaluate().
-            row = [rnd]
             cands = [np.mean(recent[-k:], axis=0) for k in avg_last] + [emas[b] for b in ema]
-            plain = make_cipher(cfg, None, lay.update.length)
-            for cand in cands:
-                avg = SecureSum(plain)
-                vec, _ = lay.update.pack(cand, 1, np.random.default_rng(0))
-                avg.add(plain.encrypt(vec))
-                avg.add(plain.encrypt(vec))
-                msum = SecureSum(make_cipher(cfg, None, lay.metrics.length))
-                for p in test:
-                    msum.add(p.evaluate(avg.serialize(), avg.terms, sagg))
-                cm = lay.metrics.unpack_sum(np.frombuffer(msum.serialize(), dtype=np.int64), msum.terms)
-                row += [round(v, 4) for v in scores(cm.reshape(5, 5)).values()]
-            hist.append((*row, round(eps, 3)))
+            hist.append((rnd, *_score(cfg, lay, test, sagg, cands), round(eps, 3)))
     return {"cfg": kw, "final": hist[-1], "hist": hist, "s": round(time.time() - t0, 1)}
 
 

@@ -41,14 +41,26 @@ Two attacks, both black-box on the *final* decrypted model (what every key holde
    of its own); it is descriptive, not a DP bound.
 
 Output: a dict (and ``DIR/audit.json``); ``--json`` prints exactly one JSON object on stdout.
+
+The statistics live in :mod:`carbonfed.privacy.audit.empirical`, the canaries and the attacker's
+loss in :mod:`carbonfed.federation.experiments.canaries`; this module re-runs the federation.
+
+Guarantees
+----------
+* The original run is read, never changed, apart from ``DIR/audit.json`` and ``DIR/audit/``
+  (the canary run; a previous one is replaced), and ``DIR/model.pt`` when it has to be rebuilt.
+* The canary run uses the run's own config (``server.json``) on a temporary copy of the data plus
+  exactly the included canaries (checked), fresh keys when HE is on; the coins come from OS
+  entropy, so they are secret from both runs.
+* ``DIR/audit.json`` is written whether the audit passes or fails; a bound above the claim of
+  either run raises :class:`~carbonfed.privacy.audit.empirical.AuditFailure` (exit code 3).
+* ``--json`` prints exactly one JSON object on stdout: whatever the run prints goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
@@ -60,197 +72,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from scipy import special, stats
+
+from carbonfed.data import load_dataset, resolve_data_dir, split_countries
+from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.experiments.canaries import (CANARY_RADIUS, load_final_model, losses, make_canaries,
+                                                        write_canary_data)
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.simulation import run_simulation
+from carbonfed.privacy.audit.empirical import AuditFailure, canary_bound, check_claim, mia_metrics
+from carbonfed.privacy.he import keygen
+from carbonfed.privacy.ledger import read_ledger
 
 LABEL = "empirical lower bound"
 METHOD = ("one-run canary audit, Steinke-Nasr-Jagielski 2023 Thm 3.1 ((eps, delta) with the run's delta; "
           "pure-eps also reported), black-box loss attack on the final model, Bonferroni over k")
-K_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # guesses per side, as fractions of m (k+ = k- = fraction·m)
-CANARY_YEAR0 = 5000
-# Canaries: a random direction in the standardised feature space (plain mean/std of the
-# transformed features of the training rows), at this many standard deviations from the mean.
-CANARY_RADIUS = (8.0, 16.0)
-CANARY_T_CLIP = 0.95                 # transformed values stay inside (-1, 1), the transform's range
-
-
-class AuditFailure(RuntimeError):
-    """The empirical lower bound exceeds the claimed ε: the accounting or the implementation is wrong."""
-
-    def __init__(self, message: str, result: dict | None = None):
-        super().__init__(message)
-        self.result = result
-
-
-# -- the statistics ------------------------------------------------------------------------------
-def p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
-    """P[≥ v correct of r guesses] under "(ε, δ)-DP", m canaries (Steinke et al. 2023, Thm 3.1)."""
-    if not (0 <= v <= r <= m):
-        raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
-    if epsilon < 0 or not (0 <= delta <= 1):
-        raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
-    q = float(special.expit(epsilon))                 # e^ε / (1 + e^ε): accuracy of ε-DP randomized response
-    beta = float(stats.binom.sf(v - 1, r, q))         # P[Binomial(r, q) >= v]
-    alpha = 0.0
-    if delta > 0 and v > 0:
-        i = np.arange(1, v + 1)
-        below = np.cumsum(stats.binom.pmf(v - i, r, q))   # P[v > Binomial(r, q) >= v - i]
-        alpha = float(np.max(below / i))
-    return min(1.0, beta + 2.0 * m * delta * alpha)
-
-
-def epsilon_lower_bound(m: int, r: int, v: int, confidence: float = 0.95, delta: float = 0.0,
-                        tol: float = 1e-7) -> float:
-    """Largest ε such that the test rejects "(ε, δ)-DP" (p-value ≤ 1 − confidence); 0 if none does."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    level = 1.0 - confidence
-    if p_value(m, r, v, 0.0, delta) > level:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while p_value(m, r, v, hi, delta) <= level:       # p-value grows with ε (to 1 as ε → ∞ when v ≤ r)
-        lo, hi = hi, hi * 2
-        if hi > 1e3:      # unreachable for v <= r (the p-value tends to 1); never return inf into JSON
-            raise RuntimeError(f"no upper bracket for the ε bound (m={m}, r={r}, v={v})")
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if p_value(m, r, v, mid, delta) <= level:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def guess_counts(scores: np.ndarray, included: np.ndarray, k: int, rng: np.random.Generator) -> tuple[int, int]:
-    """(guesses, correct): "in" for the k highest scores, "out" for the k lowest, abstain on the rest."""
-    scores, included = np.asarray(scores, dtype=np.float64), np.asarray(included, dtype=bool)
-    m = len(scores)
-    if not 0 <= 2 * k <= m:
-        raise ValueError(f"cannot make {k} guesses per side with {m} canaries")
-    order = np.lexsort((rng.random(m), scores))       # ascending score, ties broken at random
-    low, high = order[:k], order[m - k:] if k else order[:0]
-    correct = int(included[high].sum() + (~included[low]).sum())
-    return 2 * k, correct
-
-
-def canary_bound(scores, included, *, confidence: float = 0.95, delta: float = 0.0,
-                 fractions=K_FRACTIONS, rng: np.random.Generator | None = None) -> dict:
-    """Best bound over the score variants × k = fraction·m, Bonferroni-corrected.
-
-    ``scores``: one array (higher = "included"), or ``{name: array}`` for several score
-    variants. Each of the T = variants × k tests runs at level (1 − confidence)/T, so the
-    largest bound holds with probability ≥ ``confidence``.
-    """
-    rng = rng or np.random.default_rng()
-    variants = dict(scores) if isinstance(scores, dict) else {"loss": scores}
-    m = len(next(iter(variants.values())))
-    ks = sorted({k for k in (int(round(f * m)) for f in fractions) if 1 <= k and 2 * k <= m})
-    if not ks:
-        raise ValueError(f"{m} canaries are too few for any guess")
-    per_test = 1.0 - (1.0 - confidence) / (len(ks) * len(variants))
-    sweep = []
-    for name, sc in variants.items():
-        if len(sc) != m:
-            raise ValueError(f"score variant {name!r} has {len(sc)} scores for {m} canaries")
-        for k in ks:
-            r, v = guess_counts(sc, included, k, rng)
-            sweep.append({"score": name, "k_per_side": k, "guesses": r, "correct": v,
-                          "epsilon": epsilon_lower_bound(m, r, v, per_test, delta),
-                          "epsilon_pure": epsilon_lower_bound(m, r, v, per_test, 0.0)})
-    best = max(sweep, key=lambda s: (s["epsilon"], s["epsilon_pure"], s["correct"] / s["guesses"]))
-    return {"epsilon_lower_bound": best["epsilon"],
-            "epsilon_lower_bound_pure": max(s["epsilon_pure"] for s in sweep),
-            "guesses": best["guesses"], "correct": best["correct"], "k_per_side": best["k_per_side"],
-            "score": best["score"], "tests": len(sweep), "per_test_confidence": per_test, "sweep": sweep}
-
-
-def check_claim(lower_bound: float, claimed_epsilon: float | None, confidence: float = 0.95,
-                result: dict | None = None) -> None:
-    """Raise :class:`AuditFailure` when the lower bound exceeds the claimed ε (no claim: no check)."""
-    if claimed_epsilon is None or not lower_bound > claimed_epsilon:
-        return
-    raise AuditFailure(
-        f"AUDIT FAILED: the empirical ε lower bound {lower_bound:.4f} exceeds the claimed ε "
-        f"{claimed_epsilon:.4f}. This indicates a bug in the privacy accounting or in the DP "
-        f"implementation (the bound holds with probability >= {confidence:g} if the claim is true; "
-        f"a false alarm has probability <= {1 - confidence:.2g}, so rerun the audit to confirm).", result)
-
-
-def mia_metrics(member_scores, nonmember_scores) -> dict:
-    """ROC AUC and TPR at 1% / 0.1% FPR of 'higher score = member'."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
-    s = np.concatenate([member_scores, nonmember_scores]).astype(np.float64)
-    fpr, tpr, _ = roc_curve(y, s)
-
-    def tpr_at(target):
-        ok = fpr <= target
-        return float(tpr[ok].max()) if ok.any() else 0.0
-    return {"mia_auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": tpr_at(0.01),
-            "tpr_at_0_1pct_fpr": tpr_at(0.001)}
-
-
-# -- models and losses ---------------------------------------------------------------------------
-def load_final_model(model_pt: str | Path):
-    """(model, standardizer) from a report's ``model.pt``."""
-    import torch
-
-    from carbonfed.data.features import Standardizer
-    from carbonfed.models.mlp import build_model
-
-    saved = torch.load(model_pt, map_location="cpu", weights_only=False)
-    model = build_model(len(saved["features"]), len(saved["classes"]), saved["hidden"])
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    return model, Standardizer.from_dict(saved["scaler"])
-
-
-def losses(model, scaler, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-row cross-entropy of the model on raw features (standardised as in training)."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(torch.from_numpy(scaler.apply(np.asarray(x_raw, dtype=np.float32))))
-        return torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(y, dtype=np.int64)),
-                                                 reduction="none").numpy().astype(np.float64)
-
-
-# -- canaries ------------------------------------------------------------------------------------
-def make_canaries(ds, train_countries, m: int, rng: np.random.Generator) -> dict:
-    """m canary rows for training countries and the secret inclusion coins (fair, independent)."""
-    from carbonfed.data.features import LOG_BOUND, transform
-
-    x_train, _ = ds.all_arrays(train_countries)
-    t = transform(x_train)
-    mean, std = t.mean(0), np.maximum(t.std(0), 1e-3)
-    d = len(ds.features)
-    direction = rng.normal(size=(m, d))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    radius = rng.uniform(*CANARY_RADIUS, size=(m, 1))
-    tc = np.clip(mean + std * direction * radius, -CANARY_T_CLIP, CANARY_T_CLIP)
-    x = np.sign(tc) * np.expm1(np.abs(tc) * LOG_BOUND)
-    return {"country": [str(c) for c in rng.choice(list(train_countries), size=m)],
-            "year": [CANARY_YEAR0 + i for i in range(m)],
-            "x": x, "label": rng.integers(0, len(ds.classes), size=m),
-            "included": rng.random(m) < 0.5}
-
-
-def write_canary_data(src_csv: Path, dst_dir: Path, canaries: dict, features, label_column: str) -> Path:
-    """Copy ``src_csv`` into ``dst_dir`` and append the *included* canaries as rows."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src_csv.name
-    raw = src_csv.read_bytes()
-    header = next(csv.reader(io.StringIO(raw.decode("utf-8-sig").splitlines()[0])))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
-    for i in np.flatnonzero(canaries["included"]):
-        row = {"country": canaries["country"][i], "year": canaries["year"][i], label_column: int(canaries["label"][i])}
-        row.update({f: repr(float(v)) for f, v in zip(features, canaries["x"][i])})
-        writer.writerow(row)
-    with open(dst, "wb") as fh:
-        fh.write(raw if raw.endswith(b"\n") else raw + b"\n")
-        fh.write(buf.getvalue().encode())
-    return dst
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -263,8 +99,6 @@ def claimed_epsilon(run_dir: Path, cfg) -> float | None:
         p = json.loads(report.read_text()).get("privacy") or {}
         if p.get("epsilon_max") is not None:
             return float(p["epsilon_max"])
-    from carbonfed.privacy.ledger import read_ledger
-
     last = {}
     for line in read_ledger(run_dir / "ledger.jsonl"):
         if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
@@ -274,12 +108,6 @@ def claimed_epsilon(run_dir: Path, cfg) -> float | None:
 
 def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
     """Run the federation again with the included canaries; returns canaries, their losses, the run's claim."""
-    from carbonfed.data import load_dataset, resolve_data_dir, split_countries
-    from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
-    from carbonfed.federation.report.build import build_report
-    from carbonfed.federation.simulation import run_simulation
-    from carbonfed.privacy.he import keygen
-
     if cfg.dataset != "seed":
         raise ValueError(f"audit-attack supports the seed data set only, this run used {cfg.dataset!r}")
     src = resolve_data_dir(cfg.data_dir or None) / SEED_FILENAME
@@ -317,12 +145,8 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
             "accuracy": report["metrics"]["accuracy"]}
 
 
-def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_dir=None) -> dict:
-    """Audit the run in ``run_dir``; writes ``run_dir/audit.json``; raises AuditFailure on a violated claim."""
-    from carbonfed.data import load_dataset, split_countries
-    from carbonfed.federation.config import RunConfig
-    from carbonfed.federation.report.build import build_report
-
+def _open_run(run_dir, canaries: int, confidence: float) -> tuple[Path, RunConfig]:
+    """(resolved run dir, its RunConfig from ``server.json``), after checking the audit's settings."""
     run = Path(run_dir).resolve()
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
@@ -331,10 +155,11 @@ def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_di
     server = run / "server.json"
     if not server.is_file():
         raise ValueError(f"{run} holds no run (server.json missing)")
-    cfg = RunConfig.from_flower(json.loads(server.read_text())["config"])
-    t0 = time.time()
+    return run, RunConfig.from_flower(json.loads(server.read_text())["config"])
 
-    # 2. membership inference on the original run's final model.
+
+def membership_inference(run: Path, cfg: RunConfig, keys_dir=None) -> dict:
+    """Loss attack on the run's final model: training countries' rows against held-out countries' rows."""
     if not (run / "model.pt").is_file():
         build_report(run, keys_dir)
     model, scaler = load_final_model(run / "model.pt")
@@ -343,28 +168,27 @@ def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_di
     xm, ym = ds.all_arrays(part.train)
     xn, yn = ds.all_arrays(part.test)
     lm, ln = losses(model, scaler, xm, ym), losses(model, scaler, xn, yn)
-    mia = {**mia_metrics(-lm, -ln), "members": len(ym), "nonmembers": len(yn),
-           "member_mean_loss": float(lm.mean()), "nonmember_mean_loss": float(ln.mean()),
-           "min_resolvable_fpr": 1.0 / len(yn),
-           "note": "members = rows of training countries, non-members = rows of held-out countries"}
+    return {**mia_metrics(-lm, -ln), "members": len(ym), "nonmembers": len(yn),
+            "member_mean_loss": float(lm.mean()), "nonmember_mean_loss": float(ln.mean()),
+            "min_resolvable_fpr": 1.0 / len(yn),
+            "note": "members = rows of training countries, non-members = rows of held-out countries"}
 
-    # 1. one-run canary audit.
-    rng = np.random.default_rng()               # OS entropy: the coins are secret from the run
-    delta = cfg.delta
-    canary = _canary_run(run, cfg, canaries, rng)
+
+def _result(run: Path, cfg: RunConfig, confidence: float, claimed, canary: dict, bound: dict, mia: dict,
+            t0: float) -> dict:
+    """The audit's record (``audit.json``), status ``ok``."""
     c = canary["canaries"]
     scores = -canary["loss"]
-    bound = canary_bound(scores, c["included"], confidence=confidence, delta=delta, rng=rng)
-    both = 0 < c["included"].sum() < canaries
+    m = len(scores)
+    both = 0 < c["included"].sum() < m
     canary_auc = mia_metrics(scores[c["included"]], scores[~c["included"]])["mia_auc"] if both else None
-    claimed = claimed_epsilon(run, cfg)
-    result = {
+    return {
         "label": LABEL, "method": METHOD, "run_dir": str(run), "privacy_mode": cfg.privacy, "rounds": cfg.rounds,
-        "epsilon_lower_bound": bound["epsilon_lower_bound"], "delta": delta,
+        "epsilon_lower_bound": bound["epsilon_lower_bound"], "delta": cfg.delta,
         "epsilon_lower_bound_pure": bound["epsilon_lower_bound_pure"],
         "confidence": confidence, "claimed_epsilon": claimed,
         "claimed_epsilon_canary_run": canary["claimed"],
-        "m": canaries, "guesses": bound["guesses"], "correct": bound["correct"],
+        "m": m, "guesses": bound["guesses"], "correct": bound["correct"],
         "score": bound["score"], "k_per_side": bound["k_per_side"], "tests": bound["tests"],
         "per_test_confidence": bound["per_test_confidence"], "sweep": bound["sweep"],
         "canary_auc": canary_auc,        # descriptive: ROC AUC of the canary score, included vs excluded
@@ -380,6 +204,21 @@ def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_di
                        "features": [[float(v) for v in row] for row in c["x"]]},
         "seconds": time.time() - t0, "status": "ok",
     }
+
+
+def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_dir=None) -> dict:
+    """Audit the run in ``run_dir``; writes ``run_dir/audit.json``; raises AuditFailure on a violated claim."""
+    run, cfg = _open_run(run_dir, canaries, confidence)
+    t0 = time.time()
+    # 2. membership inference on the original run's final model.
+    mia = membership_inference(run, cfg, keys_dir)
+    # 1. one-run canary audit.
+    rng = np.random.default_rng()               # OS entropy: the coins are secret from the run
+    canary = _canary_run(run, cfg, canaries, rng)
+    bound = canary_bound(-canary["loss"], canary["canaries"]["included"], confidence=confidence, delta=cfg.delta,
+                         rng=rng)
+    claimed = claimed_epsilon(run, cfg)
+    result = _result(run, cfg, confidence, claimed, canary, bound, mia, t0)
     # The bound is about the canary run's mechanism; it must respect the claim of either run.
     claims = [e for e in (claimed, canary["claimed"]) if e is not None]
     try:

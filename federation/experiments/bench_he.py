@@ -40,38 +40,38 @@ pools are limited to one thread. Throughputs divide by the *CPU time* of the pro
 work (``time.process_time``, all its threads), i.e. what one core costs, so other load on a shared
 machine does not distort them; wall-clock seconds are reported next to them (``wall_seconds``)
 and agree on an idle machine. The server's times exclude reading a reply from the file.
+
+Parts: the two schemes (:mod:`~carbonfed.federation.experiments.bench_he_schemes`), the spawned
+server (:mod:`~carbonfed.federation.experiments.bench_he_server`); this module drives them.
+
+Guarantees
+----------
+* Both schemes get the same updates (``seed``) and the same round-robin of replies; the server
+  side only ever gets public context bytes.
+* ``max_abs_error`` is against the float64 mean of exactly what was summed.
+* With ``--json``, stdout holds exactly one JSON object (TenSEAL's C++ warnings are silenced, the
+  progress display is on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib
 import json
-import math
-import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
-import tenseal as ts
 
-from carbonfed.privacy.fixed_point import FixedPointCodec
-from carbonfed.privacy.he import BFVCipher, HEParams, new_secret_context, public_bytes
-from carbonfed.privacy.secure_sum import SecureSum
+from carbonfed.federation.experiments.bench_he_schemes import SCHEMES
+from carbonfed.federation.experiments.bench_he_server import aggregate, write_reply
 
 DISTINCT_UPDATES = 4
-BASELINE_N = 8192
-BASELINE_COEFF_MOD_BIT_SIZES = (60, 40, 40)
-BASELINE_SCALE_BITS = 40
-BASELINE_CHUNK = BASELINE_N // 2          # CKKS slots: what one ciphertext ("one tensor") holds
 METRICS = ("bytes_per_param", "encrypt_params_per_s", "aggregate_params_per_s", "decrypt_params_per_s",
            "peak_rss_mb", "max_abs_error", "security_bits")
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 # glibc raises its mmap threshold dynamically, after which freed multi-MB buffers stay in the heap:
 # the peak RSS then depends on allocation order (150-270 MB for the same 1M-param run). Pinning the
 # threshold makes every buffer above it an mmap that is returned on free, so RSS tracks live memory.
@@ -137,32 +137,6 @@ def _single_thread():
             torch.set_num_threads(old_torch)
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:  # pragma: no cover - no procfs
-        pass
-    return None
-
-
-def _rss_kb() -> int:
-    return _status_kb("VmRSS") or 0
-
-
-def _maxrss_kb() -> int:
-    """Peak resident size of this process's address space, in KiB.
-
-    ``VmHWM`` rather than ``getrusage().ru_maxrss``: Linux carries ``ru_maxrss`` across ``execve``,
-    so a spawned child would report the *parent's* peak at the time of the fork (hundreds of MB
-    here, with the encrypted replies held by the parent); ``VmHWM`` belongs to the new image only.
-    """
-    hwm = _status_kb("VmHWM")
-    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
 class _NoProgress:
     def __enter__(self):
         return self
@@ -190,210 +164,12 @@ def _progress(enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# the two schemes: client side (this process) and server side (the spawned child)
+# one scheme, both schemes
 # ---------------------------------------------------------------------------------------------
 
-class _CarbonFed:
-    name = "carbonfed"
-
-    def __init__(self, n_params: int, n_clients: int):
-        self.params = HEParams()
-        self.n_params, self.n_clients = n_params, n_clients
-        self.codec = FixedPointCodec(plain_modulus=self.params.plain_modulus, clip=1.0, max_terms=n_clients)
-        self.ctx = new_secret_context(self.params)              # n_threads=1
-        self.cipher = BFVCipher(self.ctx, n_params)
-        self.public = public_bytes(self.ctx)
-
-    def describe(self) -> str:
-        p = self.params
-        return (f"TenSEAL BFV N={p.poly_modulus_degree}, coeff_mod_bit_sizes={list(p.coeff_mod_bit_sizes)}, "
-                f"plain modulus {p.plain_modulus} ({p.plain_modulus_bits}-bit batching prime); fixed point "
-                f"clip=1, scale=2^{int(math.log2(self.codec.scale))}, stochastic rounding; one BFVVector of all "
-                f"params ({p.slots} per ciphertext); server: SecureSum over the public context (no secret key), "
-                f"replies added as they arrive; mean = decode(sum) / n_clients after decryption")
-
-    def security_bits(self) -> int:
-        return self.params.security_bits()
-
-    def encrypt(self, update: np.ndarray, rng: np.random.Generator) -> list[bytes]:
-        z, _ = self.codec.encode(update, rng)
-        return [self.cipher.encrypt(z)]
-
-    def decrypt(self, parts: list[bytes]) -> np.ndarray:
-        z = self.cipher.decrypt(parts[0])
-        self.codec.check_sum(z, self.n_clients)
-        return self.codec.decode(z) / self.n_clients
-
-
-class _CarbonFedServer:
-    def __init__(self, public: bytes, n_params: int, n_clients: int):
-        ctx = ts.context_from(public, n_threads=1)
-        if ctx.has_secret_key():
-            raise RuntimeError("benchmark server was handed a secret key")
-        self.sum = SecureSum(BFVCipher(ctx, n_params))
-
-    def add(self, parts: list[bytes]) -> None:
-        self.sum.add(parts[0])
-
-    def finish(self) -> list[bytes]:
-        return [self.sum.serialize()]
-
-
-class _Baseline:
-    """NVIDIA FLARE's default HE (``nvflare.app_opt.he``): TenSEAL CKKS, N=8192, [60, 40, 40],
-    scale 2^40, one ``ckks_vector`` per weight tensor; here tensors of N/2 = 4096 values, which is
-    what one CKKS ciphertext holds. The server sums and multiplies by the plaintext 1/n_clients."""
-
-    name = "baseline"
-
-    def __init__(self, n_params: int, n_clients: int):
-        self.n_params, self.n_clients = n_params, n_clients
-        self.ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=BASELINE_N,
-                              coeff_mod_bit_sizes=list(BASELINE_COEFF_MOD_BIT_SIZES), n_threads=1)
-        self.ctx.global_scale = 2 ** BASELINE_SCALE_BITS
-        self.ctx.generate_relin_keys()  # as NVFlare's key generation does; the server does not get them
-        self.public = self.ctx.serialize(save_public_key=True, save_secret_key=False,
-                                         save_galois_keys=False, save_relin_keys=False)
-        self.bounds = [(i, min(i + BASELINE_CHUNK, n_params)) for i in range(0, n_params, BASELINE_CHUNK)]
-
-    def describe(self) -> str:
-        return (f"NVIDIA FLARE default HE: TenSEAL CKKS N={BASELINE_N}, coeff_mod_bit_sizes="
-                f"{list(BASELINE_COEFF_MOD_BIT_SIZES)}, global scale 2^{BASELINE_SCALE_BITS}; one ckks_vector per "
-                f"tensor (tensors of {BASELINE_CHUNK} values = one ciphertext each); server sums the replies and "
-                f"multiplies by the plaintext 1/n_clients (one rescale level)")
-
-    def security_bits(self) -> int:
-        return HEParams(poly_modulus_degree=BASELINE_N, coeff_mod_bit_sizes=BASELINE_COEFF_MOD_BIT_SIZES).security_bits()
-
-    def encrypt(self, update: np.ndarray, rng: np.random.Generator) -> list[bytes]:
-        update = np.asarray(update, dtype=np.float64)
-        return [ts.ckks_vector(self.ctx, update[a:b].tolist()).serialize() for a, b in self.bounds]
-
-    def decrypt(self, parts: list[bytes]) -> np.ndarray:
-        return np.concatenate([np.asarray(ts.ckks_vector_from(self.ctx, p).decrypt(), dtype=np.float64)
-                               for p in parts])
-
-
-class _BaselineServer:
-    def __init__(self, public: bytes, n_params: int, n_clients: int):
-        self.ctx = ts.context_from(public, n_threads=1)
-        if self.ctx.has_secret_key():
-            raise RuntimeError("benchmark server was handed a secret key")
-        self.n_clients = n_clients
-        self.total = None
-
-    def add(self, parts: list[bytes]) -> None:
-        vecs = [ts.ckks_vector_from(self.ctx, p) for p in parts]
-        if self.total is None:
-            self.total = vecs
-        else:
-            for acc, v in zip(self.total, vecs):
-                acc += v
-
-    def finish(self) -> list[bytes]:
-        w = 1.0 / self.n_clients
-        for acc in self.total:
-            acc *= w
-        return [acc.serialize() for acc in self.total]
-
-
-_SCHEMES = {"carbonfed": (_CarbonFed, _CarbonFedServer), "baseline": (_Baseline, _BaselineServer)}
-
-
-def _read_reply(path: str, lengths: list[int]) -> list[bytes]:
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if len(lengths) == 1:
-        return [data]
-    view, out, at = memoryview(data), [], 0
-    for n in lengths:
-        out.append(bytes(view[at:at + n]))
-        at += n
-    return out
-
-
-def _write_reply(path: str, parts: list[bytes]) -> list[int]:
-    with open(path, "wb") as fh:
-        for p in parts:
-            fh.write(p)
-    return [len(p) for p in parts]
-
-
-def _server_worker(scheme: str, public: bytes, n_params: int, n_clients: int, replies: list[tuple[str, list[int]]],
-                   out_path: str, conn) -> None:
-    """Child process (the server): for each of ``n_clients`` replies, read it just in time (as it
-    would arrive from the network), add it into the running total and drop it; report timing and
-    memory and write the serialised aggregate to ``out_path``."""
-    try:
-        server = _SCHEMES[scheme][1](public, n_params, n_clients)
-        del public
-        rss_before = _rss_kb()
-        cpu = wall = 0.0
-        for i in range(n_clients):
-            parts = _read_reply(*replies[i % len(replies)])
-            c0, w0 = time.process_time(), time.perf_counter()
-            server.add(parts)
-            cpu, wall = cpu + time.process_time() - c0, wall + time.perf_counter() - w0
-            del parts
-            conn.send(("ack", i))
-        c0, w0 = time.process_time(), time.perf_counter()
-        out = server.finish()
-        cpu, wall = cpu + time.process_time() - c0, wall + time.perf_counter() - w0
-        maxrss = _maxrss_kb()
-        lengths = _write_reply(out_path, out)
-        conn.send(("done", {"cpu_seconds": cpu, "wall_seconds": wall, "rss_before_kb": rss_before,
-                            "maxrss_kb": maxrss, "lengths": lengths}))
-    except BaseException as exc:  # report, do not leave the parent waiting
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        finally:
-            raise
-    finally:
-        conn.close()
-
-
-def _aggregate(scheme: str, public: bytes, replies: list[tuple[str, list[int]]], n_params: int, n_clients: int,
-               out_path: str, progress, task, env: dict[str, str] | None = None) -> tuple[list[bytes], dict]:
-    """Run the server in a freshly spawned child that adds ``replies`` round-robin, one at a time."""
-    spawn = mp.get_context("spawn")
-    parent, child = spawn.Pipe(duplex=True)
-    worker = importlib.import_module("carbonfed.federation.experiments.bench_he")._server_worker
-    env = {**{k: "1" for k in _THREAD_ENV}, **(env or {})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        proc = spawn.Process(target=worker, args=(scheme, public, n_params, n_clients, replies, out_path, child),
-                             daemon=True, name=f"bench-he-server-{scheme}")
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    child.close()
-    try:
-        while True:
-            try:
-                kind, payload = parent.recv()
-            except EOFError:
-                proc.join(5)
-                raise RuntimeError(f"benchmark server process for {scheme} died (exit code {proc.exitcode})") from None
-            if kind == "error":
-                raise RuntimeError(f"benchmark server process for {scheme} failed: {payload}")
-            if kind == "done":
-                break
-            progress.advance(task)
-        proc.join(60)
-        return _read_reply(out_path, payload["lengths"]), payload
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-
-
 def _bench_scheme(scheme, updates: np.ndarray, n_clients: int, seed: int, progress, workdir: str) -> dict:
+    """Every figure of one scheme: encrypt each distinct update once, aggregate twice (timing and
+    memory run), decrypt, compare with the float64 mean of what was summed."""
     name = scheme.name
     n_params = updates.shape[1]
     k = updates.shape[0]
@@ -407,17 +183,17 @@ def _bench_scheme(scheme, updates: np.ndarray, n_clients: int, seed: int, progre
             parts = scheme.encrypt(u, rng)
             enc_cpu, enc_wall = enc_cpu + time.process_time() - c0, enc_wall + time.perf_counter() - w0
             path = os.path.join(workdir, f"{name}-reply-{j}.bin")
-            lengths = _write_reply(path, parts)
+            lengths = write_reply(path, parts)
             replies.append((path, lengths))
             upload_bytes.append(sum(lengths))
             del parts
             progress.advance(task)
 
     task = progress.add_task(f"{name}: aggregate (timing run)", total=n_clients)
-    out, info = _aggregate(name, scheme.public, replies, n_params, n_clients,
+    out, info = aggregate(name, scheme.public, replies, n_params, n_clients,
                            os.path.join(workdir, f"{name}-aggregate.bin"), progress, task)
     task = progress.add_task(f"{name}: aggregate (memory run)", total=n_clients)
-    _, mem = _aggregate(name, scheme.public, replies, n_params, n_clients,
+    _, mem = aggregate(name, scheme.public, replies, n_params, n_clients,
                         os.path.join(workdir, f"{name}-aggregate-mem.bin"), progress, task, env=_MEMORY_RUN_ENV)
 
     task = progress.add_task(f"{name}: decrypt", total=1)
@@ -457,11 +233,11 @@ def run_bench(n_params: int, n_clients: int, seed: int = 0, *, progress: bool = 
     result = {"n_params": n_params, "n_clients": n_clients, "seed": seed, "distinct_updates": k,
               "threads": 1, "weights": "equal", "throughput_clock": "process CPU time"}
     with _single_thread(), _progress(progress) as bar, tempfile.TemporaryDirectory(prefix="bench-he-") as workdir:
-        for cls, _ in _SCHEMES.values():
+        for cls, _ in SCHEMES.values():
             scheme = cls(n_params, n_clients)
             result[scheme.name] = _bench_scheme(scheme, updates, n_clients, seed, bar, workdir)
             del scheme
-    result["scheme"] = {name: result[name]["scheme"] for name in _SCHEMES}
+    result["scheme"] = {name: result[name]["scheme"] for name in SCHEMES}
     return result
 
 

@@ -1,5 +1,6 @@
-"""The empirical audit (privacy/audit.py): the binomial bound, the loud failure, the canary data,
-and one short real audit of a 2-round `none` and a 2-round `dp` run (Flower simulation)."""
+"""The empirical audit: the binomial bound and the loud failure (privacy/audit/empirical.py), the
+canary data (federation/experiments/canaries.py), and one short real audit of a 1-round `none` and a
+1-round `dp` run (federation/experiments/audit_attack.py, Flower simulation)."""
 
 import json
 import math
@@ -10,7 +11,9 @@ import pytest
 from scipy.stats import binom
 
 from carbonfed.federation.experiments import audit_attack as audit
-from carbonfed.federation.experiments.audit_attack import AuditFailure, check_claim, epsilon_lower_bound, p_value
+from carbonfed.federation.experiments.canaries import make_canaries, write_canary_data
+from carbonfed.privacy.audit.empirical import (AuditFailure, canary_bound, check_claim, epsilon_lower_bound,
+                                               mia_metrics, p_value)
 
 
 def _q(eps):
@@ -52,22 +55,22 @@ def test_delta_term_only_weakens_the_bound():
 def test_canary_bound_with_perfect_attack_uses_bonferroni():
     m = 100
     included = np.arange(m) % 2 == 0
-    res = audit.canary_bound(included.astype(float), included, confidence=0.95, delta=0.0)
+    res = canary_bound(included.astype(float), included, confidence=0.95, delta=0.0)
     # k = 5, 10, 20, 50 per side: four tests at level 0.05 / 4; the best uses all 100 guesses.
     assert [s["k_per_side"] for s in res["sweep"]] == [5, 10, 20, 50]
     assert res["guesses"] == 100 and res["correct"] == 100
     assert res["epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(m, 100, 100, 1 - 0.05 / 4), abs=1e-6)
-    blind = audit.canary_bound(np.zeros(m), included, confidence=0.95)
+    blind = canary_bound(np.zeros(m), included, confidence=0.95)
     assert blind["epsilon_lower_bound"] <= res["epsilon_lower_bound"]
-    two = audit.canary_bound({"a": included.astype(float), "b": np.zeros(m)}, included, confidence=0.95)
+    two = canary_bound({"a": included.astype(float), "b": np.zeros(m)}, included, confidence=0.95)
     assert two["tests"] == 8 and two["score"] == "a"
     assert two["epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(m, 100, 100, 1 - 0.05 / 8), abs=1e-6)
 
 
 def test_mia_metrics_extremes():
-    perfect = audit.mia_metrics(np.array([2.0, 3.0, 4.0]), np.array([0.0, 1.0]))
+    perfect = mia_metrics(np.array([2.0, 3.0, 4.0]), np.array([0.0, 1.0]))
     assert perfect == {"mia_auc": 1.0, "tpr_at_1pct_fpr": 1.0, "tpr_at_0_1pct_fpr": 1.0}
-    worst = audit.mia_metrics(np.array([0.0, 1.0]), np.array([2.0, 3.0]))
+    worst = mia_metrics(np.array([0.0, 1.0]), np.array([2.0, 3.0]))
     assert worst["mia_auc"] == 0.0 and worst["tpr_at_1pct_fpr"] == 0.0
 
 
@@ -99,9 +102,9 @@ def test_canary_data_adds_exactly_the_included_rows(tmp_path, seed_data):
 
     part = split_countries(seed_data.countries(), 0)
     rng = np.random.default_rng(1)
-    c = audit.make_canaries(seed_data, part.train, 50, rng)
+    c = make_canaries(seed_data, part.train, 50, rng)
     assert set(c["country"]) <= set(part.train) and len(set(c["year"])) == 50 and min(c["year"]) >= 5000
-    audit.write_canary_data(Path(seed_data.source["path"]), tmp_path, c, seed_data.features, SEED_LABEL_SOURCE)
+    write_canary_data(Path(seed_data.source["path"]), tmp_path, c, seed_data.features, SEED_LABEL_SOURCE)
     ds = load_dataset("seed", tmp_path)
     assert ds.countries() == seed_data.countries()
     assert len(ds.frame) == len(seed_data.frame) + int(c["included"].sum())

@@ -6,9 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from carbonfed.federation.experiments.sweep import CSV_COLUMNS, main, parse_epsilons, plan, run_sweep
-
-pytestmark = pytest.mark.slow   # builds whole federations
+from carbonfed.federation.experiments.sweep import main, run_sweep
+from carbonfed.federation.experiments.sweep_plan import CSV_COLUMNS, parse_epsilons, plan
 
 # Settings other than mode, ε, seed and rounds reach every run (here the model: no hidden layer).
 ARGS = dict(epsilons="inf,3", seeds="0", modes=("dp",), rounds=2, settings={"hidden": "linear", "lr": 0.4})
@@ -34,6 +33,7 @@ def test_plan_maps_modes_to_their_dp_and_plain_counterparts():
         parse_epsilons("3,-1")
 
 
+@pytest.mark.slow   # builds whole federations
 def test_outputs(sweep):
     out, df, _ = sweep
     csv = pd.read_csv(out / "sweep.csv")
@@ -60,6 +60,7 @@ def test_outputs(sweep):
     assert df.attrs["ran"] and not df.attrs["skipped"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_redoes_half_finished(sweep, capsys):
     out, df, _ = sweep
     reports = {p.name: (p / "report.json").stat().st_mtime_ns for p in (out / "runs").iterdir()}

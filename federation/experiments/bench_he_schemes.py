@@ -1,0 +1,141 @@
+"""The two HE aggregation schemes that ``carbonfed bench he`` compares, each as a client side
+(encrypt, and decrypt as the key holder) and a server side (add replies, finish).
+
+Guarantees
+----------
+* Both use TenSEAL contexts with ``n_threads=1``; a server is built from the *public* context
+  bytes only and raises if they hold a secret key.
+* ``scheme.decrypt(server.finish())`` is the mean of the ``n_clients`` updates that were added
+  (carbonfed: exact fixed-point sum, checked against overflow, then ``/ n_clients``; baseline: the
+  server's CKKS product with ``1 / n_clients``).
+* :data:`SCHEMES` maps each scheme's ``name`` to its (client side, server side) classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tenseal as ts
+
+from carbonfed.privacy.fixed_point import FixedPointCodec
+from carbonfed.privacy.he import BFVCipher, HEParams, new_secret_context, public_bytes
+from carbonfed.privacy.secure_sum import SecureSum
+
+BASELINE_N = 8192
+BASELINE_COEFF_MOD_BIT_SIZES = (60, 40, 40)
+BASELINE_SCALE_BITS = 40
+BASELINE_CHUNK = BASELINE_N // 2          # CKKS slots: what one ciphertext ("one tensor") holds
+
+
+class CarbonFedScheme:
+    """carbonfed's client side and key holder: fixed point, one BFVVector of all params, secret context."""
+
+    name = "carbonfed"
+
+    def __init__(self, n_params: int, n_clients: int):
+        self.params = HEParams()
+        self.n_params, self.n_clients = n_params, n_clients
+        self.codec = FixedPointCodec(plain_modulus=self.params.plain_modulus, clip=1.0, max_terms=n_clients)
+        self.ctx = new_secret_context(self.params)              # n_threads=1
+        self.cipher = BFVCipher(self.ctx, n_params)
+        self.public = public_bytes(self.ctx)
+
+    def describe(self) -> str:
+        p = self.params
+        return (f"TenSEAL BFV N={p.poly_modulus_degree}, coeff_mod_bit_sizes={list(p.coeff_mod_bit_sizes)}, "
+                f"plain modulus {p.plain_modulus} ({p.plain_modulus_bits}-bit batching prime); fixed point "
+                f"clip=1, scale=2^{int(math.log2(self.codec.scale))}, stochastic rounding; one BFVVector of all "
+                f"params ({p.slots} per ciphertext); server: SecureSum over the public context (no secret key), "
+                f"replies added as they arrive; mean = decode(sum) / n_clients after decryption")
+
+    def security_bits(self) -> int:
+        return self.params.security_bits()
+
+    def encrypt(self, update: np.ndarray, rng: np.random.Generator) -> list[bytes]:
+        z, _ = self.codec.encode(update, rng)
+        return [self.cipher.encrypt(z)]
+
+    def decrypt(self, parts: list[bytes]) -> np.ndarray:
+        z = self.cipher.decrypt(parts[0])
+        self.codec.check_sum(z, self.n_clients)
+        return self.codec.decode(z) / self.n_clients
+
+
+class CarbonFedServer:
+    """carbonfed's server: a SecureSum over the public context; refuses a context with a secret key."""
+
+    def __init__(self, public: bytes, n_params: int, n_clients: int):
+        ctx = ts.context_from(public, n_threads=1)
+        if ctx.has_secret_key():
+            raise RuntimeError("benchmark server was handed a secret key")
+        self.sum = SecureSum(BFVCipher(ctx, n_params))
+
+    def add(self, parts: list[bytes]) -> None:
+        self.sum.add(parts[0])
+
+    def finish(self) -> list[bytes]:
+        return [self.sum.serialize()]
+
+
+class BaselineScheme:
+    """NVIDIA FLARE's default HE (``nvflare.app_opt.he``): TenSEAL CKKS, N=8192, [60, 40, 40],
+    scale 2^40, one ``ckks_vector`` per weight tensor; here tensors of N/2 = 4096 values, which is
+    what one CKKS ciphertext holds. The server sums and multiplies by the plaintext 1/n_clients."""
+
+    name = "baseline"
+
+    def __init__(self, n_params: int, n_clients: int):
+        self.n_params, self.n_clients = n_params, n_clients
+        self.ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=BASELINE_N,
+                              coeff_mod_bit_sizes=list(BASELINE_COEFF_MOD_BIT_SIZES), n_threads=1)
+        self.ctx.global_scale = 2 ** BASELINE_SCALE_BITS
+        self.ctx.generate_relin_keys()  # as NVFlare's key generation does; the server does not get them
+        self.public = self.ctx.serialize(save_public_key=True, save_secret_key=False,
+                                         save_galois_keys=False, save_relin_keys=False)
+        self.bounds = [(i, min(i + BASELINE_CHUNK, n_params)) for i in range(0, n_params, BASELINE_CHUNK)]
+
+    def describe(self) -> str:
+        return (f"NVIDIA FLARE default HE: TenSEAL CKKS N={BASELINE_N}, coeff_mod_bit_sizes="
+                f"{list(BASELINE_COEFF_MOD_BIT_SIZES)}, global scale 2^{BASELINE_SCALE_BITS}; one ckks_vector per "
+                f"tensor (tensors of {BASELINE_CHUNK} values = one ciphertext each); server sums the replies and "
+                f"multiplies by the plaintext 1/n_clients (one rescale level)")
+
+    def security_bits(self) -> int:
+        return HEParams(poly_modulus_degree=BASELINE_N, coeff_mod_bit_sizes=BASELINE_COEFF_MOD_BIT_SIZES).security_bits()
+
+    def encrypt(self, update: np.ndarray, rng: np.random.Generator) -> list[bytes]:
+        update = np.asarray(update, dtype=np.float64)
+        return [ts.ckks_vector(self.ctx, update[a:b].tolist()).serialize() for a, b in self.bounds]
+
+    def decrypt(self, parts: list[bytes]) -> np.ndarray:
+        return np.concatenate([np.asarray(ts.ckks_vector_from(self.ctx, p).decrypt(), dtype=np.float64)
+                               for p in parts])
+
+
+class BaselineServer:
+    """The baseline's server: sums the CKKS vectors, then multiplies by the plaintext 1/n_clients."""
+
+    def __init__(self, public: bytes, n_params: int, n_clients: int):
+        self.ctx = ts.context_from(public, n_threads=1)
+        if self.ctx.has_secret_key():
+            raise RuntimeError("benchmark server was handed a secret key")
+        self.n_clients = n_clients
+        self.total = None
+
+    def add(self, parts: list[bytes]) -> None:
+        vecs = [ts.ckks_vector_from(self.ctx, p) for p in parts]
+        if self.total is None:
+            self.total = vecs
+        else:
+            for acc, v in zip(self.total, vecs):
+                acc += v
+
+    def finish(self) -> list[bytes]:
+        w = 1.0 / self.n_clients
+        for acc in self.total:
+            acc *= w
+        return [acc.serialize() for acc in self.total]
+
+
+SCHEMES = {"carbonfed": (CarbonFedScheme, CarbonFedServer), "baseline": (BaselineScheme, BaselineServer)}

@@ -1,0 +1,119 @@
+"""What a sweep runs: its jobs, their run settings and the sweep's command-line options.
+
+Light on purpose (no Flower, no torch): the ``carbonfed`` parser can build the ``sweep`` options
+without importing the simulation. Running the plan is :mod:`carbonfed.federation.experiments.sweep`.
+
+Guarantees
+----------
+* :func:`plan` lists the centralized job of every seed first, then, ε in the order given, every
+  finite ε with the DP mode of each requested mode (:data:`DP_OF`) and ε = inf with their non-DP
+  counterparts (:data:`PLAIN_OF`), each mode once per (ε, seed) however many requested modes map to it.
+* A job's :attr:`Job.name` (``<mode>-eps<E>-seed<S>``) is unique within a plan and names its run dir.
+* :func:`run_config` changes nothing of the base RunConfig but the privacy mode, the seed, the
+  output dir, the key dir (HE modes only) and, for a finite ε, ε.
+* The parsers accept comma-separated text or an iterable, drop duplicates in order, and raise
+  :class:`ValueError` on an empty list, a non-positive or NaN ε, or an unknown mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from carbonfed.federation.config import PRIVACY_MODES, RunConfig
+
+CSV_COLUMNS = ["mode", "epsilon", "seed", "accuracy", "macro_f1", "epsilon_max", "seconds"]
+CENTRALIZED = "centralized"
+DP_OF = {"none": "dp", "dp": "dp", "he": "dp+he", "dp+he": "dp+he"}
+PLAIN_OF = {"none": "none", "dp": "none", "he": "he", "dp+he": "he"}
+INF = float("inf")
+# settings the sweep sets per run, or takes under its own options
+SWEEP_OWN = ("dataset", "data_dir", "privacy", "epsilon", "seed", "rounds", "keys_dir", "out_dir", "state_dir")
+
+
+@dataclass(frozen=True)
+class Job:
+    mode: str          # a privacy mode or "centralized"
+    epsilon: float     # inf for non-DP modes and centralized
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-eps{format_eps(self.epsilon)}-seed{self.seed}"
+
+
+def format_eps(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def _parse_list(text, convert, what: str) -> list:
+    """Comma-separated (or iterable) values, converted, de-duplicated in order; at least one."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in items:
+        s = str(item).strip().lower()
+        if s and (v := convert(s, item)) not in out:
+            out.append(v)
+    if not out:
+        raise ValueError(f"no {what} given")
+    return out
+
+
+def _epsilon(s: str, item) -> float:
+    eps = INF if s in ("inf", "infinity", "∞") else float(s)
+    if math.isnan(eps) or eps <= 0:
+        raise ValueError(f"epsilons must be positive numbers or inf, got {item!r}")
+    return eps
+
+
+def parse_epsilons(text) -> list[float]:
+    return _parse_list(text, _epsilon, "epsilons")
+
+
+def parse_ints(text) -> list[int]:
+    return _parse_list(text, lambda s, _: int(s), "seeds")
+
+
+def parse_modes(text) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    modes = [str(m).strip() for m in items if str(m).strip()]
+    bad = [m for m in modes if m not in PRIVACY_MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be among {PRIVACY_MODES}, got {bad or modes}")
+    return modes
+
+
+def plan(epsilons, seeds, modes) -> list[Job]:
+    """Centralized first (cheap), then the federated runs, ε in the order given."""
+    jobs = [Job(CENTRALIZED, INF, s) for s in seeds]
+    for eps in epsilons:
+        table = PLAIN_OF if math.isinf(eps) else DP_OF
+        for mode in dict.fromkeys(table[m] for m in modes):
+            jobs += [Job(mode, eps, s) for s in seeds]
+    return jobs
+
+
+def run_config(job: Job, base: RunConfig, out: Path, keys: Path | None) -> RunConfig:
+    """The RunConfig of a federated job (RunConfig defaults apart from mode, ε, seed, rounds, data)."""
+    privacy = "none" if job.mode == CENTRALIZED else job.mode    # centralized reads only the training settings
+    cfg = replace(base, privacy=privacy, seed=job.seed, out_dir=str(out / "runs" / job.name),
+                  keys_dir=str(keys) if job.mode in ("he", "dp+he") else "")
+    if not math.isinf(job.epsilon):
+        cfg = replace(cfg, epsilon=job.epsilon)
+    return cfg
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``carbonfed sweep`` options (every ``carbonfed run`` setting the sweep does not set itself)."""
+    p.add_argument("--epsilons", required=True, help="comma-separated ε values; inf = no DP (e.g. inf,8,3,1)")
+    p.add_argument("--seeds", required=True, help="comma-separated seeds (e.g. 0,1,2)")
+    p.add_argument("--out", required=True, help="sweep folder (runs/, keys/, sweep.csv, tradeoff.png/.md)")
+    p.add_argument("--modes", default="dp+he", help=f"comma-separated, among {PRIVACY_MODES} (default dp+he)")
+    p.add_argument("--rounds", type=int, default=None, help=f"rounds per run (default {RunConfig.rounds})")
+    p.add_argument("--dataset", choices=("seed", "owid"), default="seed")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    RunConfig.add_options(p, skip=SWEEP_OWN)
+    return p
