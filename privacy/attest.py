@@ -1,5 +1,9 @@
 """Client attestations of ledger facts: the server writes the ledger, the clients vouch for their lines.
 
+SUPERSEDED by the clients' Ed25519 statements (:mod:`carbonfed.privacy.statements`, checked with
+public keys only); kept until the federation signs them (issue 18, phase 2), for the ledgers it
+writes meanwhile, whose audit (:mod:`carbonfed.privacy.audit.legacy`) still checks these HMACs.
+
 The ledger is written by the server from the facts each client reports (ε, σ, q, steps, the
 accountant history). Its hash chain shows edits made *after* a line was written, but not a
 ledger that its writer composed from scratch. An attestation closes that gap for the clients'

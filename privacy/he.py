@@ -4,24 +4,31 @@ Guarantees
 ----------
 * Parameters are checked against the HomomorphicEncryption.org security table that SEAL
   enforces: :meth:`HEParams.security_bits` reports the level (128, 192 or 256 bits) that the
-  total coefficient-modulus size allows for the ring dimension, and construction fails below 128.
-* A *public* context (the server's) holds no secret key, no relinearisation and no Galois keys:
-  it can add ciphertexts and nothing else. :func:`load_public_context` refuses a file that
-  contains a secret key, so a misconfigured server cannot start with one.
+  total coefficient-modulus size allows for the ring dimension, and key generation fails below 128.
+* A *public* context (the server's) holds the parameters and the public key only: no secret key,
+  no relinearisation and no Galois keys, so it can add ciphertexts and nothing else.
+  :func:`load_public_context` refuses a file that contains a secret key, so a misconfigured server
+  cannot start with one.
 * The secret context (the clients') is written with file mode 0600.
-* The BFV sum of integer vectors is exact modulo the plain modulus; :class:`BFVCipher`
-  only encrypts vectors whose entries already lie in the centred range of that modulus.
+* Clients encrypt *symmetrically* with the secret key, as seeded ciphertexts
+  (:mod:`carbonfed.privacy.bfv_seeded`): one polynomial and a PRNG seed per ciphertext, half of a
+  public-key ciphertext. The server loads them (SEAL re-expands the seed) and adds them.
+* The BFV sum of integer vectors is exact modulo the plain modulus for as many terms as
+  :func:`carbonfed.privacy.he_ring.exact_terms` proves; :class:`BFVCipher` only encrypts vectors
+  whose entries already lie in the centred range of that modulus.
+* The plain modulus is the same prime for every ring degree up to 4096 (the 32-bit batching prime
+  of degree 4096, which also batches degree 2048), so the fixed-point integers, and with them the
+  model, do not depend on the ring a run uses.
 
-Addition-only aggregation needs no multiplicative depth, so the chain is one data prime plus
-the special prime TenSEAL requires for its key-switching keys: a fresh ciphertext carries a
-single 56-bit prime, about 15 bytes per slot after SEAL's compression.
+Addition-only aggregation needs no multiplicative depth: the ring a run needs is one data prime
+(:mod:`carbonfed.privacy.he_ring`); the default parameters keep TenSEAL's data prime plus special
+prime.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +36,11 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
+from carbonfed.privacy.bfv_seeded import SeededEncryptor, chunk_sizes, new_key_contexts, seal_bytes, vector_layout
+
 SECRET_CONTEXT_FILE = "secret.ctx"
 PUBLIC_CONTEXT_FILE = "public.ctx"
+PLAIN_MODULUS_DEGREE = 4096   # the plain modulus is the batching prime of this degree (and of every smaller one)
 
 
 class ContextFileError(ValueError):
@@ -55,7 +65,8 @@ class HEParams:
 
     @property
     def plain_modulus(self) -> int:
-        return int(sealapi.PlainModulus.Batching(self.poly_modulus_degree, self.plain_modulus_bits).value())
+        n = max(self.poly_modulus_degree, PLAIN_MODULUS_DEGREE)
+        return int(sealapi.PlainModulus.Batching(n, self.plain_modulus_bits).value())
 
     @property
     def slots(self) -> int:
@@ -77,13 +88,15 @@ class HEParams:
         return d
 
 
-def new_secret_context(params: HEParams = HEParams()) -> ts.Context:
-    """A fresh BFV context with a new secret key (for the key holders, i.e. the clients)."""
+def _key_contexts(params: HEParams) -> tuple[bytes, bytes]:
     if params.security_bits() < 128:
         raise ValueError(f"HE parameters {params} give less than 128-bit security")
-    return ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=params.poly_modulus_degree,
-                      plain_modulus=params.plain_modulus,
-                      coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes), n_threads=1)
+    return new_key_contexts(params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.plain_modulus)
+
+
+def new_secret_context(params: HEParams = HEParams()) -> ts.Context:
+    """A fresh BFV context with a new secret key (for the key holders, i.e. the clients)."""
+    return ts.context_from(_key_contexts(params)[0], n_threads=1)
 
 
 def public_bytes(ctx: ts.Context) -> bytes:
@@ -98,11 +111,7 @@ def key_fingerprint(ctx: ts.Context) -> str:
 
     (A whole-context serialisation is not stable: TenSEAL's changes once it has encrypted.)
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "public.key")
-        ctx.public_key().data.save(path)
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+    return hashlib.sha256(seal_bytes(ctx.public_key().data)).hexdigest()
 
 
 def params_of(ctx: ts.Context) -> HEParams:
@@ -122,15 +131,19 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def keygen(out_dir: str | os.PathLike, params: HEParams = HEParams()) -> tuple[Path, Path]:
-    """Write ``secret.ctx`` (clients) and ``public.ctx`` (server), both mode 0600."""
+    """Write ``secret.ctx`` (clients) and ``public.ctx`` (server), both mode 0600.
+
+    ``params``: the run's ring (:func:`carbonfed.privacy.he_ring.ring_for`); the default is the
+    TenSEAL ring of degree 4096 that holds any vector.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    ctx = new_secret_context(params)
-    secret, public = out / SECRET_CONTEXT_FILE, out / PUBLIC_CONTEXT_FILE
-    _write_private(secret, ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=True))
-    _write_private(public, public_bytes(ctx))
-    return secret, public
+    secret_bytes, public = _key_contexts(params)
+    secret, public_path = out / SECRET_CONTEXT_FILE, out / PUBLIC_CONTEXT_FILE
+    _write_private(secret, secret_bytes)
+    _write_private(public_path, public)
+    return secret, public_path
 
 
 def _read(path: str | os.PathLike, what: str) -> ts.Context:
@@ -163,9 +176,12 @@ def load_public_context(path: str | os.PathLike) -> ts.Context:
 class BFVCipher:
     """Encrypts, adds and decrypts integer vectors of one fixed length under one context.
 
-    Every vector travels as one serialised TenSEAL ``BFVVector`` (which packs ``slots`` values per
-    ciphertext). :meth:`load` rejects bytes that do not parse, that belong to other parameters,
-    or whose length differs from ``length``.
+    Every vector travels as one serialised TenSEAL ``BFVVector`` (one ciphertext per ``slots``
+    values). :meth:`encrypt` (key holders only) writes seeded symmetric ciphertexts.
+    :meth:`load` rejects bytes that do not parse, that belong to other parameters, whose chunking
+    or length differs from ``length``, or whose ciphertexts are not fresh-or-summed ones (two
+    polynomials, data level, coefficient form): whatever it returns adds to any other loaded
+    vector of the same cipher without error.
     """
 
     stype = "tenseal.bfv_vector"
@@ -175,23 +191,56 @@ class BFVCipher:
         self.length = int(length)
         self.plain_modulus = params_of(ctx).plain_modulus
         self._half = self.plain_modulus // 2
+        seal_context = ctx.seal_context().data
+        self.slots = seal_context.first_context_data().parms().poly_modulus_degree()
+        self._data_level = list(seal_context.first_parms_id())
+        self._chunks = chunk_sizes(self.length, self.slots)
+        self._encryptor = None
 
-    def encrypt(self, values: np.ndarray) -> bytes:
+    def _checked(self, values: np.ndarray) -> np.ndarray:
         v = np.asarray(values, dtype=np.int64)
         if v.shape != (self.length,):
             raise CiphertextError(f"expected a vector of {self.length} integers, got shape {v.shape}")
         if np.abs(v).max(initial=0) > self._half:
             raise OverflowError("value outside the centred range of the plain modulus")
-        return ts.bfv_vector(self.ctx, v.tolist()).serialize()
+        return v
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        v = self._checked(values)
+        if self._encryptor is None:
+            self._encryptor = SeededEncryptor(self.ctx)
+        return self._encryptor.encrypt(v)
 
     def load(self, data: bytes) -> ts.BFVVector:
         try:
+            sizes, blobs = vector_layout(data)
+        except ValueError as exc:
+            raise CiphertextError(f"ciphertext does not parse under this context: {exc}") from exc
+        if sizes != self._chunks:
+            raise CiphertextError(f"ciphertext holds {sum(sizes)} values in chunks {sizes[:4]}..., expected "
+                                  f"{self.length} in chunks {self._chunks[:4]}...")
+        if len(blobs) != len(sizes):
+            raise CiphertextError(f"ciphertext does not parse under this context: {len(blobs)} ciphertexts "
+                                  f"for {len(sizes)} chunks")
+        try:
             vec = ts.bfv_vector_from(self.ctx, bytes(data))
+            cts = vec.ciphertext()
         except Exception as exc:
             raise CiphertextError(f"ciphertext does not parse under this context: {exc}") from exc
-        if vec.size() != self.length:
-            raise CiphertextError(f"ciphertext holds {vec.size()} values, expected {self.length}")
+        for ct in cts:   # what SEAL's loader lets through but its addition refuses, or a product's
+            if ct.size() != 2 or ct.is_ntt_form() or list(ct.parms_id()) != self._data_level:
+                raise CiphertextError("ciphertext does not parse under this context: not a two-polynomial "
+                                      "ciphertext at the data level in coefficient form")
         return vec
 
     def decrypt(self, data: bytes) -> np.ndarray:
         return np.asarray(self.load(data).decrypt(), dtype=np.int64)
+
+
+class TenSEALBFVCipher(BFVCipher):
+    """The pre-seeded upload, for comparison (``carbonfed bench he``): TenSEAL's public-key
+    ``bfv_vector`` (two full polynomials per ciphertext, the values replicated over the slots).
+    Its noise is larger than the symmetric bound of :mod:`carbonfed.privacy.he_ring`."""
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        return ts.bfv_vector(self.ctx, self._checked(values).tolist()).serialize()

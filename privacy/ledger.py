@@ -6,6 +6,10 @@ Guarantees
   the line before, or 64 zeros) and ``hash`` = SHA-256 of the line's canonical JSON without its
   own ``hash``. Editing, deleting, inserting or reordering a line breaks the chain, and
   :func:`check_chain` says where.
+* The chain has no key: it locates an accidental or third-party edit, but whoever holds the file
+  (the server) can write a fresh valid chain. What the server cannot rewrite are the clients'
+  signed statements that its lines carry (:mod:`carbonfed.privacy.statements`), checked by
+  :mod:`carbonfed.privacy.audit.verify` with the clients' public keys.
 * Each append is written with one ``write`` of a whole line, flushed and fsynced before
   :meth:`Ledger.append` returns: a crash loses at most the line being written, never one
   already recorded. Reopening a ledger continues its chain (a resumed run stays continuous).

@@ -4,8 +4,14 @@ Guarantees
 ----------
 * :class:`SecureSum` adds each contribution into one running total as it arrives and keeps
   nothing else, so its memory does not grow with the number of clients.
-* A contribution that does not parse, belongs to other HE parameters, or has the wrong length
-  raises :class:`~carbonfed.privacy.he.CiphertextError` and leaves the running total untouched.
+* A contribution that does not parse, belongs to other HE parameters, has the wrong length or
+  chunking, or is not a two-polynomial ciphertext at the data level raises
+  :class:`~carbonfed.privacy.he.CiphertextError` and leaves the running total untouched; what
+  loads adds without error, so one client's bad reply never costs another client's.
+* Clients' uploads are seeded symmetric ciphertexts; the running total (and :meth:`SecureSum.serialize`)
+  holds full ones. Both load through the same cipher, so an aggregate can be added again with
+  its term count (the model average); the sum stays exact for the terms
+  :func:`~carbonfed.privacy.he_ring.exact_terms` allows.
 * :class:`PlainCipher` is the HE-off twin of :class:`~carbonfed.privacy.he.BFVCipher`: the same integer
   vectors, summed modulo the same plain modulus, so turning HE on changes no number.
 """

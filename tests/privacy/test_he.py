@@ -1,10 +1,10 @@
 """Tests for the encrypted aggregation path (``carbonfed.privacy.he``, ``fixed_point``, ``secure_sum``,
-``packing``) and its benchmark, on real TenSEAL ciphertexts: no mocks."""
+``packing``) and its benchmark, on real TenSEAL ciphertexts: no mocks. Key files, the seeded
+format and the ring: ``test_he_seeded.py``; the key fixtures: ``conftest.py``."""
 
 from __future__ import annotations
 
 import json
-import stat
 
 import numpy as np
 import pytest
@@ -13,17 +13,7 @@ from tenseal import sealapi
 
 from carbonfed.federation.experiments.bench_he import METRICS, format_table, main as bench_main, run_bench
 from carbonfed.privacy.fixed_point import FixedPointCodec, WrapError
-from carbonfed.privacy.he import (
-    BFVCipher,
-    CiphertextError,
-    ContextFileError,
-    HEParams,
-    key_fingerprint,
-    keygen,
-    load_public_context,
-    load_secret_context,
-    public_bytes,
-)
+from carbonfed.privacy.he import BFVCipher, CiphertextError, HEParams
 from carbonfed.privacy.packing import IntegrityError, UpdateLayout
 from carbonfed.privacy.secure_sum import PlainCipher, SecureSum
 
@@ -31,25 +21,6 @@ T = HEParams().plain_modulus
 MAX_TERMS = 200
 MAX_SAMPLES = 64
 CLIP = 1.0
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures: one keygen per module (key generation is the slow part)
-# ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    secret_path, public_path = keygen(d)
-    return {"dir": d, "secret_path": secret_path, "public_path": public_path,
-            "secret": load_secret_context(secret_path), "public": load_public_context(public_path)}
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("other-keys")
-    secret_path, public_path = keygen(d)
-    return {"secret": load_secret_context(secret_path), "public": load_public_context(public_path)}
 
 
 def _layout(n_params: int, max_terms: int = MAX_TERMS) -> UpdateLayout:
@@ -154,58 +125,6 @@ def test_bad_contribution_leaves_running_total_untouched(keys):
     total.add(good)
     assert total.terms == 2
     np.testing.assert_array_equal(client.decrypt(total.serialize()), a + b)
-
-
-# ---------------------------------------------------------------------------------------------
-# contexts and key files
-# ---------------------------------------------------------------------------------------------
-
-def test_public_context_has_no_secret_key(keys):
-    pub = keys["public"]
-    assert not pub.has_secret_key()
-    assert pub.is_public()
-    assert keys["secret"].has_secret_key()
-    assert not ts.context_from(public_bytes(keys["secret"])).has_secret_key()
-
-
-def test_load_public_context_refuses_secret_context(keys):
-    with pytest.raises(ContextFileError, match="secret key"):
-        load_public_context(keys["secret_path"])
-    with pytest.raises(ContextFileError, match="no secret key"):
-        load_secret_context(keys["public_path"])
-
-
-def test_context_file_errors(tmp_path):
-    with pytest.raises(ContextFileError, match="not found"):
-        load_public_context(tmp_path / "missing.ctx")
-    junk = tmp_path / "junk.ctx"
-    junk.write_bytes(b"not a context")
-    with pytest.raises(ContextFileError):
-        load_secret_context(junk)
-
-
-def test_keygen_files_are_private(keys):
-    for p in (keys["secret_path"], keys["public_path"]):
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
-    assert stat.S_IMODE(keys["dir"].stat().st_mode) == 0o700
-
-
-def test_key_fingerprint(keys, other_keys):
-    fp = key_fingerprint(keys["secret"])
-    assert len(fp) == 64
-    assert key_fingerprint(keys["public"]) == fp
-    BFVCipher(keys["secret"], 5).encrypt(np.arange(5))       # stable once the context has encrypted
-    assert key_fingerprint(keys["secret"]) == fp
-    assert key_fingerprint(other_keys["secret"]) != fp
-    assert key_fingerprint(other_keys["public"]) == key_fingerprint(other_keys["secret"])
-
-
-def test_security_level():
-    p = HEParams()
-    assert p.security_bits() >= 128
-    assert sum(p.coeff_mod_bit_sizes) <= sealapi.CoeffModulus.MaxBitCount(
-        p.poly_modulus_degree, sealapi.SEC_LEVEL_TYPE.TC128)
-    assert HEParams(coeff_mod_bit_sizes=(60, 60)).security_bits() == 0
 
 
 # ---------------------------------------------------------------------------------------------
