@@ -40,8 +40,8 @@ def _floor_of(module: str) -> str | None:
     return parts[0] if parts[0] in FLOORS else None
 
 
-def check_file(path: Path) -> list[str]:
-    rel = path.relative_to(ROOT).as_posix()
+def check_file(path: Path, root: Path = ROOT) -> list[str]:
+    rel = path.relative_to(root).as_posix()
     src = path.read_text()
     problems = []
     lines = src.count("\n") + (not src.endswith("\n"))
