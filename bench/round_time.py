@@ -1,49 +1,114 @@
-"""dp vs dp+he side by side on the seed run (131 training clients): seconds per round and upload.
+"""Seconds per round of every privacy mode against stock Flower FedAvg, in one run, side by side.
 
-Usage: python bench/round_time.py [--rounds 30] [--out /tmp/round-time]
-Prints one JSON object: per mode the mean seconds per round (from the ledger's round lines,
-measured by the server), upload bytes per client per round, accuracy; and the ratio dp+he / dp.
-The reference's CKKS upload (NVFlare-style, one ciphertext per tensor) is 1.41 MB per client-round.
+Usage: python bench/round_time.py [--rounds 8] [--modes none,dp,he,dp+he] [--out DIR] [--repeat 1]
+
+Every line runs the seed data's countries as simulated SuperNodes (164: 131 train, 33 held out)
+in Flower's simulation engine, with the same Ray backend settings, one after the other in this
+process (``--repeat N`` runs the whole sequence N times, interleaved, and reports every pass):
+
+``stock``
+    plain ``flwr.serverapp.strategy.FedAvg`` through Flower's public ``run_simulation``, the same
+    model (linear 21→5) and local schedule on the same nodes
+    (:mod:`carbonfed.federation.experiments.stock_fedavg`).
+``none``, ``dp``, ``he``, ``dp+he``
+    ``carbonfed`` runs of the seed main job (``--hidden linear --stats-stages 3 --average-last
+    10``) in each mode, as ``carbonfed run`` makes them (the clients' state on disk in the run's
+    ``.client-state``); HE keys of the run's ring (:func:`carbonfed.federation.keys.keygen_for`).
+
+Per line, ``seconds_per_round``: the mean wall time between consecutive round ends over rounds
+2..R, measured in the ServerApp (round 1 carries the actors' warm-up, so it is reported apart as
+``first_round_s``; carbonfed's setup round 0 is not a round). For carbonfed also the server's own
+figure (the ledger's round ``seconds``, which ends before the round's checkpoint), the upload per
+client per round and the accuracy. ``ratio_to_stock`` divides by the stock line of the same pass;
+``targets``: ``none`` ≤ 1.5× and ``dp+he`` ≤ 2× stock (issue 21). Prints one JSON object.
 """
 
 import argparse
 import json
+import logging
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.experiments.stock_fedavg import run_stock
+from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
 from carbonfed.federation.simulation import run_simulation
-from carbonfed.privacy.he import keygen
 from carbonfed.privacy.ledger import read_ledger
 
-REFERENCE_UPLOAD = 1.41e6
+MAIN_JOB = {"hidden": "linear", "stats_stages": 3, "average_last": 10}
+MODES = ("none", "dp", "he", "dp+he")
+TARGETS = {"none": 1.5, "dp+he": 2.0}
+REFERENCE_UPLOAD = 1.41e6      # NVFlare-style CKKS upload of the seed MLP, bytes per client-round
+
+
+def _per_round(ends: list[float]) -> dict:
+    """Round figures from the round end times (``ends[0]``: the end of round 1)."""
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    return {"seconds_per_round": sum(gaps) / len(gaps) if gaps else None, "rounds_timed": len(gaps)}
+
+
+def measure_stock(rounds: int) -> dict:
+    cfg = RunConfig(privacy="none", rounds=rounds, **MAIN_JOB)
+    t0 = time.monotonic()
+    ends, result = run_stock(cfg)
+    acc = result.evaluate_metrics_clientapp.get(rounds, {}) if result is not None else {}
+    return {**_per_round(ends[1:]), "first_round_s": ends[1] - ends[0], "total_s": time.monotonic() - t0,
+            "accuracy": acc.get("eval_acc")}
 
 
 def measure(mode: str, rounds: int, out: Path, keys: Path) -> dict:
-    cfg = RunConfig(privacy=mode, rounds=rounds, keys_dir=str(keys), out_dir=str(out / mode.replace("+", "")))
-    run_simulation(cfg)
-    rep = build_report(cfg.out_dir, keys)
+    cfg = RunConfig(privacy=mode, rounds=rounds, keys_dir=str(keys) if "he" in mode else "",
+                    out_dir=str(out), state_dir=str(out / ".client-state"), **MAIN_JOB)   # as `carbonfed run`
+    ends: list[float] = []
+    t0 = time.monotonic()
+    run_simulation(cfg, on_round=lambda summary: ends.append(time.monotonic()))
+    total = time.monotonic() - t0
+    rep = build_report(cfg.out_dir, keys if cfg.he else None)
     lines = [r for r in read_ledger(Path(cfg.out_dir) / "ledger.jsonl") if r.get("kind") == "round"]
     uploads = [r["upload_bytes_per_client"] for r in lines if r.get("upload_bytes_per_client")]
-    return {"seconds_per_round": sum(r["seconds"] for r in lines) / len(lines),
-            "upload_bytes_per_client_round": sum(uploads) / len(uploads),
+    server = [r["seconds"] for r in lines[1:]]
+    return {**_per_round(ends), "first_round_s": lines[0]["seconds"], "total_s": total,
+            "server_seconds_per_round": sum(server) / len(server) if server else None,
+            "upload_bytes_per_client_round": sum(uploads) / len(uploads) if uploads else None,
             "accuracy": rep["metrics"]["accuracy"], "macro_f1": rep["metrics"]["macro_f1"],
             "epsilon_max": (rep["privacy"] or {}).get("epsilon_max")}
 
 
+def one_pass(modes: list[str], rounds: int, out: Path, keys: Path) -> dict:
+    res = {"stock": measure_stock(rounds)}
+    for mode in modes:
+        res[mode] = measure(mode, rounds, out / mode.replace("+", ""), keys)
+        print(f"{mode}: {res[mode]['seconds_per_round']:.3f} s/round", file=sys.stderr, flush=True)
+    stock = res["stock"]["seconds_per_round"]
+    for mode in modes:
+        res[mode]["ratio_to_stock"] = res[mode]["seconds_per_round"] / stock
+    res["targets"] = {m: {"ratio": res[m]["ratio_to_stock"], "at_most": limit, "met": res[m]["ratio_to_stock"] <= limit}
+                      for m, limit in TARGETS.items() if m in res}
+    if "dp+he" in res and res["dp+he"]["upload_bytes_per_client_round"]:
+        res["reference upload / dp+he upload"] = REFERENCE_UPLOAD / res["dp+he"]["upload_bytes_per_client_round"]
+    return res
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, among {MODES}")
+    ap.add_argument("--repeat", type=int, default=1, help="passes over stock and the modes, one after the other")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if args.rounds < 3 or not set(modes) <= set(MODES):
+        ap.error(f"--rounds must be >= 3 and --modes among {MODES}")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     out = Path(args.out or tempfile.mkdtemp(prefix="round-time-"))
     keys = out / "keys"
-    keygen(keys)
-    res = {m: measure(m, args.rounds, out, keys) for m in ("dp", "dp+he")}
-    res["dp+he/dp seconds per round"] = res["dp+he"]["seconds_per_round"] / res["dp"]["seconds_per_round"]
-    res["reference upload / dp+he upload"] = REFERENCE_UPLOAD / res["dp+he"]["upload_bytes_per_client_round"]
-    print(json.dumps(res, indent=2))
+    keygen_for([RunConfig(privacy=m, **MAIN_JOB) for m in modes if "he" in m] or [RunConfig(**MAIN_JOB)], keys)
+    passes = [one_pass(modes, args.rounds, out / f"pass{i}", keys) for i in range(args.repeat)]
+    print(json.dumps({"rounds": args.rounds, "job": MAIN_JOB, "passes": passes} if args.repeat > 1
+                     else {"rounds": args.rounds, "job": MAIN_JOB, **passes[0]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -104,10 +104,15 @@ class FederatedDataset:
                 f"{self.name}: unknown country {country!r}; "
                 f"the data set has {len(self._rows_by_country)} countries (see countries())"
             )
-        sub = self.frame.iloc[rows]
-        x = sub[list(self.features)].to_numpy(dtype=np.float32, copy=True)
-        y = sub["label"].to_numpy(dtype=np.int64, copy=True)
-        return x, y
+        x, y = self._arrays
+        return x[rows], y[rows]          # fancy indexing: fresh copies
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's features (float32, ``features`` order) and label (int64), converted once:
+        a client asks for its rows with every message."""
+        return (self.frame[list(self.features)].to_numpy(dtype=np.float32, copy=True),
+                self.frame["label"].to_numpy(dtype=np.int64, copy=True))
 
     def all_arrays(self, countries: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate :meth:`client_arrays` for ``countries``, in the order given.

@@ -1,9 +1,13 @@
 """The run configuration: one typed record of every setting a run uses.
 
-Guarantees: the defaults here are the single source of truth; ``pyproject.toml``'s
+Guarantees: the defaults here are the single source of truth (a preset-governed setting's
+default is "auto": the data set's preset, :mod:`carbonfed.federation.presets`, resolved when the
+config is made, so every later reader sees a concrete value); ``pyproject.toml``'s
 ``[tool.flwr.app.config]`` mirrors them (a test checks), so ``flwr run .`` and
 ``carbonfed run`` run the same job. :meth:`RunConfig.from_flower` validates every value and says
-which key is wrong; :meth:`RunConfig.digest` is the config hash reports cite. :func:`flower_app_toml`
+which key is wrong; every numeric setting is checked when a config is made (finite, in its range,
+δ below 1/max-client-samples with DP: :func:`_range_errors`), so a bad value fails before a run
+creates anything; :meth:`RunConfig.digest` is the config hash reports cite. :func:`flower_app_toml`
 is the one description of the Flower app (components and run-config defaults) that the simulation
 and the deployment write for Flower, the same as ``pyproject.toml``'s.
 """
@@ -16,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from carbonfed.federation.faults import parse_drill
+from carbonfed.federation.presets import AUTO, preset_help, resolve
 from carbonfed.privacy.accountant import stats_noise_floor
 
 PRIVACY_MODES = ("none", "dp", "he", "dp+he")
@@ -25,13 +30,91 @@ APP_COMPONENTS = {"serverapp": "carbonfed.federation.server.app:app", "clientapp
 
 _HELP = {"hidden": "hidden layer widths, comma-separated, or 'linear' (none: logistic regression); ",
          "average_last": "the run's model is the mean of the global models of the last N rounds, summed on "
-                         "ciphertexts by the server (1: the final round's model); "}
+                         "ciphertexts by the server (1: the final round's model); ",
+         "data": "a federated CSV file (one row per record; a party column and a label column): the csv data set; ",
+         "client_col": "the CSV column naming each row's party (client); ",
+         "label_col": "the CSV column of the label (text or integer; the classes are its distinct values); ",
+         "features": "the CSV feature columns, comma-separated (empty: every numeric column but the party and "
+                     "label columns); "}
+
+# One line of meaning for every other option of `carbonfed run` (its default follows in --help).
+_MEANINGS = {
+    "epsilon": "the DP budget ε of each client over the whole run (statistics releases and training); ",
+    "delta": "the DP δ of each client; must be below 1/max-client-samples (the rows one client may hold); ",
+    "rounds": "training rounds; ", "seed": "random seed of the run (model initialisation, client split, batch sampling); ",
+    "holdout_offset": "which fifth of the clients (0..4) is held out for the test; ",
+    "local_epochs": "local epochs per round on each client; ", "batches_per_epoch": "batches per local epoch; ",
+    "lr": "SGD learning rate; ", "momentum": "SGD momentum, in [0, 1); ",
+    "max_grad_norm": "DP-SGD per-example gradient clip norm; ",
+    "class_weight_power": "class weights are (class frequency)^-power in the loss (0: unweighted); ",
+    "stats_noise_multiplier": "noise multiplier of the DP statistics releases (0: exact statistics, outside the "
+                              "guarantee); ",
+    "stats_stages": "statistics releases before training: 1, 2 (a refinement) or 3 (then the asinh features); ",
+    "max_client_samples": "the most rows one client may hold (a public bound: it sizes the encodings); ",
+    "param_clip": "each model parameter is clipped to ±param-clip before it is encoded; ",
+    "max_clients_per_round": "the most updates one round sums (sizes the encoding's headroom); ",
+    "min_train_clients": "fewer accepted updates than this and a round keeps the previous model; ",
+    "min_nodes": "SuperNodes the server waits for before the setup (0: one per client of the data set); ",
+    "round_timeout": "seconds the server waits for the replies of one round; ",
+    "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
+    "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
+    "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
+}
+for _name, _text in _MEANINGS.items():
+    _HELP.setdefault(_name, _text)
+
+
+def _positive(v) -> bool:
+    """Finite and > 0 (NaN fails every comparison)."""
+    return 0 < v < math.inf
+
+
+def _nonneg(v) -> bool:
+    return 0 <= v < math.inf
+
+
+def _range_errors(cfg: "RunConfig") -> list[str]:
+    """Every numeric setting finite and in its range, each error naming its run-config key.
+
+    δ: with DP on, δ must be below 1/max-client-samples. A mechanism that publishes each row
+    with probability δ is (0, δ)-DP, and publishes n·δ of a client's n rows on average: δ ≥ 1/n
+    allows a whole row in the clear, so δ < 1/n for the largest n a client may hold (the privacy
+    statement states the same bound)."""
+    checks = {"epsilon": (lambda v: v > 0 and (math.isfinite(v) or not cfg.dp),
+                          "a number > 0 (finite when DP is on)"),
+              "delta": (lambda v: 0 < v < 1, "in (0, 1)"), "rounds": (lambda v: v >= 1, ">= 1"),
+              "seed": (lambda v: v >= 0, ">= 0"), "holdout_offset": (lambda v: 0 <= v <= 4, "0..4"),
+              "local_epochs": (lambda v: v >= 1, ">= 1"), "batches_per_epoch": (lambda v: v >= 1, ">= 1"),
+              "lr": (_positive, "a finite number > 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+              "max_grad_norm": (_positive, "a finite number > 0"), "class_weight_power": (_nonneg, "finite and >= 0"),
+              "average_last": (lambda v: v >= 1, ">= 1 (1: the final round's model)"),
+              "stats_noise_multiplier": (_nonneg, "finite and >= 0"), "stats_stages": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+              "max_client_samples": (lambda v: v >= 1, ">= 1"), "param_clip": (_positive, "a finite number > 0"),
+              "max_clients_per_round": (lambda v: v >= 1, ">= 1"), "min_train_clients": (lambda v: v >= 1, ">= 1"),
+              "min_nodes": (lambda v: v >= 0, ">= 0"), "round_timeout": (_positive, "a finite number of seconds > 0")}
+    errors = [f"{name.replace('_', '-')} must be {text}, got {getattr(cfg, name)!r}"
+              for name, (ok, text) in checks.items() if not ok(getattr(cfg, name))]
+    if cfg.dp and 0 < cfg.delta < 1 and cfg.max_client_samples >= 1 and not cfg.delta < 1 / cfg.max_client_samples:
+        errors.append(f"delta must be below 1/max-client-samples = {1 / cfg.max_client_samples:.3g} when DP is on "
+                      f"(δ ≥ 1/n lets a mechanism publish a whole row of a client's n), got {cfg.delta!r}")
+    if cfg.min_train_clients > cfg.max_clients_per_round >= 1:
+        errors.append(f"min-train-clients ({cfg.min_train_clients}) must not exceed max-clients-per-round "
+                      f"({cfg.max_clients_per_round}): no round could keep its update")
+    return errors
 
 
 @dataclass(frozen=True)
 class RunConfig:
     dataset: str = "seed"
     data_dir: str = ""
+    # a user's federated CSV (dataset "csv"): the file, its party and label columns, the feature
+    # columns (comma-separated; empty: every numeric column) and the class names (a JSON list);
+    # `carbonfed run` resolves features and classes from the file (federation/run_data.py)
+    data: str = ""
+    client_col: str = ""
+    label_col: str = ""
+    features: str = ""
+    classes: str = ""
     privacy: str = "dp+he"
     epsilon: float = 3.0
     delta: float = 1e-5
@@ -40,14 +123,14 @@ class RunConfig:
     holdout_offset: int = 0
     local_epochs: int = 2
     batches_per_epoch: int = 5
-    lr: float = 0.1
+    lr: float = 0.0                 # 0 (and the other "auto" values): the data set's preset (presets.py)
     momentum: float = 0.9
     max_grad_norm: float = 1.0
     class_weight_power: float = 0.0
-    hidden: str = "32,16"
-    average_last: int = 1
+    hidden: str = "auto"
+    average_last: int = 0
     stats_noise_multiplier: float = 4.0
-    stats_stages: int = 2
+    stats_stages: int = 0
     max_client_samples: int = 512
     param_clip: float = 8.0
     max_clients_per_round: int = 256
@@ -59,27 +142,16 @@ class RunConfig:
     state_dir: str = ""      # clients' state folder where the node config names none (carbonfed run)
     fault_drill: str = ""
     reproducible_noise: bool = False
+    # the sealed charter this run's clients endorsed (charter.json; carbonfed.privacy.charter): a local
+    # path, so outside the digest and the charter itself
+    charter: str = ""
 
     def __post_init__(self):
-        errors = []
+        self._resolve_preset()
+        errors = self._data_errors()
         if self.privacy not in PRIVACY_MODES:
             errors.append(f"privacy must be one of {PRIVACY_MODES}, got {self.privacy!r}")
-        if self.dp and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            errors.append(f"epsilon must be a positive finite number when DP is on, got {self.epsilon}")
-        if not (0 < self.delta < 1):
-            errors.append(f"delta must lie in (0, 1), got {self.delta}")
-        if self.rounds < 1:
-            errors.append("rounds must be >= 1")
-        if self.holdout_offset not in range(5):
-            errors.append(f"holdout-offset must be 0..4, got {self.holdout_offset}")
-        if self.average_last < 1:
-            errors.append(f"average-last must be >= 1 (1: the final round's model), got {self.average_last}")
-        if self.batches_per_epoch < 1 or self.local_epochs < 1:
-            errors.append("batches-per-epoch and local-epochs must be >= 1")
-        if self.stats_noise_multiplier < 0:
-            errors.append("stats-noise-multiplier must be >= 0")
-        if self.stats_stages not in (1, 2, 3):
-            errors.append(f"stats-stages must be 1, 2 or 3, got {self.stats_stages}")
+        errors += _range_errors(self)        # every numeric setting: finite, in range, key named
         try:
             self.hidden_sizes
         except ValueError:
@@ -90,6 +162,35 @@ class RunConfig:
             errors.append(str(exc))
         if errors:
             raise ValueError("invalid run config: " + "; ".join(errors))
+
+    def _resolve_preset(self) -> None:
+        """Give each preset-governed setting at its "auto" value the data set's preset value
+        (:mod:`carbonfed.federation.presets`; an explicit value wins). An unknown data set is
+        an error at once: no preset, so no later check could say anything useful."""
+        try:
+            chosen = resolve(self.dataset, {name: getattr(self, name) for name in AUTO})
+        except ValueError as exc:
+            raise ValueError(f"invalid run config: {exc}") from None
+        for name, value in chosen.items():
+            object.__setattr__(self, name, value)      # frozen: set once, before anything reads it
+
+    def _data_errors(self) -> list[str]:
+        """A user's CSV (``data``) is the ``csv`` data set and names its party and label columns;
+        the CSV settings mean nothing for a bundled data set."""
+        csv_keys = ("data", "client_col", "label_col", "features", "classes")
+        if self.dataset != "csv":
+            given = [k.replace("_", "-") for k in csv_keys if getattr(self, k)]
+            return [f"{', '.join(given)}: only for a CSV run (--data FILE.csv); this run uses the "
+                    f"{self.dataset} data set"] if given else []
+        errors = [f"the csv data set needs {k.replace('_', '-')} (--{k.replace('_', '-')})"
+                  for k in ("data", "client_col", "label_col") if not getattr(self, k)]
+        try:
+            classes = json.loads(self.classes) if self.classes else []
+            if not isinstance(classes, list):
+                raise ValueError
+        except ValueError:
+            errors.append(f"classes must be a JSON list of class names, got {self.classes!r}")
+        return errors
 
     @property
     def dp(self) -> bool:
@@ -109,8 +210,8 @@ class RunConfig:
     @property
     def stats_releases(self) -> int:
         """How many statistics releases the run makes. DP runs with noisy statistics make
-        ``stats-stages`` (2, the default: a per-feature refinement of the log features; 3: then
-        the asinh features of :mod:`carbonfed.data.features`, the seed main job's). Runs with exact
+        ``stats-stages`` (2: a per-feature refinement of the log features, the owid and csv
+        presets'; 3: then the asinh features of :mod:`carbonfed.data.features`, the seed preset's). Runs with exact
         statistics (no DP, or ``stats-noise-multiplier = 0``) need no refinement, so they make 1,
         except with ``stats-stages = 3``: the asinh features need ``c`` from the second stage, so
         they make all 3 (exactly), and a ``none`` or ``he`` run then trains on the main job's
@@ -169,7 +270,7 @@ class RunConfig:
                 default = getattr(defaults, f.name)
                 kind = {"action": "store_true"} if isinstance(default, bool) else {"type": type(default)}
                 parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
-                                    help=_HELP.get(f.name, "") + f"default {default!r}")
+                                    help=_HELP.get(f.name, "") + (preset_help(f.name) or f"default {default!r}"))
 
     @classmethod
     def options_given(cls, args, skip: tuple[str, ...]) -> dict:
@@ -180,7 +281,7 @@ class RunConfig:
     def digest(self) -> str:
         """SHA-256 of the settings that determine results (paths and the node-count wait excluded)."""
         d = asdict(self)
-        for k in ("data_dir", "keys_dir", "out_dir", "min_nodes"):
+        for k in ("data_dir", "keys_dir", "out_dir", "min_nodes", "charter"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 

@@ -22,14 +22,25 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   SuperLink's reply for a node whose heartbeats stopped carries ``ErrorCode.NODE_UNAVAILABLE``
   from ``flwr.common.constant``.
 
+* **Ray started for Flower** (:func:`_start_ray`): the simulation engine starts Ray itself, which
+  replaces the process's SIGTERM handling; starting it first, as the engine would, keeps the
+  caller's handlers, so that a signal unwinds the run (see ``carbonfed.federation.run_guard``).
+
 The simulation engine is imported only when :func:`simulate` runs (it takes seconds and is not
 needed by a SuperNode's ClientApp), so that this module stays cheap to import.
 
-Guarantee: if a Flower upgrade moves or changes these internals, this module fails (at import
-or in the call), and nothing else in carbonfed needs to change but this file.
+Guarantees: Ray is shut down when :func:`simulate` returns or raises. If a Flower upgrade moves
+or changes these internals, this module fails (at import or in the call), and nothing else in
+carbonfed needs to change but this file.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import warnings
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -67,10 +78,49 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     run.override_config = dict(run_config)
     act_as_server_app(run.run_id)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=server_app, backend_name="ray",
-                    backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
-                    verbose_logging=verbose, is_app=True)
+    try:
+        _start_ray(backend_config.get("init_args") or {})
+        _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                        client_app=client_app, server_app=server_app, backend_name="ray",
+                        backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
+                        verbose_logging=verbose, is_app=True)
+    finally:
+        _stop_ray()          # Flower shuts Ray down when its engine ends; an interruption may come first
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _start_ray(init_args: dict) -> None:
+    """Start Ray as Flower 1.42.0's ``RayBackend.init_ray`` does (the backend then uses this Ray:
+    it calls ``ray.init`` only if ``not ray.is_initialized()``), with two differences. The
+    caller's Python signal handlers stay in place: ``ray.init`` replaces the SIGTERM handler (and
+    Ray's core installs a C-level one that aborts the process), so a ``carbonfed run`` stopped by
+    SIGTERM could not unwind (shut Ray down, remove its app folder, say how to resume). And Ray's
+    FutureWarning about accelerator variables, printed by every ``ray.init`` with no GPU, is not
+    shown (Ray 2.55; the behaviour it announces does not concern CPU-only actors)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    handlers = {s: signal.getsignal(s) for s in _SIGNALS} if threading.current_thread() is threading.main_thread() else {}
+    pythonpath = os.pathsep.join(sys.path)        # as Flower: the workers import what this driver imports
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*accelerator visible devices", category=FutureWarning)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    for sig, handler in handlers.items():
+        if callable(handler):        # a Python handler of the caller's (not the default action)
+            signal.signal(sig, handler)
+
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def act_as_server_app(run_id: int) -> None:

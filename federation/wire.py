@@ -25,6 +25,7 @@ from carbonfed.privacy.he import CiphertextError
 SETUP = "query.setup"     # round 0: role, country, key fingerprint and the stage-1 statistics
 REFINE = "query.refine"   # round 0: statistics stage 2 or 3 (DP runs of more stages)
 ROLE = "query.role"       # a resumed server asks a node who it is (no data, no budget)
+CLOSE = "query.close"     # after the last round: each client signs its final history (carbonfed.privacy.statements)
 
 
 def bytes_record(data: bytes, stype: str) -> ArrayRecord:

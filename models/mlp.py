@@ -50,7 +50,9 @@ def build_model(n_features: int, n_classes: int, hidden: Sequence[int] = (32, 16
     log class frequencies, so the untrained model predicts the class prior rather than uniform
     classes; the weights keep torch's initialisation."""
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    # the CPU generator alone: torch.manual_seed also queues seeds for CUDA/XPU/MTIA with a stack
+    # trace each (milliseconds per call, every message), and initialisation runs on the CPU
+    torch.random.default_generator.manual_seed(seed)
     try:
         model = EmissionMLP(n_features, n_classes, hidden)
     finally:

@@ -148,13 +148,21 @@ def stats_name(stage: int) -> str:
 
 
 def _accepted(records: Sequence[dict]) -> dict[tuple[str, int], list[tuple[int, str]]]:
-    """(kind, round or stage) → [(line no, client)] of the accepted contributions."""
+    """(kind, round or stage) → [(line no, client)] of the accepted contributions. A round that a
+    restarted server made again (accepted lines of it both before and after a ``resume`` line)
+    counts from its last attempt only: the earlier one's aggregate was never kept. A ``resume``
+    line drops nothing else (one the server appended on its own excuses no missing file)."""
     out: dict = {}
+    resumes = [n for n, rec in enumerate(records, 1) if rec.get("kind") == "resume"]
     for n, rec in enumerate(records, 1):
         if rec.get("status") != "accepted" or rec.get("kind") not in ("stats", "train", "evaluate"):
             continue
         kind = stats_name(int(rec.get("stage", 1))) if rec["kind"] == "stats" else rec["kind"]
         out.setdefault((kind, int(rec.get("round", 0))), []).append((n, str(rec.get("country"))))
+    for key, lines in out.items():
+        cut = max((r for r in resumes if lines[0][0] < r < lines[-1][0]), default=None)
+        if cut is not None:
+            out[key] = [(n, c) for n, c in lines if n > cut]
     return out
 
 

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
-from opacus.data_loader import wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Sampler
 
 from carbonfed.privacy.randomness import NoiseSource
 
@@ -105,13 +103,12 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
                 noise: NoiseSource) -> TrainOutcome:
     """Train ``model`` in place on ``(x, y)``, every random draw from ``noise``; returns what the
     accountant needs."""
-    data = TensorDataset(torch.from_numpy(np.asarray(x, dtype=np.float32)),
-                         torch.from_numpy(np.asarray(y, dtype=np.int64)))
+    xs, ys = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    n_rows = len(ys)
     sample_rate, planned_steps = planned_mechanism(settings)
-    loader = DataLoader(data, batch_sampler=PoissonBatches(len(data), sample_rate, settings.batches_per_epoch, noise),
-                        collate_fn=wrap_collate_with_empty(collate_fn=default_collate,
-                                                           sample_empty_shapes=[(0, *x.shape[1:]), (0,)],
-                                                           dtypes=[torch.float32, torch.int64]))
+    # Each batch is the rows the Poisson sampler drew, indexed directly (an empty batch has shape
+    # (0, d)): what a DataLoader over this sampler collates, without its per-row fetch and stack.
+    batches = PoissonBatches(n_rows, sample_rate, settings.batches_per_epoch, noise)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     module, accountant = model, None
     if settings.noise_multiplier is not None:
@@ -124,7 +121,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
         # Opacus averages by the expected batch n·q (at least 1 for a client with fewer rows than batches).
         optimizer = HardenedNoiseDPOptimizer(
             optimizer, noise=noise, noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1.0, len(data) * sample_rate))
+            max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1.0, n_rows * sample_rate))
         accountant = PRVAccountant()
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     # Per-sample losses, weighted by class, averaged over the batch: the "mean" reduction
@@ -138,7 +135,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     module.train()
     steps, total, seen = 0, 0.0, 0
     for _ in range(settings.local_epochs):
-        for xb, yb in loader:
+        for rows in batches:
+            xb, yb = xs[rows], ys[rows]
             optimizer.zero_grad()
             # An empty Poisson batch is still a (noise-only) DP step: Opacus needs the backward
             # pass to set the (empty) per-sample gradients before it adds the noise.

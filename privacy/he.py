@@ -27,6 +27,7 @@ prime.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -41,6 +42,12 @@ from carbonfed.privacy.bfv_seeded import SeededEncryptor, chunk_sizes, new_key_c
 SECRET_CONTEXT_FILE = "secret.ctx"
 PUBLIC_CONTEXT_FILE = "public.ctx"
 PLAIN_MODULUS_DEGREE = 4096   # the plain modulus is the batching prime of this degree (and of every smaller one)
+
+
+@functools.lru_cache(maxsize=8)
+def _batching_prime(degree: int, bits: int) -> int:
+    """SEAL's ``bits``-bit batching prime for ``degree`` (a prime search: asked for on every message)."""
+    return int(sealapi.PlainModulus.Batching(degree, bits).value())
 
 
 class ContextFileError(ValueError):
@@ -65,8 +72,7 @@ class HEParams:
 
     @property
     def plain_modulus(self) -> int:
-        n = max(self.poly_modulus_degree, PLAIN_MODULUS_DEGREE)
-        return int(sealapi.PlainModulus.Batching(n, self.plain_modulus_bits).value())
+        return _batching_prime(max(self.poly_modulus_degree, PLAIN_MODULUS_DEGREE), self.plain_modulus_bits)
 
     @property
     def slots(self) -> int:

@@ -5,10 +5,24 @@ Each message rebuilds the participant from the run config, the node config and t
 replying: a deployed client keeps nothing in memory between messages.
 
 Node config (``--node-config`` of a SuperNode) may set ``country``, ``data-dir``,
-``secret-context`` (absolute path) and ``state-dir`` (absolute path); without the latter, run
-config ``state-dir`` is used (``carbonfed run`` sets it so that an interrupted run can resume). In simulation the country
-is the node's ``partition-id`` in the sorted country list and the secret context is
-``keys-dir/secret.ctx`` from the run config.
+``secret-context``, ``signing-key``, ``charter`` and ``state-dir`` (absolute paths); without the
+latter, run config ``state-dir`` is used (``carbonfed run`` sets it so that an interrupted run can
+resume). In simulation the country is the node's ``partition-id`` in the sorted country list, the
+secret context is ``keys-dir/secret.ctx``, the signing key is the country's file under
+``keys-dir/signing/`` (else ``state-dir/signing/``: :func:`carbonfed.federation.enrolment.signing_dir`)
+and the charter is run config ``charter``.
+
+Guarantees: signatures and the charter
+--------------------------------------
+* Without a charter the client answers nothing (an error: a run of this package is always
+  signed). Every request is first checked against the charter the client endorsed
+  (:meth:`~carbonfed.federation.client.signer.Signer.refusal`): a run config that differs from it
+  (a lowered ``min-train-clients``), a round outside its plan, or an aggregate that does not carry
+  the tags of the training clients the server names is refused, with a signed statement.
+* Every fact the client reports is in a statement it signs (reply metadata ``signed``): its
+  statistics releases, training rounds, refusals, an error after a charge (status ``error``, with
+  its history), its evaluations, and ``query.close``, its final history, after which it signs
+  nothing more. A cached reply replays the very statement it carried.
 
 Guarantees with ``state-dir`` (deployment)
 ------------------------------------------
@@ -37,25 +51,26 @@ Guarantees with ``state-dir`` (deployment)
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import re
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from carbonfed.data import load_dataset, split_countries
-from carbonfed.federation.config import RunConfig
-from carbonfed.federation.durable import atomic_write
+from carbonfed.data import split_countries
 from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag
+from carbonfed.federation.client.signer import RequestRefused, Signer, parse_parts
+from carbonfed.federation.client.state import (PersistentState, accountant_steps, load_state,  # noqa: F401
+                                               merge_states, recall, remember, request_key, save_state, state_file)
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.enrolment import load_charter, signing_dir
+from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.wire import bytes_record, record_bytes, stage_key
-from carbonfed.privacy.attest import attestation_key
-from carbonfed.privacy.he import SECRET_CONTEXT_FILE, BFVCipher, key_fingerprint, load_secret_context
+from carbonfed.privacy.binding import secret_key_bytes, tag_key
+from carbonfed.privacy.he import SECRET_CONTEXT_FILE, BFVCipher, HEParams, key_fingerprint, load_secret_context
 from carbonfed.privacy.secure_sum import PlainCipher
-
-STATE_KEY = "carbonfed"
+from carbonfed.privacy.signing import key_file, load_signing_key
+from carbonfed.privacy.statements import received
 
 app = ClientApp()
 
@@ -63,79 +78,49 @@ app = ClientApp()
 # Memoised pure loads: a simulation worker serves many nodes, and re-reading a CSV or a key file
 # per message is wasted work. The result depends only on the arguments.
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str):
-    return load_dataset(name, data_dir or None)
+def _dataset(cfg: RunConfig, data_dir: str):
+    return load_run_data(cfg, data_dir or None)
 
 
 @functools.lru_cache(maxsize=4)
 def _secret_context(path: str):
     """The key holders' context, its public-key fingerprint (which costs a key serialisation) and
-    the key of the client's ledger attestations."""
+    its secret key's bytes (the check-slot tag key is derived from them)."""
     ctx = load_secret_context(path)
-    return ctx, key_fingerprint(ctx), attestation_key(path)
+    return ctx, key_fingerprint(ctx), secret_key_bytes(ctx)
 
 
-# -- state: context.state, and a file that survives restarts ------------------------------------
-
-def _state_to_record(state: dict) -> ConfigRecord:
-    return ConfigRecord({"json": json.dumps(state)})
-
-
-def accountant_steps(state: dict) -> int:
-    return int(sum((state or {}).get("accountant", {}).get("steps", [])))
+@functools.lru_cache(maxsize=8)
+def _charter(path: str):
+    return load_charter(path)
 
 
-def merge_states(*states: dict) -> dict:
-    """The state with the most accountant steps (on a tie, the later argument); the statistics
-    count as released if any state says so. Never less spent budget than any input."""
-    best: dict = {}
-    for st in states:
-        if st and (not best or accountant_steps(st) >= accountant_steps(best)):
-            best = st
-    out = json.loads(json.dumps(best))
-    for release in {k for st in states if st for k in st if k.endswith("_released")}:
-        if any(st.get(release) for st in states if st):
-            out[release] = True
-    return out
+@functools.lru_cache(maxsize=256)
+def _signing_key(path: str):
+    return load_signing_key(path)
 
 
-class PersistentState(dict):
-    """A participant's state that writes itself to ``path`` whenever a key is set.
-
-    :class:`~carbonfed.federation.client.participant.Participant` sets ``state["accountant"]`` when it charges a
-    mechanism, before it trains: with this dict that charge is on disk at that moment."""
-
-    def __init__(self, data: dict, path: Path | None):
-        super().__init__(data)
-        self.path = path
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.flush()
-
-    def flush(self) -> None:
-        if self.path is not None:
-            atomic_write(self.path, json.dumps(dict(self), sort_keys=True).encode())
-
-
-def state_file(state_dir: str | os.PathLike, country: str, cfg: RunConfig) -> Path:
-    """``state-dir/<country>-<config digest>.json``: one accountant per country and job."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", country).strip("_") or "country"
-    return Path(state_dir) / f"{slug}-{cfg.digest()[:16]}.json"
-
-
-def _load_state(context: Context, path: Path | None) -> PersistentState:
-    records = context.state.config_records
-    ctx_state = json.loads(records[STATE_KEY]["json"]) if STATE_KEY in records else {}
-    disk = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    return PersistentState(merge_states(ctx_state, disk), path)
+def _signer(cfg: RunConfig, node: dict, country: str, secret: bytes | None) -> Signer:
+    """This client's charter (node config ``charter``, else run config ``charter``), signing key
+    (node config ``signing-key``, else its file under the simulation's signing folder) and tags."""
+    path = node.get("charter") or cfg.charter
+    if not path:
+        raise ValueError("no charter: this run's clients endorsed none (carbonfed run and deploy seal one; for "
+                         "`flwr run`, seal one with `carbonfed keygen --out KEYS [job options]` and pass run config "
+                         "keys-dir and charter='KEYS/charter.json')")
+    folder = signing_dir(cfg)
+    key = node.get("signing-key") or (str(key_file(folder, country)) if folder else "")
+    if not key:
+        raise ValueError("no signing key: set node config 'signing-key' (or run config keys-dir in a simulation)")
+    charter = _charter(str(path))
+    return Signer(charter, country, _signing_key(str(key)), tag_key(charter.sha256, secret), HEParams().plain_modulus)
 
 
 def _participant(context: Context) -> Participant:
     cfg = RunConfig.from_flower(dict(context.run_config))
     node = dict(context.node_config)
     data_dir = str(node.get("data-dir", cfg.data_dir))
-    ds = _dataset(cfg.dataset, data_dir)
+    ds = _dataset(cfg, data_dir)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     if "country" in node:
         country = str(node["country"])
@@ -147,68 +132,59 @@ def _participant(context: Context) -> Participant:
         country = part.country_of(pid)
     else:
         raise ValueError("node config needs 'country' (deployment) or 'partition-id' (simulation)")
-    ctx, fingerprint, attest_key = None, "", b""
+    ctx, fingerprint, secret = None, "", None
     if cfg.he:
-        secret = node.get("secret-context") or (str(Path(cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.keys_dir else "")
-        if not secret:
+        path = node.get("secret-context") or (str(Path(cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.keys_dir else "")
+        if not path:
             raise ValueError("HE is on but neither node config 'secret-context' nor run config 'keys-dir' is set")
-        ctx, fingerprint, attest_key = _secret_context(str(secret))
+        ctx, fingerprint, secret = _secret_context(str(path))
+    signer = _signer(cfg, node, country, secret)
     path = None
     state_dir = node.get("state-dir") or cfg.state_dir
     if state_dir:
         path = state_file(str(state_dir), country, cfg)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Participant(cfg, ds, part, country, ctx, _load_state(context, path), fingerprint, attest_key)
-
-
-def _save_state(context: Context, p: Participant) -> None:
-    if isinstance(p.state, PersistentState):
-        p.state.flush()
-    context.state.config_records[STATE_KEY] = _state_to_record(dict(p.state))
-
-
-# -- replies already given are replayed, never recomputed ---------------------------------------
-
-def _request_key(kind: str, rnd: int, *parts) -> str:
-    h = hashlib.sha256(f"{kind}:{rnd}".encode())
-    for part in parts:
-        h.update(b"\0" + (part if isinstance(part, bytes) else str(part).encode()))
-    return h.hexdigest()
-
-
-def _replay_path(p: Participant, kind: str) -> Path | None:
-    path = getattr(p.state, "path", None)
-    return path.with_name(f"{path.stem}.{kind}.bin") if path is not None else None
-
-
-def _remember(p: Participant, kind: str, key: str, meta: dict, payload: bytes) -> None:
-    """Cache this reply as the answer to request ``key`` (only with a state-dir)."""
-    path = _replay_path(p, kind)
-    if path is None:
-        return
-    atomic_write(path, payload)
-    replay = dict(p.state.get("replay", {}))
-    replay[kind] = {"key": key, "meta": meta, "sha256": hashlib.sha256(payload).hexdigest()}
-    p.state["replay"] = replay
-
-
-def _recall(p: Participant, kind: str, key: str) -> tuple[dict, bytes] | None:
-    entry = p.state.get("replay", {}).get(kind)
-    path = _replay_path(p, kind)
-    if not entry or entry.get("key") != key or path is None or not path.exists():
-        return None
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        return None
-    return dict(entry["meta"]), data
+    return Participant(cfg, ds, part, country, ctx, load_state(context, path), fingerprint, signer=signer)
 
 
 # -- messages -----------------------------------------------------------------------------------
 
 def _reply(msg: Message, context: Context, p: Participant, meta: dict, arrays: dict) -> Message:
-    _save_state(context, p)
+    save_state(context, p.state)
     content = RecordDict({"meta": ConfigRecord(meta), **arrays})
     return Message(content, reply_to=msg)
+
+
+def _signed(p: Participant, kind: str, rnd: int, facts: dict, **kw) -> dict:
+    """Reply metadata carrying this client's signed statement of ``facts``."""
+    return {"signed": json.dumps(p.sign(kind, rnd, facts, **kw))}
+
+
+def _dp_facts(p: Participant) -> dict:
+    """The client's accountant history and ε at the charter's δ (DP runs with a history)."""
+    acc, delta = p.accountant, p.signer.charter.delta
+    if not (p.cfg.dp and acc.history):
+        return {}
+    return {"history": acc.history, "epsilon": p.epsilon() if p.cfg.delta == delta else acc.epsilon(delta),
+            "delta": delta}
+
+
+def _refused(msg: Message, context: Context, p: Participant, why: str, kind: str | None, rnd: int,
+             stage: int | None = None) -> Message:
+    """A refusal: a signed statement of it (``kind`` None: nothing to state, a held-out client at
+    the setup), with the client's history so far."""
+    meta = {"status": "refused", "reason": why, "role": p.role, "country": p.country, "fingerprint": p.fingerprint}
+    if kind is not None:
+        meta.update(_signed(p, kind, rnd, {"reason": why, **_dp_facts(p)}, status="refused", stage=stage))
+    return _reply(msg, context, p, meta, {})
+
+
+def _refusal(p: Participant, rnd: int, model_terms: int | None = None, stats=()) -> str | None:
+    """Why the charter forbids this request (None: it allows it). A client that closed its
+    history acts on nothing more: it could sign nothing (an error, before any work)."""
+    if (p.state.get("chain") or {}).get("closed"):
+        raise RuntimeError(f"{p.country} closed its signed history (query.close): it answers no more requests")
+    return p.signer.refusal(p.cfg.to_flower(), rnd, model_terms, [t for _, t in stats])
 
 
 def _stats(msg: Message, p: Participant) -> list[tuple[bytes, int]]:
@@ -223,6 +199,15 @@ def _stats(msg: Message, p: Participant) -> list[tuple[bytes, int]]:
     return stats
 
 
+def _parts(msg: Message, with_model: bool, stages: int) -> dict:
+    """The contributions the request says each aggregate sums: ``{"model": [...], "stats": [...]}``."""
+    c = msg.content.config_records["config"]
+    stats = parse_parts(c.get("stats-parts"), "the statistics")
+    if len(stats) < stages:
+        raise RequestRefused(f"the request names the contributions of {len(stats)} statistics stage(s), not {stages}")
+    return {"model": parse_parts(c.get("model-parts"), "the model") if with_model else None, "stats": stats[:stages]}
+
+
 def _inputs(msg: Message, p: Participant):
     c = msg.content.config_records["config"]
     model = msg.content.array_records.get("model")
@@ -235,30 +220,31 @@ def _stype(p: Participant) -> str:
     return BFVCipher.stype if p.cfg.he else PlainCipher.stype
 
 
+def _release_facts(p: Participant, out: dict) -> dict:
+    """The facts of a statistics release: σ, the accountant history and ε after it."""
+    return {"noise_multiplier": out.get("noise_multiplier"), **_dp_facts(p)} if p.cfg.dp else {}
+
+
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    key = _request_key("setup", 0, p.cfg.digest())
-    cached = _recall(p, "setup", key)
+    key = request_key("setup", 0, p.cfg.digest())
+    cached = recall(p.state, "setup", key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, stats = cached
         return _reply(msg, context, p, meta, {"stats": bytes_record(stats, _stype(p))})
+    why = _refusal(p, 0)
+    if why:
+        return _refused(msg, context, p, why, "stats" if p.role == "train" else None, 0, stage=1)
     out = p.setup()
-    meta = {"role": out["role"], "country": out["country"], "fingerprint": out["fingerprint"],
-            **p.attested("stats", 1, 0, _release_facts(p, out))}
+    meta = {"role": out["role"], "country": out["country"], "fingerprint": out["fingerprint"]}
     arrays = {}
     if out["stats"] is not None:
-        _remember(p, "setup", key, meta, out["stats"])
+        meta.update(_signed(p, "stats", 0, _release_facts(p, out), stage=1, inputs=received(None, None),
+                            output=out["stats"]))
+        remember(p.state, "setup", key, meta, out["stats"])
         arrays["stats"] = bytes_record(out["stats"], _stype(p))
     return _reply(msg, context, p, meta, arrays)
-
-
-def _release_facts(p: Participant, out: dict) -> dict:
-    """Ledger facts of a statistics release: σ, the accountant history and ε after it."""
-    dp = p.cfg.dp and out.get("noise_multiplier") is not None
-    return {"noise_multiplier": out.get("noise_multiplier"),
-            "history": p.accountant.history if dp else [],
-            "epsilon": p.accountant.epsilon(p.cfg.delta) if dp else None}
 
 
 @app.query("refine")
@@ -269,15 +255,22 @@ def refine(msg: Message, context: Context) -> Message:
     stats = _stats(msg, p)
     name = stage_key(len(stats) + 1)
     kind = "refine" if name == "stats2" else f"refine-{name}"
-    key = _request_key(kind, 0, *[x for pair in stats for x in pair], p.cfg.digest())
-    cached = _recall(p, kind, key)
+    key = request_key(kind, 0, *[x for pair in stats for x in pair], p.cfg.digest())
+    cached = recall(p.state, kind, key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, data = cached
         return _reply(msg, context, p, meta, {name: bytes_record(data, _stype(p))})
-    out = p.refine(stats)
+    try:
+        why = _refusal(p, 0, stats=stats)
+        if why:
+            raise RequestRefused(why)
+        out = p.refine(stats, _parts(msg, False, len(stats)))
+    except RequestRefused as exc:
+        return _refused(msg, context, p, str(exc), "stats", 0, stage=len(stats) + 1)
     meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint,
-            **p.attested("stats", len(stats) + 1, 0, _release_facts(p, out))}
-    _remember(p, kind, key, meta, out[name])
+            **_signed(p, "stats", 0, _release_facts(p, out), stage=len(stats) + 1,
+                      inputs=received(None, None, stats), output=out[name])}
+    remember(p.state, kind, key, meta, out[name])
     return _reply(msg, context, p, meta, {name: bytes_record(out[name], _stype(p))})
 
 
@@ -285,16 +278,46 @@ def refine(msg: Message, context: Context) -> Message:
 def role(msg: Message, context: Context) -> Message:
     """Who this node is, for a resumed server: no data touched, no budget spent."""
     p = _participant(context)
-    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint, "facts": "{}"}
+    meta = {"role": p.role, "country": p.country, "fingerprint": p.fingerprint}
     return _reply(msg, context, p, meta, {})
+
+
+def _train(msg: Message, context: Context, p: Participant, rnd: int, model, model_terms: int, stats) -> Message:
+    """Train round ``rnd``: refused (signed) under the charter or the budget; an error after the
+    round was charged is signed with the history it leaves (status ``error``)."""
+    before = accountant_steps(p.state)
+    try:
+        why = _refusal(p, rnd, model_terms if model is not None else None, stats)
+        if why:
+            raise RequestRefused(why)
+        out = p.train(rnd, model, model_terms, stats, _parts(msg, model is not None, len(stats)))
+    except (BudgetExceeded, RequestRefused) as exc:
+        return _refused(msg, context, p, str(exc), "train", rnd)
+    except Exception as exc:
+        if accountant_steps(p.state) == before:
+            raise                     # nothing spent: Flower's error reply says what failed
+        why = f"{type(exc).__name__}: {exc}"
+        meta = {"status": "error", "reason": why, "fingerprint": p.fingerprint,
+                **_signed(p, "train", rnd, {"reason": why, **_dp_facts(p)}, status="error")}
+        return _reply(msg, context, p, meta, {})
+    finally:
+        save_state(context, p.state)   # a spend charged before a failure is kept
+    facts = {**out["facts"], **({"history": p.accountant.history, "delta": p.signer.charter.delta} if p.cfg.dp else {})}
+    meta = {"status": "ok", "fingerprint": p.fingerprint,
+            **_signed(p, "train", rnd, facts, inputs=received(model, model_terms, stats), output=out["update"])}
+    remember(p.state, "train", _train_key(p, rnd, model, model_terms, stats), meta, out["update"])
+    return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
+
+
+def _train_key(p: Participant, rnd: int, model, model_terms: int, stats) -> str:
+    return request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair], p.cfg.digest())
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     p = _participant(context)
     rnd, model, model_terms, stats = _inputs(msg, p)
-    key = _request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair], p.cfg.digest())
-    cached = _recall(p, "train", key)
+    cached = recall(p.state, "train", _train_key(p, rnd, model, model_terms, stats))
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached
         return _reply(msg, context, p, meta, {"update": bytes_record(update, _stype(p))})
@@ -302,29 +325,41 @@ def train(msg: Message, context: Context) -> Message:
         # Every training client released its statistics at the setup; a state without that
         # release is a lost state (a restart without state-dir): training on it would account
         # from zero and under-state ε.
-        return _reply(msg, context, p, {"status": "refused", "fingerprint": p.fingerprint, "facts": "{}",
-                                        "reason": f"{p.country}: no record of this client's statistics release: "
-                                                  "its accountant state was lost (restart without node config "
-                                                  "state-dir?); refusing to train rather than under-state ε"}, {})
-    try:
-        out = p.train(rnd, model, model_terms, stats)
-    except BudgetExceeded as exc:
-        _save_state(context, p)
-        facts = {"epsilon": p.accountant.epsilon(p.cfg.delta), "history": p.accountant.history}
-        return _reply(msg, context, p, {"status": "refused", "reason": str(exc), "fingerprint": p.fingerprint,
-                                        **p.attested("train", None, rnd, facts)}, {})
-    finally:
-        _save_state(context, p)   # a spend charged before a failure is kept (the error reply follows)
-    facts = {**out["facts"], "history": p.accountant.history if p.cfg.dp else []}
-    meta = {"status": "ok", "fingerprint": p.fingerprint, **p.attested("train", None, rnd, facts)}
-    _remember(p, "train", key, meta, out["update"])
-    return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
+        return _refused(msg, context, p, f"{p.country}: no record of this client's statistics release: its "
+                                         "accountant state was lost (restart without node config state-dir?); "
+                                         "refusing to train rather than under-state ε", "train", rnd)
+    return _train(msg, context, p, rnd, model, model_terms, stats)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    _, model, model_terms, stats = _inputs(msg, p)
-    metrics = p.evaluate(model, model_terms, stats)
-    meta = {"status": "ok", "fingerprint": p.fingerprint, "facts": "{}"}
+    rnd, model, model_terms, stats = _inputs(msg, p)
+    try:
+        why = _refusal(p, rnd, model_terms if model is not None else None, stats)
+        if why:
+            raise RequestRefused(why)
+        metrics = p.evaluate(model, model_terms, stats, rnd, _parts(msg, model is not None, len(stats)))
+    except RequestRefused as exc:
+        return _refused(msg, context, p, str(exc), "evaluate", rnd)
+    meta = {"status": "ok", "fingerprint": p.fingerprint,
+            **_signed(p, "evaluate", rnd, {}, inputs=received(model, model_terms, stats), output=metrics)}
     return _reply(msg, context, p, meta, {"metrics": bytes_record(metrics, _stype(p))})
+
+
+@app.query("close")
+def close(msg: Message, context: Context) -> Message:
+    """The end of the run: this client's final history, signed as its closing statement (after
+    which it signs nothing); asked again, the same statement."""
+    p = _participant(context)
+    rnd = int(msg.content.config_records["config"]["server-round"])
+    key = request_key("close", rnd, p.cfg.digest())
+    cached = recall(p.state, "close", key)
+    if cached is not None:
+        return _reply(msg, context, p, cached[0], {})
+    why = _refusal(p, rnd)
+    if why:
+        raise RuntimeError(f"{p.country} does not close: {why}")
+    meta = {"status": "ok", "country": p.country, **_signed(p, "close", rnd, _dp_facts(p))}
+    remember(p.state, "close", key, meta, b"")
+    return _reply(msg, context, p, meta, {})

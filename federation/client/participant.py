@@ -16,15 +16,17 @@ Guarantees
 * Each statistics release (stage 1 at the setup; stages 2 and 3, :meth:`Participant.refine`, in
   DP runs with more stages) happens at most once per run per client, and is charged before it is made.
 * Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
-* With HE on, every reply that carries ledger facts carries the client's attestation of the
-  ledger line they should make (:meth:`Participant.attested`, :mod:`carbonfed.privacy.attest`).
+* With a :class:`~carbonfed.federation.client.signer.Signer` (every run of the ClientApp), every
+  upload carries this client's tag of its kind and round in its check slots, every aggregate it
+  receives is decrypted only if its check slots carry the tags of the contributions the server
+  names (else :class:`~carbonfed.federation.client.signer.RequestRefused`), and every fact it
+  reports is a statement it signs after its previous one (:meth:`Participant.sign`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,20 +35,20 @@ import torch
 from carbonfed.data.dataset import FederatedDataset
 from carbonfed.data.partition import Partition
 from carbonfed.privacy.stats_release import AsinhLayout, RefineLayout, StatsLayout
+from carbonfed.federation.client.signer import Part, Signer
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.faults import corrupt, nan_params, parse_drill
 from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params, load_flat_params, num_params
 from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise
-from carbonfed.privacy.attest import FIELD as ATTESTATION
-from carbonfed.privacy.attest import attest, attestation_key
 from carbonfed.privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
 from carbonfed.privacy.fixed_point import FixedPointCodec
-from carbonfed.privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context
+from carbonfed.privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context, params_of
 from carbonfed.privacy.packing import CountLayout, UpdateLayout
 from carbonfed.privacy.randomness import NoiseSource
 from carbonfed.privacy.secure_sum import PlainCipher
+from carbonfed.privacy.statements import chain_after
 
 PLAIN_FINGERPRINT = "plaintext"
 
@@ -69,6 +71,13 @@ class Layouts:
     def stages(self) -> list:
         """The statistics releases of the run, in order: stage 1, then the later stages."""
         return [lay for lay in (self.stats, self.refine, self.asinh) if lay is not None]
+
+    @property
+    def he_requirement(self) -> tuple[int, int]:
+        """(longest vector, most ciphertexts summed into one aggregate): what the run's HE keys
+        must hold (:func:`carbonfed.privacy.he_ring.ring_for`, ``check_ring``); the server's
+        model average sums the most, ``update.codec.max_terms``."""
+        return max(lay.length for lay in (self.update, self.metrics, *self.stages)), self.update.codec.max_terms
 
     def scaler(self, aggregates: list[tuple[np.ndarray, int]]):
         """The scaler from decrypted statistics aggregates ``[(vector, terms) of stage 1, of
@@ -121,14 +130,13 @@ class Participant:
     ctx: object = None            # secret TenSEAL context (HE on) or None
     state: dict = field(default_factory=dict)
     fingerprint: str = ""         # of ``ctx``'s public key; computed here unless the caller has it
-    attest_key: bytes = b""       # of the client's ledger attestations (carbonfed.privacy.attest); none without HE
+    signer: Signer | None = None  # charter, signing key and check-slot tags (None: unit tests of the protocol)
 
     def __post_init__(self):
         self.role = self.partition.role(self.country)
         self.fault = parse_drill(self.cfg.fault_drill).get(self.country, "")
         if self.fault == "foreign-key" and self.cfg.he:
-            self.ctx, self.fingerprint = new_secret_context(), ""
-            self.attest_key = attestation_key(self.ctx.serialize(save_secret_key=True))
+            self.ctx, self.fingerprint = new_secret_context(params_of(self.ctx)), ""   # the run's ring, another key
         self.x, self.y = self.dataset.client_arrays(self.country)
         self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
         if not self.cfg.he:
@@ -141,14 +149,23 @@ class Participant:
         self.settings = TrainSettings(lr=self.cfg.lr, momentum=self.cfg.momentum, local_epochs=self.cfg.local_epochs,
                                       batches_per_epoch=self.cfg.batches_per_epoch, max_grad_norm=self.cfg.max_grad_norm)
 
-    def attested(self, kind: str, stage: int | None, rnd: int, facts: dict) -> dict:
-        """Reply metadata for ledger ``facts``: the facts as JSON and, where this client holds the
-        key holders' secret context, its attestation of the ledger line they should make
-        (``kind`` stats or train, ``stage`` 1–3 or None, round ``rnd``; :mod:`carbonfed.privacy.attest`)."""
-        meta = {"facts": json.dumps(facts)}
-        if self.attest_key:
-            meta[ATTESTATION] = attest(self.attest_key, self.country, kind, stage, rnd, self.cfg.digest(), facts)
-        return meta
+    # -- signatures and check slots -----------------------------------------------------------
+    def sign(self, kind: str, rnd: int, facts: dict, **kw) -> dict:
+        """This client's signed statement of ``facts`` (:meth:`Signer.sign`), chained after its
+        previous one; the chain head is updated in the state without writing it (the caller
+        writes the state once, with the reply it caches)."""
+        st = self.signer.sign(self.state.get("chain"), kind, rnd, facts, **kw)
+        dict.__setitem__(self.state, "chain", chain_after(st))
+        return st
+
+    def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:
+        return self.signer.tag(vec, kind, rnd) if self.signer is not None else vec
+
+    def _opened(self, name: str, vec: np.ndarray, parts: list[Part] | None, terms: int) -> np.ndarray:
+        """A decrypted aggregate, checked against the contributions the server names (with a signer)."""
+        if self.signer is None:
+            return vec
+        return self.signer.check(name, vec, parts or [], terms)
 
     # -- privacy state ---------------------------------------------------------------------
     @property
@@ -157,6 +174,17 @@ class Participant:
 
     def _save_accountant(self, acc: ClientAccountant) -> None:
         self.state["accountant"] = acc.state_dict()
+
+    def epsilon(self) -> float:
+        """ε of the accountant's history at the run's δ, kept in the state with the number of
+        mechanisms it is of (an accountant's ε is a pure function of its history)."""
+        acc = self.accountant
+        known = self.state.get("epsilon")
+        if known and known[0] == len(acc.history):
+            return float(known[1])
+        eps = acc.epsilon(self.cfg.delta)
+        dict.__setitem__(self.state, "epsilon", [len(acc.history), eps])
+        return eps
 
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
         """The planned statistics releases: one unsubsampled Gaussian step per stage."""
@@ -193,14 +221,15 @@ class Participant:
         self._charge_release(1)
         if self.cfg.dp:
             out["noise_multiplier"] = self.noise_multiplier()
-        out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(
-            self.layouts.stats.pack(self.x, self.y, self.noise_source("stats", self.country)))
+        out["stats"] = make_cipher(self.cfg, self.ctx, self.layouts.stats.length).encrypt(self._tagged(
+            self.layouts.stats.pack(self.x, self.y, self.noise_source("stats", self.country)), stage_key(1), 0))
         self.state[released_flag(1)] = True
         return out
 
-    def refine(self, stats: list[tuple[bytes, int]]) -> dict:
+    def refine(self, stats: list[tuple[bytes, int]], parts: dict | None = None) -> dict:
         """The next statistics stage, k = len(stats) + 1 (2 or 3), measured with the scaler made
-        from the aggregates of stages 1..k-1 in ``stats``; the reply's key is ``stage_key(k)``."""
+        from the aggregates of stages 1..k-1 in ``stats`` (``parts["stats"]``: their contributions,
+        :meth:`_opened`); the reply's key is ``stage_key(k)``."""
         stage = len(stats) + 1
         if self.role != "train":
             raise RuntimeError(f"{self.country} is an evaluation client: it releases no statistics")
@@ -215,40 +244,46 @@ class Participant:
             raise RuntimeError(f"{self.country} already released its stage-{stage} statistics in this run; "
                                "another release would spend more privacy budget")
         self._check_terms(None, stats)
-        prev = self._standardizer(stats)
+        prev = self._standardizer(stats, parts)
         self._charge_release(stage)
         lay = self.layouts.stages[stage - 1]
-        data = make_cipher(self.cfg, self.ctx, lay.length).encrypt(
-            lay.pack(self.x, prev, self.noise_source(stage_key(stage), self.country)))
+        data = make_cipher(self.cfg, self.ctx, lay.length).encrypt(self._tagged(
+            lay.pack(self.x, prev, self.noise_source(stage_key(stage), self.country)), stage_key(stage), 0))
         self.state[released_flag(stage)] = True
         return {stage_key(stage): data, "noise_multiplier": self.noise_multiplier()}
 
-    def _global_model(self, model_bytes: bytes | None, model_terms: int, scaler):
-        """The decrypted global model, or before round 1 the public initial model: the run's seed,
-        the output bias at the log class frequencies that statistics stage 1 released."""
+    def _global_model(self, model_bytes: bytes | None, model_terms: int, scaler, parts: dict | None = None):
+        """The decrypted global model (checked against ``parts["model"]``), or before round 1 the
+        public initial model: the run's seed, the output bias at the log class frequencies that
+        statistics stage 1 released."""
         model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed,
                             class_counts=scaler.class_counts)
         if model_bytes is not None:
             vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
+            vec = self._opened("the global model", vec, (parts or {}).get("model"), model_terms)
             params, _ = self.layouts.update.unpack_sum(vec, model_terms)
             load_flat_params(model, params)
         return model
 
-    def _standardizer(self, stats: list[tuple[bytes, int]]):
+    def _standardizer(self, stats: list[tuple[bytes, int]], parts: dict | None = None):
         """The scaler from the statistics aggregates ``[(stage 1, terms), (stage 2, terms), ...]``:
-        all the run's stages, or (:meth:`refine`) the stages before the one being released."""
+        all the run's stages, or (:meth:`refine`) the stages before the one being released; each
+        checked against its contributions in ``parts["stats"]``."""
         lays = self.layouts.stages
         if len(stats) > len(lays):
             raise ValueError(f"{len(stats)} statistics aggregates came with the request; this run makes {len(lays)}")
-        return self.layouts.scaler([(make_cipher(self.cfg, self.ctx, lay.length).decrypt(data), terms)
-                                    for lay, (data, terms) in zip(lays, stats)])
+        named = list((parts or {}).get("stats") or [None] * len(stats))
+        return self.layouts.scaler([
+            (self._opened(f"the stage-{k} statistics", make_cipher(self.cfg, self.ctx, lay.length).decrypt(data),
+                          [named[k - 1]] if k <= len(named) and named[k - 1] else None, terms), terms)
+            for k, (lay, (data, terms)) in enumerate(zip(lays, stats), 1)])
 
-    def _scaler(self, stats: list[tuple[bytes, int]]):
+    def _scaler(self, stats: list[tuple[bytes, int]], parts: dict | None = None):
         """The run's final scaler: every stage's aggregate must have come with the request."""
         if len(stats) < len(self.layouts.stages):
             raise ValueError(f"this run makes {len(self.layouts.stages)} statistics stages, but only "
                              f"{len(stats)} aggregate(s) came with the request")
-        return self._standardizer(stats)
+        return self._standardizer(stats, parts)
 
     def noise_source(self, *purpose) -> NoiseSource:
         """The randomness of one release: with DP, ChaCha20 keyed from OS entropy unless the run
@@ -258,21 +293,25 @@ class Participant:
         return NoiseSource.derived(self.cfg.seed, *purpose)
 
     def train(self, server_round: int, model_bytes: bytes | None, model_terms: int,
-              stats: list[tuple[bytes, int]]) -> dict:
-        """Train one round; returns the encrypted update and the ledger facts of this round.
+              stats: list[tuple[bytes, int]], parts: dict | None = None) -> dict:
+        """Train one round; returns the encrypted update and the ledger facts of this round
+        (``parts``: the contributions of the aggregates received, ``{"model": [...], "stats": [...]}``).
 
         With DP on, the round's mechanism is charged to the accountant (in ``state``) *before*
         training starts: whatever fails afterwards, the spend is never forgotten.
         """
         torch.set_num_threads(1)
         self._check_terms(model_terms if model_bytes is not None else None, stats)
+        # the aggregates received are opened (and checked) before anything is charged
+        scaler = self._scaler(stats, parts)
+        model = self._global_model(model_bytes, model_terms, scaler, parts)
         q, steps = planned_mechanism(self.settings)
-        facts = {"round": server_round, "sample_rate": q, "steps": steps}
+        facts = {"sample_rate": q, "steps": steps}
         settings = self.settings
         if self.cfg.dp:
             sigma = self.noise_multiplier()
             acc = self.accountant
-            eps_before = acc.epsilon(self.cfg.delta)
+            eps_before = self.epsilon()
             eps_after = acc.epsilon_after(sigma, q, steps, self.cfg.delta)
             facts.update(noise_multiplier=sigma, epsilon_before=eps_before)
             if eps_after > self.cfg.epsilon:
@@ -280,11 +319,10 @@ class Participant:
                     f"{self.country}: round {server_round} would raise ε from {eps_before:.4f} to "
                     f"{eps_after:.4f}, above the budget ε={self.cfg.epsilon} at δ={self.cfg.delta}; refusing to train")
             acc.add(sigma, q, steps)
+            dict.__setitem__(self.state, "epsilon", [len(acc.history), eps_after])   # written with the charge
             self._save_accountant(acc)
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)
-        scaler = self._scaler(stats)
-        model = self._global_model(model_bytes, model_terms, scaler)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
         outcome = train_local(model, scaler.apply(self.x), self.y, settings,
                               self.noise_source("train", self.country, server_round))
@@ -295,6 +333,7 @@ class Participant:
             raise ValueError(f"{self.country}: local training produced NaN/inf parameters; update withheld")
         rng = np.random.default_rng(_seed(self.cfg.seed, "encode", self.country, server_round))
         vec, clipped = self.layouts.update.pack(params, len(self.y), rng)
+        vec = self._tagged(vec, "update", server_round)
         facts.update(steps=outcome.steps, clipped_params=clipped)
         if self.fault == "wrong-length":
             vec = vec[:-1]
@@ -311,15 +350,18 @@ class Participant:
             raise ValueError(f"refusing an aggregate of {low[0][1]} {low[0][0]} contributions "
                              f"(< min-train-clients={self.cfg.min_train_clients}): it could expose single clients")
 
-    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats: list[tuple[bytes, int]]) -> bytes:
-        """Encrypted confusion matrix (true class × predicted class) of the global model here."""
+    def evaluate(self, model_bytes: bytes | None, model_terms: int, stats: list[tuple[bytes, int]],
+                 rnd: int = 0, parts: dict | None = None) -> bytes:
+        """Encrypted confusion matrix (true class × predicted class) of the global model here,
+        tagged as round ``rnd``'s metrics."""
         torch.set_num_threads(1)
         self._check_terms(model_terms if model_bytes is not None else None, stats)
-        scaler = self._scaler(stats)
-        model = self._global_model(model_bytes, model_terms, scaler).eval()
+        scaler = self._scaler(stats, parts)
+        model = self._global_model(model_bytes, model_terms, scaler, parts).eval()
         with torch.no_grad():
             pred = model(torch.from_numpy(scaler.apply(self.x))).argmax(1).numpy()
         k = len(self.dataset.classes)
         cm = np.zeros((k, k), dtype=np.int64)
         np.add.at(cm, (self.y, pred), 1)
-        return make_cipher(self.cfg, self.ctx, self.layouts.metrics.length).encrypt(self.layouts.metrics.pack(cm))
+        return make_cipher(self.cfg, self.ctx, self.layouts.metrics.length).encrypt(
+            self._tagged(self.layouts.metrics.pack(cm), "metrics", rnd))

@@ -12,6 +12,11 @@ Guarantees
   into that folder.
 * The ServerApp's keys-dir holds ``public.ctx`` only; ``secret.ctx`` is named, by absolute path,
   in the SuperNodes' node config only.
+* Each SuperNode has its own Ed25519 signing key in its own folder, named in its node config
+  only; :meth:`Deployment.seal` drafts the run's charter from their public keys, has each node
+  check and endorse it with its own key (:func:`carbonfed.federation.enrolment.seal_with_keys`),
+  publishes ``charter.json`` and ``clients.pub.json`` in the run folder and gives each node a
+  copy of what it endorsed.
 * :func:`choose_countries` picks at least one held-out and ``max(2, min-train-clients)``
   training countries, or raises ``ValueError``.
 """
@@ -38,7 +43,10 @@ from carbonfed.federation.deploy.certs import make_node_key, make_tls, split_he_
 from carbonfed.federation.deploy.flower_cli import (FlowerCLI, node_config_arg, superlink_argv, supernode_argv,
                                                     write_flower_config)
 from carbonfed.federation.deploy.processes import CWD_ENV, DeployError, Processes, free_port, signals_raise
-from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, keygen
+from carbonfed.federation.enrolment import publish, seal_with_keys
+from carbonfed.federation.keys import keygen_for
+from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE
+from carbonfed.privacy.signing import load_signing_key, new_signing_key, save_signing_key
 
 
 def roles(cfg: RunConfig) -> dict[str, str]:
@@ -72,6 +80,16 @@ class Node:
     port: int
     state_dir: Path
     node_id: int | None = None
+
+    @property
+    def signing_key(self) -> Path:
+        """This node's own Ed25519 signing key (in its private folder)."""
+        return self.state_dir.parent / "signing.key"
+
+    @property
+    def charter(self) -> Path:
+        """The copy of the charter this node endorsed."""
+        return self.state_dir.parent / "charter.json"
 
     @property
     def process(self) -> str:
@@ -147,10 +165,22 @@ class Deployment:
             key, pub = make_node_key(folder)
             (folder / "state").mkdir(mode=0o700)
             self.nodes.append(Node(c, role_of[c], key, pub, free_port(), folder / "state"))
+            save_signing_key(self.nodes[-1].signing_key, new_signing_key())
+
+    def seal(self) -> None:
+        """The run's charter, endorsed by every node with its own key; published in the run
+        folder, a copy in each node's folder, and named in the server's run config."""
+        doc = seal_with_keys(self.cfg, {n.country: load_signing_key(n.signing_key) for n in self.nodes},
+                             {n.country: n.role for n in self.nodes})
+        path = publish(self.out, doc)
+        for n in self.nodes:
+            write_private(n.charter, path.read_bytes())
+        self.cfg = replace(self.cfg, charter=str(path))
 
     def supernode_argv(self, node: Node, key: Path | None = None, secret_context: str = "") -> list[str]:
         return supernode_argv(self.address, self.tls["ca"], key or node.key, node.port,
-                              node_config_arg(node.country, self.cfg.data_dir, secret_context, str(node.state_dir)))
+                              node_config_arg(node.country, self.cfg.data_dir, secret_context, str(node.state_dir),
+                                              str(node.signing_key), str(node.charter)))
 
     def start_node(self, node: Node) -> None:
         secret_ctx = str(self.secret / "clients" / SECRET_CONTEXT_FILE) if self.cfg.he else ""
@@ -217,7 +247,7 @@ def _he_keys(cfg: RunConfig, secret: Path, keys_dir: str | os.PathLike | None) -
         for f in (SECRET_CONTEXT_FILE, PUBLIC_CONTEXT_FILE):
             write_private(clients / f, (Path(keys_dir) / f).read_bytes())
     else:
-        keygen(clients)
+        keygen_for(cfg, clients)                  # the run's ring
     return replace(cfg, keys_dir=str(split_he_keys(clients, secret / "server-keys")))
 
 

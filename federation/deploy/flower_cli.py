@@ -46,9 +46,12 @@ def _toml_str(s: str) -> str:
     return json.dumps(str(s))      # a JSON string is a valid TOML basic string
 
 
-def node_config_arg(country: str, data_dir: str, secret_context: str, state_dir: str) -> str:
-    """The ``--node-config`` value of one SuperNode."""
-    items = {"country": country, "data-dir": data_dir, "secret-context": secret_context, "state-dir": state_dir}
+def node_config_arg(country: str, data_dir: str, secret_context: str, state_dir: str, signing_key: str = "",
+                    charter: str = "") -> str:
+    """The ``--node-config`` value of one SuperNode (``signing-key``: its own Ed25519 key alone;
+    ``charter``: the charter it endorsed)."""
+    items = {"country": country, "data-dir": data_dir, "secret-context": secret_context, "state-dir": state_dir,
+             "signing-key": signing_key, "charter": charter}
     return " ".join(f"{k}={_toml_str(v)}" for k, v in items.items() if v)
 
 

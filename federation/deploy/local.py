@@ -17,8 +17,8 @@
 It follows the run through the ledger (one line per round) and ``flwr ls``, then stops every
 process it started (also on Ctrl-C, SIGTERM or an error) and, as the key holder, writes
 ``report.json``, ``report.html`` and ``privacy_statement.md`` exactly as after a simulation
-(:func:`carbonfed.federation.run.write_results`), the audit checking the clients' ledger
-attestations with the key holders' context.
+(:func:`carbonfed.federation.run.write_results`), the audit checking the clients' signed
+statements with their public keys only (``charter.json`` in the run folder).
 
 The parts: :mod:`.certs` (TLS and node keys), :mod:`.processes` (the supervisor),
 :mod:`.flower_cli` (the Flower command line), :mod:`.deployment` (SuperLink, SuperNodes, the
@@ -87,7 +87,7 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
         run_id = _follow(dep, run_id, app_dir, drills, timeout)
         say(f"run {run_id} finished, {time.time() - t_start:.1f}s after start; stopping every process")
         dep.procs.close()
-        # while the keys exist: the report decrypts with them and the audit checks the attestations
+        # while the keys exist: the report decrypts with them (the audit needs no key)
         audit = write_results(out, dep.key_holders).audit
     say(f"report: {out / 'report.json'}; audit {'passed' if audit.ok else 'FAILED: ' + '; '.join(audit.problems)}")
     return out
@@ -96,6 +96,7 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
 def _bring_up(dep: Deployment, countries: list[str], emit) -> tuple[int, Path]:
     """Register and start one SuperNode per country, wait until all are online, submit the run."""
     dep.add_nodes(countries)
+    dep.seal()                          # each node endorses the charter with its own key, before round 1
     say(f"SuperLink on {dep.address} (TLS, SuperNode authentication); {len(dep.nodes)} SuperNodes: "
         + ", ".join(f"{n.country} ({n.role})" for n in dep.nodes) + f"; logs in {dep.procs.log_dir}")
     dep.register(dep.nodes)

@@ -78,10 +78,11 @@ from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.canaries import (CANARY_RADIUS, load_final_model, losses, make_canaries,
                                                         write_canary_data)
+from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
+from carbonfed.federation.run import round_progress
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.audit.empirical import AuditFailure, canary_bound, check_claim, mia_metrics
-from carbonfed.privacy.he import keygen
 from carbonfed.privacy.ledger import read_ledger
 
 LABEL = "empirical lower bound"
@@ -129,11 +130,13 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
         keys = ""
         if cfg.he:
             keys = str(tmp / "keys")
-            keygen(keys)
+            keygen_for(cfg, keys)
         audit_cfg = replace(cfg, data_dir=str(tmp / "data"), keys_dir=keys, out_dir=str(out))
         logging.getLogger("flwr").setLevel(logging.ERROR)
         t0 = time.time()
-        run_simulation(audit_cfg)
+        display, on_round = round_progress(audit_cfg)      # a bar on a terminal, else one line per round
+        with display:
+            run_simulation(audit_cfg, on_round=on_round)
         report = build_report(out, keys or None)
         seconds = time.time() - t0
         if not (out / "model.pt").is_file():

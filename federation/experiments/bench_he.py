@@ -2,8 +2,11 @@
 
 ``python -m carbonfed.federation.experiments.bench_he --params N --clients K [--json]`` (wired as ``carbonfed bench he``).
 
-Both schemes run in one process on the same random updates (uniform in ``[-1, 1]``, equal
-weights) and report the same figures:
+Four schemes (:data:`~carbonfed.federation.experiments.bench_he_schemes.SCHEMES`) run in one
+process on the same random updates (uniform in ``[-1, 1]``, equal weights), one after the other:
+``tenseal_public_key`` (the upload before seeded ciphertexts), ``carbonfed_default_ring`` (seeded,
+default ring), ``carbonfed`` (seeded, the run's ring: what a run uploads) and ``baseline``. Each
+reports the same figures:
 
 ``bytes_per_param``
     serialised upload of one client divided by ``n_params``.
@@ -27,8 +30,14 @@ weights) and report the same figures:
 ``max_abs_error``
     decrypted mean against the float64 mean of the original (unencoded) updates.
 ``security_bits``
-    the HomomorphicEncryption.org table level, computed for both parameter sets the same way
+    the HomomorphicEncryption.org table level, computed for every parameter set the same way
     (:meth:`carbonfed.privacy.he.HEParams.security_bits`).
+``exact_sum``
+    (BFV schemes) the decrypted integers equal the integer sum of the encoded updates that were
+    added; null for the approximate CKKS baseline.
+
+``seeded_vs_tenseal`` compares ``carbonfed`` with ``tenseal_public_key`` measured in the same run
+(upload bytes, encryption throughput).
 
 To keep ``10**6`` parameters x 100 clients feasible, ``min(n_clients, 4)`` distinct updates are
 generated and encrypted (each once; those encryptions are the encryption timing sample) and fed
@@ -46,7 +55,7 @@ server (:mod:`~carbonfed.federation.experiments.bench_he_server`); this module d
 
 Guarantees
 ----------
-* Both schemes get the same updates (``seed``) and the same round-robin of replies; the server
+* Every scheme gets the same updates (``seed``) and the same round-robin of replies; the server
   side only ever gets public context bytes.
 * ``max_abs_error`` is against the float64 mean of exactly what was summed.
 * With ``--json``, stdout holds exactly one JSON object (TenSEAL's C++ warnings are silenced, the
@@ -215,6 +224,7 @@ def _bench_scheme(scheme, updates: np.ndarray, n_clients: int, seed: int, progre
         "aggregate_rss_growth_mb": round(peak - mem["rss_before_kb"] / 1024.0, 1),
         "peak_rss_mb_default_malloc": round(info["maxrss_kb"] / 1024.0, 1),
         "max_abs_error": float(np.max(np.abs(mean - expected))),
+        "exact_sum": getattr(scheme, "exact", None),
         "security_bits": int(scheme.security_bits()),
         "upload_bytes_per_client": int(max(upload_bytes)),
         "aggregate_bytes": int(sum(len(p) for p in out)),
@@ -224,7 +234,7 @@ def _bench_scheme(scheme, updates: np.ndarray, n_clients: int, seed: int, progre
 
 
 def run_bench(n_params: int, n_clients: int, seed: int = 0, *, progress: bool = False) -> dict:
-    """Benchmark both schemes on the same updates; see the module docstring for every figure."""
+    """Benchmark every scheme on the same updates; see the module docstring for every figure."""
     n_params, n_clients = int(n_params), int(n_clients)
     if n_params < 1 or n_clients < 1:
         raise ValueError("n_params and n_clients must be >= 1")
@@ -238,6 +248,12 @@ def run_bench(n_params: int, n_clients: int, seed: int = 0, *, progress: bool = 
             result[scheme.name] = _bench_scheme(scheme, updates, n_clients, seed, bar, workdir)
             del scheme
     result["scheme"] = {name: result[name]["scheme"] for name in SCHEMES}
+    ours, today = result["carbonfed"], result["tenseal_public_key"]
+    result["seeded_vs_tenseal"] = {
+        "bytes_per_param": [today["bytes_per_param"], ours["bytes_per_param"]],
+        "upload_ratio": ours["bytes_per_param"] / today["bytes_per_param"],
+        "encrypt_params_per_s": [today["encrypt_params_per_s"], ours["encrypt_params_per_s"]],
+        "encrypt_speedup": ours["encrypt_params_per_s"] / today["encrypt_params_per_s"]}
     return result
 
 
@@ -262,12 +278,14 @@ _ROWS = (
 
 
 def format_table(result: dict) -> str:
-    """A plain-text comparison table of a :func:`run_bench` result."""
+    """A plain-text comparison table of a :func:`run_bench` result: one column per scheme, then
+    carbonfed (seeded, the run's ring) against the baseline."""
+    names = [n for n in SCHEMES if n in result]
     ours, base = result["carbonfed"], result["baseline"]
-    head = ("metric", "carbonfed", "baseline", "carbonfed vs baseline")
+    head = ("metric", *names, "carbonfed vs baseline")
     rows = []
     for key, label, fmt, better in _ROWS:
-        if key not in ours or key not in base:
+        if any(key not in result[n] for n in names):
             continue
         a, b = ours[key], base[key]
         if key in ("max_abs_error", "security_bits", "aggregate_rss_growth_mb") or not b or not a:
@@ -276,14 +294,20 @@ def format_table(result: dict) -> str:
             ratio = f"{a / b:.2f}x"
         else:
             ratio = f"{b / a:.2f}x smaller"
-        rows.append((label, fmt(a), fmt(b), ratio))
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(4)]
+        rows.append((label, *(fmt(result[n][key]) for n in names), ratio))
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     out = [f"HE aggregation benchmark: {result['n_params']:,} params x {result['n_clients']} clients "
            f"(seed {result.get('seed', 0)}, {result.get('distinct_updates', '?')} distinct updates fed round-robin, "
            f"one thread; throughput = params per CPU second)", "", line(head), line(tuple("-" * w for w in widths))]
     out += [line(r) for r in rows]
-    out += ["", f"carbonfed: {ours['scheme']}", f"baseline:  {base['scheme']}"]
+    cmp = result.get("seeded_vs_tenseal")
+    if cmp:
+        out += ["", f"carbonfed against tenseal_public_key (the upload before seeded ciphertexts), same run: "
+                    f"{cmp['upload_ratio']:.2f}x the bytes, {cmp['encrypt_speedup']:.2f}x the encryption throughput; "
+                    f"exact sums: " + ", ".join(f"{n} {result[n]['exact_sum']}" for n in names
+                                                 if result[n].get("exact_sum") is not None)]
+    out += [""] + [f"{n}: {result[n]['scheme']}" for n in names]
     return "\n".join(out)
 
 
@@ -298,8 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
-        prog="carbonfed bench he", description="Compare carbonfed's BFV secure sum with NVIDIA FLARE's default "
-                                               "CKKS aggregation (size, speed, server memory, error, security)."))
+        prog="carbonfed bench he", description="Compare carbonfed's BFV secure sum (seeded ciphertexts under the "
+        "run's ring; under the default ring; and TenSEAL's public-key upload of before) with NVIDIA FLARE's default "
+        "CKKS aggregation (size, speed, server memory, error, security)."))
     args = parser.parse_args(argv)
     if args.params < 1 or args.clients < 1:
         parser.error("--params and --clients must be >= 1")

@@ -1,14 +1,28 @@
-"""The two HE aggregation schemes that ``carbonfed bench he`` compares, each as a client side
+"""The HE aggregation schemes that ``carbonfed bench he`` compares, each as a client side
 (encrypt, and decrypt as the key holder) and a server side (add replies, finish).
+
+carbonfed's BFV secure sum in three forms, beside NVIDIA FLARE's default CKKS (``baseline``):
+
+``carbonfed``
+    what a run uploads: seeded symmetric ciphertexts (:mod:`carbonfed.privacy.bfv_seeded`) under
+    the smallest ring that sums ``n_clients`` replies of ``n_params`` values exactly
+    (:func:`carbonfed.privacy.he_ring.ring_for`).
+``carbonfed_default_ring``
+    the same seeded ciphertexts under the default ring (:class:`~carbonfed.privacy.he.HEParams`).
+``tenseal_public_key``
+    the upload before seeded ciphertexts: TenSEAL's public-key ``bfv_vector`` under the default
+    ring (:class:`~carbonfed.privacy.he.TenSEALBFVCipher`).
 
 Guarantees
 ----------
-* Both use TenSEAL contexts with ``n_threads=1``; a server is built from the *public* context
-  bytes only and raises if they hold a secret key.
+* Every scheme uses TenSEAL contexts with ``n_threads=1``; a server is built from the *public*
+  context bytes only and raises if they hold a secret key.
 * ``scheme.decrypt(server.finish())`` is the mean of the ``n_clients`` updates that were added
   (carbonfed: exact fixed-point sum, checked against overflow, then ``/ n_clients``; baseline: the
-  server's CKKS product with ``1 / n_clients``).
-* :data:`SCHEMES` maps each scheme's ``name`` to its (client side, server side) classes.
+  server's CKKS product with ``1 / n_clients``). The carbonfed schemes also set ``exact``: whether
+  the decrypted integers equal the integer sum of the encoded updates (round-robin, as added).
+* :data:`SCHEMES` maps each scheme's ``name`` to its (client side, server side) classes, in the
+  order the benchmark runs them.
 """
 
 from __future__ import annotations
@@ -19,7 +33,8 @@ import numpy as np
 import tenseal as ts
 
 from carbonfed.privacy.fixed_point import FixedPointCodec
-from carbonfed.privacy.he import BFVCipher, HEParams, new_secret_context, public_bytes
+from carbonfed.privacy.he import BFVCipher, HEParams, TenSEALBFVCipher, new_secret_context, public_bytes
+from carbonfed.privacy.he_ring import ring_for
 from carbonfed.privacy.secure_sum import SecureSum
 
 BASELINE_N = 8192
@@ -29,37 +44,67 @@ BASELINE_CHUNK = BASELINE_N // 2          # CKKS slots: what one ciphertext ("on
 
 
 class CarbonFedScheme:
-    """carbonfed's client side and key holder: fixed point, one BFVVector of all params, secret context."""
+    """carbonfed's client side and key holder as a run uses it: fixed point, one BFVVector of all
+    params, seeded symmetric ciphertexts under the run's ring, secret context."""
 
     name = "carbonfed"
+    upload = "seeded symmetric ciphertexts (one polynomial + seed each), the run's ring ring_for(n_params, n_clients)"
+    cipher_class = BFVCipher
+
+    def ring(self, n_params: int, n_clients: int) -> HEParams:
+        return ring_for(n_params, n_clients)
 
     def __init__(self, n_params: int, n_clients: int):
-        self.params = HEParams()
+        self.params = self.ring(n_params, n_clients)
         self.n_params, self.n_clients = n_params, n_clients
         self.codec = FixedPointCodec(plain_modulus=self.params.plain_modulus, clip=1.0, max_terms=n_clients)
         self.ctx = new_secret_context(self.params)              # n_threads=1
-        self.cipher = BFVCipher(self.ctx, n_params)
+        self.cipher = self.cipher_class(self.ctx, n_params)
         self.public = public_bytes(self.ctx)
+        self.encoded: list[np.ndarray] = []                     # the integers of each distinct update
+        self.exact: bool | None = None
 
     def describe(self) -> str:
         p = self.params
-        return (f"TenSEAL BFV N={p.poly_modulus_degree}, coeff_mod_bit_sizes={list(p.coeff_mod_bit_sizes)}, "
-                f"plain modulus {p.plain_modulus} ({p.plain_modulus_bits}-bit batching prime); fixed point "
-                f"clip=1, scale=2^{int(math.log2(self.codec.scale))}, stochastic rounding; one BFVVector of all "
-                f"params ({p.slots} per ciphertext); server: SecureSum over the public context (no secret key), "
-                f"replies added as they arrive; mean = decode(sum) / n_clients after decryption")
+        return (f"BFV N={p.poly_modulus_degree}, coeff_mod_bit_sizes={list(p.coeff_mod_bit_sizes)}, "
+                f"plain modulus {p.plain_modulus} ({p.plain_modulus_bits}-bit batching prime); {self.upload}; "
+                f"fixed point clip=1, scale=2^{int(math.log2(self.codec.scale))}, stochastic rounding; one "
+                f"BFVVector of all params ({p.slots} per ciphertext); server: SecureSum over the public context "
+                f"(no secret key), replies added as they arrive; mean = decode(sum) / n_clients after decryption")
 
     def security_bits(self) -> int:
         return self.params.security_bits()
 
     def encrypt(self, update: np.ndarray, rng: np.random.Generator) -> list[bytes]:
         z, _ = self.codec.encode(update, rng)
+        self.encoded.append(z)
         return [self.cipher.encrypt(z)]
 
     def decrypt(self, parts: list[bytes]) -> np.ndarray:
         z = self.cipher.decrypt(parts[0])
         self.codec.check_sum(z, self.n_clients)
+        k = len(self.encoded)
+        counts = np.bincount(np.arange(self.n_clients) % k, minlength=k)   # the server's round-robin
+        self.exact = bool(np.array_equal(z, sum(int(c) * e for c, e in zip(counts, self.encoded))))
         return self.codec.decode(z) / self.n_clients
+
+
+class DefaultRingScheme(CarbonFedScheme):
+    """Seeded symmetric ciphertexts under the default ring (degree 4096, TenSEAL's two primes)."""
+
+    name = "carbonfed_default_ring"
+    upload = "seeded symmetric ciphertexts (one polynomial + seed each), the default ring"
+
+    def ring(self, n_params: int, n_clients: int) -> HEParams:
+        return HEParams()
+
+
+class TenSEALPublicKeyScheme(DefaultRingScheme):
+    """The upload before seeded ciphertexts: TenSEAL's public-key ``bfv_vector``, default ring."""
+
+    name = "tenseal_public_key"
+    upload = "TenSEAL public-key bfv_vector (two full polynomials each), the default ring"
+    cipher_class = TenSEALBFVCipher
 
 
 class CarbonFedServer:
@@ -138,4 +183,6 @@ class BaselineServer:
         return [acc.serialize() for acc in self.total]
 
 
-SCHEMES = {"carbonfed": (CarbonFedScheme, CarbonFedServer), "baseline": (BaselineScheme, BaselineServer)}
+SCHEMES = {"tenseal_public_key": (TenSEALPublicKeyScheme, CarbonFedServer),
+           "carbonfed_default_ring": (DefaultRingScheme, CarbonFedServer),
+           "carbonfed": (CarbonFedScheme, CarbonFedServer), "baseline": (BaselineScheme, BaselineServer)}

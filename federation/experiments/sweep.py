@@ -21,8 +21,8 @@ Guarantees
   finished runs); a run dir without one is half-finished and is deleted and run again.
 * A finished run whose config hash differs from what this sweep would run (say, other
   ``--rounds`` into the same DIR) is an error, never silently mixed into the figures.
-* HE modes use one fresh key pair per sweep directory, ``DIR/keys`` (``carbonfed.privacy.he.keygen``, mode
-  0600); a rerun of the same sweep reuses it.
+* HE modes use one fresh key pair per sweep directory, ``DIR/keys`` (``carbonfed.federation.keys.keygen_for``
+  of every HE job: the ring of their largest requirement; mode 0600); a rerun of the same sweep reuses it.
 * Outputs: ``DIR/sweep.csv`` (one row per mode, ε, seed), ``DIR/tradeoff.png`` and
   ``DIR/tradeoff.md`` (table + provenance: each run's config hash, the data's SHA-256).
 """
@@ -46,9 +46,10 @@ from carbonfed.federation.experiments.centralized import centralized_settings, r
 from carbonfed.federation.experiments.sweep_plan import (CENTRALIZED, CSV_COLUMNS, SWEEP_OWN, Job, add_arguments,
                                                          parse_epsilons, parse_ints, parse_modes, plan, run_config)
 from carbonfed.federation.experiments.tradeoff import write_outputs
+from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
 from carbonfed.federation.simulation import run_simulation
-from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, keygen
+from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE
 
 __all__ = ["add_arguments", "cmd_sweep", "main", "run_sweep"]
 
@@ -82,13 +83,15 @@ def _progress_display(enabled: bool):
                     TextColumn("{task.fields[info]}"), console=console, disable=not live), log
 
 
-def _sweep_keys(out: Path, jobs: list[Job]) -> Path | None:
-    """``out/keys`` when a job needs HE (made once, reused by a rerun), else None."""
-    if not any(j.mode in ("he", "dp+he") for j in jobs):
+def _sweep_keys(out: Path, jobs: list[Job], base: RunConfig) -> Path | None:
+    """``out/keys`` when a job needs HE (made once, reused by a rerun), else None; one key pair
+    for every HE job, so of the ring of their largest requirement."""
+    he_jobs = [j for j in jobs if j.mode in ("he", "dp+he")]
+    if not he_jobs:
         return None
     keys = out / "keys"
     if not ((keys / SECRET_CONTEXT_FILE).is_file() and (keys / PUBLIC_CONTEXT_FILE).is_file()):
-        keygen(keys)
+        keygen_for([run_config(j, base, out, keys) for j in he_jobs], keys)
     return keys
 
 
@@ -168,7 +171,7 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
         base = replace(base, rounds=int(rounds))
     jobs = plan(epsilons, seeds, modes)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    keys = _sweep_keys(out, jobs)
+    keys = _sweep_keys(out, jobs, base)
     rows, ran, skipped = _run_jobs(jobs, base, out, keys, progress)
     df = pd.DataFrame(rows, columns=CSV_COLUMNS)
     write_outputs(df, out, jobs, dict(epsilons=epsilons, seeds=seeds, modes=modes, rounds=base.rounds,

@@ -1,10 +1,16 @@
 """report.json: what a run achieved, computed by a key holder from the server's outputs.
 
 Every number comes from one of three places, and from nowhere else:
-* the ledger (``ledger.jsonl``): ε per client, the mechanism settings, who took part, timings;
+* the ledger (``ledger.jsonl``): ε per client (each client's own last signed statement,
+  :mod:`carbonfed.federation.report.signed_record`), the mechanism settings, who took part, timings;
 * the encrypted aggregates, decrypted here with the clients' secret context: the held-out
   confusion matrices (accuracy, macro-F1) and the final global model;
 * ``server.json``: the config, HE parameters and total time as the server measured them.
+
+Guarantee: no aggregate is used unless its check slots carry the tags of the contributions the
+ledger accepted for it (the run's charter, :mod:`carbonfed.privacy.binding`): a swapped, stale,
+forged or missing ``aggregates/*.bin`` that the ledger implies is refused
+(:class:`~carbonfed.privacy.binding.BindingError`, a ValueError naming the file).
 """
 
 from __future__ import annotations
@@ -16,16 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from carbonfed.data import load_dataset, sha256_file, split_countries
+from carbonfed.data import sha256_file, split_countries
 from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, LOG_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from carbonfed.privacy.stats_release import ASINH_CLIP, ASINH_FLOOR_SDS, CONTRIB_CLIP, REFINE_CLIP
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.presets import AUTO, preset_record
+from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.client.participant import Layouts, make_cipher
+from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter, signed_epsilons
 from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model, describe
 from carbonfed.models.params import load_flat_params, num_params
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME
-from carbonfed.privacy.he import SECRET_CONTEXT_FILE, load_secret_context
+from carbonfed.privacy.binding import secret_key_bytes, tag_key
+from carbonfed.privacy.charter import Charter
+from carbonfed.privacy.he import SECRET_CONTEXT_FILE, HEParams, load_secret_context
 from carbonfed.privacy.ledger import read_ledger
 
 
@@ -77,6 +88,8 @@ class _RunInputs:
     ds: object
     layouts: Layouts
     ctx: object | None
+    charter: Charter
+    bound: BoundAggregates
 
     @classmethod
     def load(cls, run_dir: str | Path, keys_dir: str | Path | None) -> "_RunInputs":
@@ -84,14 +97,18 @@ class _RunInputs:
         server = json.loads((run / "server.json").read_text())
         cfg = RunConfig.from_flower(server["config"])
         ledger = read_ledger(run / "ledger.jsonl")
-        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        ds = load_run_data(cfg)
         layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
         ctx = load_secret_context(Path(keys_dir or cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.he else None
-        return cls(run, server, cfg, ledger, ds, layouts, ctx)
+        charter = load_run_charter(run)
+        key = tag_key(charter.sha256, secret_key_bytes(ctx) if ctx is not None else None)
+        bound = BoundAggregates.of(run, ledger, charter, key, HEParams().plain_modulus)
+        return cls(run, server, cfg, ledger, ds, layouts, ctx, charter, bound)
 
-    def decrypt(self, name: str, length: int):
-        """The aggregate ``aggregates/name`` decrypted (or read, without HE) as ``length`` integers."""
-        return make_cipher(self.cfg, self.ctx, length).decrypt((self.run / "aggregates" / name).read_bytes())
+    def open(self, name: str, length: int) -> tuple[np.ndarray, int]:
+        """The aggregate ``aggregates/name`` decrypted (or read, without HE) as ``length`` integers,
+        checked against its contributions (:class:`BoundAggregates`), and their number."""
+        return self.bound.open(name, make_cipher(self.cfg, self.ctx, length).decrypt)
 
     def rounds(self) -> list[dict]:
         return [r for r in self.ledger if r.get("kind") == "round"]
@@ -103,14 +120,14 @@ def _history(inp: _RunInputs) -> tuple[list[dict], np.ndarray | None]:
     history, last_cm = [], None
     metrics = inp.layouts.metrics
     for r in inp.rounds():
-        f = inp.run / "aggregates" / f"metrics_round_{r['round']:03d}.bin"
+        name = f"metrics_round_{r['round']:03d}.bin"
         entry = {"round": r["round"], "accuracy": None, "macro_f1": None,
                  "epsilon_max": r.get("epsilon_max"), "seconds": r["seconds"],
                  "accepted": r["accepted"], "rejected": r["rejected"],
                  # the rounds whose global models the evaluated model averages (average-last)
                  "model_rounds": r.get("model_rounds", [r["round"]])}
-        if f.exists():
-            cm = metrics.unpack_sum(inp.decrypt(f.name, metrics.length), r["evaluated"])
+        if name in inp.bound:             # the ledger accepted evaluations of this round: the file must hold them
+            cm = metrics.unpack_sum(*inp.open(name, metrics.length))
             last_cm = cm.reshape(len(inp.ds.classes), -1)
             entry.update(scores(last_cm))
         history.append(entry)
@@ -120,18 +137,17 @@ def _history(inp: _RunInputs) -> tuple[list[dict], np.ndarray | None]:
 def _final_model(inp: _RunInputs) -> tuple[dict | None, list[str] | None, float | None]:
     """The final model, decrypted by the key holder and saved as ``model.pt`` next to the report;
     with the features whose std is floored and the floor (all None without ``aggregates/model.bin``)."""
-    run, cfg, ds, layouts, server = inp.run, inp.cfg, inp.ds, inp.layouts, inp.server
-    if not (run / "aggregates" / "model.bin").exists():
+    run, cfg, ds, layouts = inp.run, inp.cfg, inp.ds, inp.layouts
+    if "model.bin" not in inp.bound:
         return None, None, None
-    params, total = layouts.update.unpack_sum(inp.decrypt("model.bin", layouts.update.length), server["model_terms"])
+    params, total = layouts.update.unpack_sum(*inp.open("model.bin", layouts.update.length))
     model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed)
     load_flat_params(model, params)
-    scaler = layouts.scaler([(inp.decrypt(f"{stage_key(k)}.bin", lay.length), server[f"{stage_key(k)}_terms"])
-                             for k, lay in enumerate(layouts.stages, 1)])
+    scaler = layouts.scaler([inp.open(f"{stage_key(k)}.bin", lay.length) for k, lay in enumerate(layouts.stages, 1)])
     floored, std_floor = floored_std_features(scaler, ds.features), scaler.floor
     torch.save({"state_dict": model.state_dict(), "features": list(ds.features), "classes": list(ds.classes),
                 "hidden": list(cfg.hidden_sizes), "scaler": scaler.to_dict()}, run / "model.pt")
-    averaged = server.get("model_rounds") or [server.get("rounds_completed")]
+    averaged = [rnd for _, rnd, _ in inp.bound.expected["model.bin"].parts]     # as its check slots proved
     # the rows behind one global model (the averaged models' summed counts over their number)
     final = {"path": str(run / "model.pt"), "samples": total / len(averaged),
              # which global models model.pt is: the mean of those of these rounds (average-last)
@@ -157,15 +173,12 @@ def _stats_release(ledger: list[dict]) -> tuple[object, bool, int]:
     return stats_sigma, stats_sigma is not None, stats_releases
 
 
-def _privacy(cfg: RunConfig, ledger: list[dict], stats_sigma, covered: bool) -> dict | None:
-    """Privacy, from the ledger: each client's last reported ε and the mechanisms' settings (None without DP)."""
+def _privacy(cfg: RunConfig, ledger: list[dict], charter: Charter, stats_sigma, covered: bool) -> dict | None:
+    """Privacy, from the ledger: each client's ε as its last signed statement states it, and the
+    mechanisms' settings (None without DP)."""
     if not cfg.dp:
         return None
-    last: dict[str, dict] = {}
-    for line in ledger:
-        if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
-            last[line["country"]] = line
-    eps = {c: line["epsilon"] for c, line in sorted(last.items())}
+    eps = signed_epsilons(ledger, charter)
     train_lines = [l for l in ledger if l.get("kind") == "train" and l.get("noise_multiplier") is not None]
     return {"delta": cfg.delta, "epsilon_target": cfg.epsilon,
             "epsilon_max": max(eps.values()) if eps else None, "epsilon_per_client": eps,
@@ -264,10 +277,12 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
     stats_sigma, covered, stats_releases = _stats_release(inp.ledger)
     report = {
         "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
+        # the data set's recommended settings and the run's resolved values of them (presets.py)
+        "preset": preset_record(cfg.dataset, {name: getattr(cfg, name) for name in AUTO}),
         "holdout_offset": cfg.holdout_offset,
         "clients": _clients(inp),
         "metrics": _metrics(history, last_cm, ds.classes),
-        "history": history, "privacy": _privacy(cfg, inp.ledger, stats_sigma, covered), "he": _he(inp),
+        "history": history, "privacy": _privacy(cfg, inp.ledger, inp.charter, stats_sigma, covered), "he": _he(inp),
         "preprocessing": _preprocessing(inp.layouts, stats_sigma, covered, stats_releases, floored, std_floor),
         "timing": {"total_s": server["total_s"], "per_round_s": float(np.mean([r["seconds"] for r in rounds])) if rounds else None},
         "model": final,

@@ -8,7 +8,11 @@ Guarantees
   run's layouts, the PRV error bound from :mod:`carbonfed.privacy.accountant`); the environment
   that builds the statement (git commit, library versions) is labelled as such.
 * Per client it keeps the last ledger line that carries an ε (the client's full accountant
-  history), and derives μ-GDP from that history (:func:`carbonfed.privacy.audit.maths.clt_mu`).
+  history; a closing statement counts), and derives μ-GDP from that history
+  (:func:`carbonfed.privacy.audit.maths.clt_mu`).
+* ``claims`` is what the documents claim, from the signed charter and each client's own last
+  signed statement (:func:`carbonfed.federation.report.audit_sections.document_claims`), which
+  ``carbonfed verify`` checks them against.
 * It never changes the run directory.
 """
 
@@ -21,9 +25,10 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from carbonfed.data import load_dataset
 from carbonfed.federation.client.participant import Layouts
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.report.audit_sections import document_claims
+from carbonfed.federation.run_data import load_run_data
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME, EPS_ERROR
 from carbonfed.privacy.audit.maths import clt_mu, gdp_epsilon
 from carbonfed.privacy.ledger import check_chain, read_ledger
@@ -86,7 +91,7 @@ def _stats_sensitivity(cfg) -> tuple[list[float], str]:
     stages), from the layouts the run used."""
     names = ("`StatsLayout.sensitivity`", "`RefineLayout.sensitivity`", "`AsinhLayout.sensitivity`")
     try:
-        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        ds = load_run_data(cfg)
         stages = Layouts.for_run(cfg, len(ds.features), len(ds.classes)).stages
         return [float(x.sensitivity) for x in stages], (
             f"{', '.join(names[:len(stages)])} of this run's layouts ({len(ds.features)} features, "
@@ -104,7 +109,7 @@ def _client_lines(ledger: list[dict]) -> dict[str, dict]:
     """Per country: its ε series, σs, accepted train rounds, refusals, rejections and last ε line."""
     clients: dict[str, dict] = {}
     for n, line in enumerate(ledger, 1):
-        if line.get("kind") not in ("stats", "train") or "country" not in line:
+        if line.get("kind") not in ("stats", "train", "close") or "country" not in line:
             continue
         c = clients.setdefault(line["country"], {"series": [], "sigmas": set(), "accepted_rounds": 0,
                                                  "refused": [], "rejected": [], "last": None, "last_line": None})
@@ -224,5 +229,5 @@ def collect_facts(run_dir, report: dict, verify_result, baseline: dict | None = 
         "eps_error": EPS_ERROR, **_mechanism_facts(ledger, cfg), "rounds_completed": server.get("rounds_completed"),
         "stats_terms": server.get("stats_terms"), "model_terms": server.get("model_terms"),
         "fields_seen": _fields_seen(ledger), "config_digest_ok": _config_digest_ok(config, server),
-        "code": code_version(), "libraries": library_versions(),
+        "code": code_version(), "libraries": library_versions(), "claims": document_claims(run, ledger),
     }

@@ -1,10 +1,9 @@
 """report.html: one self-contained page per run (plots embedded as base64 PNG, no external assets).
 
-``carbonfed report DIR [--keys DIR] [--baseline DIR]`` (:func:`main`) rebuilds ``report.json``
-(:func:`carbonfed.federation.report.build.build_report`, which decrypts: it needs the clients' secret context for
-HE runs), audits the ledger (:func:`carbonfed.privacy.audit.verify.verify_run`) and writes ``report.html`` and
-``privacy_statement.md`` beside it. It exits non-zero when the audit fails, after writing all
-three files, with the failure shown at the top of the page.
+:func:`write_all` writes ``report.html`` and ``privacy_statement.md`` beside a run's
+``report.json``, from its audit (:func:`carbonfed.privacy.audit.verify.verify_run`); ``carbonfed run``
+and ``carbonfed report`` (:mod:`carbonfed.federation.report_command`) call it through
+:func:`carbonfed.federation.run.write_results`. A failed audit is shown at the top of the page.
 
 The page shows the same content as the privacy statement (:mod:`carbonfed.federation.report.statement` builds both
 from one set of sections), plus a headline and two plots: each client's ε after every round,
@@ -13,19 +12,16 @@ from the ledger, and held-out accuracy / macro-F1 per round, from report.json.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
-import sys
 from pathlib import Path
 
-from carbonfed.federation.report.build import build_report
+from carbonfed.federation.report.audit_sections import banner_html, claims_comment
 from carbonfed.federation.report.facts import collect_facts
 from carbonfed.federation.report.markup import inline_html, render_html_sections
 from carbonfed.federation.report.statement import STATEMENT_FILE, statement_markdown, statement_sections, statement_title
-from carbonfed.privacy.audit.verify import summary_text, verify_run
 
 HTML_FILE = "report.html"
 
@@ -167,16 +163,7 @@ def render_html(facts: dict) -> str:
                    "" if not cfg.dp else ("ok" if (facts["epsilon_max"] or 0) <= cfg.epsilon else "bad")),
              _card("δ", f"{facts['delta']:g}" if cfg.dp else "—"),
              _card("verified", "yes" if ok else "NO", "ok" if ok else "bad")]
-    if ok:
-        banner = ('<div class="banner ok" id="verify-status">Audit passed: ledger chain intact'
-                  + (", every ε re-accounted with dp-accounting PLD, every client within budget" if cfg.dp else "")
-                  + (", every client fact attested by its client" if v.get("attestations_checked") is not None else "")
-                  + ".</div>")
-    else:
-        probs = "".join(f"<li>{html.escape(p)}</li>" for p in v.get("problems", [])) or "<li>(no detail)</li>"
-        banner = (f'<div class="banner" id="verify-status"><strong>Audit FAILED</strong> '
-                  f'({len(v.get("problems", []))} problem(s)); the figures below are the run\'s claims, '
-                  f'not verified:<ul>{probs}</ul></div>')
+    banner = banner_html(v) + claims_comment(facts.get("claims"))   # the verdict; the claims verify checks
     sections = statement_sections(facts)
     base_note = ("" if facts.get("baseline") else " No baseline run given.")
     return f"""<!DOCTYPE html>
@@ -231,34 +218,3 @@ def load_baseline(path) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"baseline: no report.json in {p} (run `carbonfed report {p}` on it first)")
     return json.loads(f.read_text())
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="carbonfed report",
-                                 description="Rebuild report.json (decrypts with the clients' secret context), audit "
-                                             "the ledger, and write report.html and privacy_statement.md.")
-    ap.add_argument("dir", metavar="DIR", help="run directory (ledger.jsonl, server.json, aggregates/)")
-    ap.add_argument("--keys", default=None, help="folder with secret.ctx (default: the run config's keys-dir)")
-    ap.add_argument("--baseline", default=None, metavar="DIR",
-                    help="a non-private run (e.g. --privacy none) of the same config, to compare accuracy")
-    args = ap.parse_args(argv)
-    try:
-        baseline = load_baseline(args.baseline) if args.baseline else None
-        # the key holders' folder: --keys, else the run config's (HE runs; one for the report and the audit)
-        keys = args.keys or json.loads((Path(args.dir) / "server.json").read_text())["config"].get("keys-dir") or None
-        report = build_report(args.dir, keys)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"carbonfed report: error: {exc}", file=sys.stderr)
-        return 2
-    res = verify_run(args.dir, keys_dir=keys if report["he"] else None)
-    page, stmt = write_all(args.dir, report, res, baseline)
-    run = Path(args.dir)
-    print(f"report.json:          {run / 'report.json'}")
-    print(f"report.html:          {page}")
-    print(f"privacy statement:    {stmt}")
-    print(summary_text(res, args.dir).splitlines()[-1] if res.ok else summary_text(res, args.dir))
-    return 0 if res.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -101,20 +101,22 @@ def _accounting(f: dict) -> Section:
     else:
         s.blocks.append("No accountant ran: the mode has no DP mechanism.")
     s.blocks.append(
-        f"Independent recomputation: `privacy/audit/verify.py` re-checked the ledger's hash chain "
-        f"({f['ledger_lines']} lines) and re-accounted every client's reported history with "
+        f"Independent recomputation, with no key: `privacy/audit/verify.py` re-checked the ledger's hash chain "
+        f"({f['ledger_lines']} lines) and re-accounted every client's own signed history with "
         f"**{v.get('accountant', '?')} {v.get('accountant_version', '?')}** (Google's PLD accountant, pessimistic "
         f"estimate, value discretisation {fmt_g(v.get('value_discretization_interval'))}), which shares no code with "
         f"Opacus. Recomputed ε_max = {fmt_f4(v.get('epsilon_max_recomputed'))} vs claimed "
-        f"{fmt_f4(v.get('epsilon_max_claimed'))}; budget ε = {fmt_g(v.get('epsilon_budget'))}. "
-        + (f"Client attestations (`privacy/attest.py`): {v['attestations_checked']} ledger line(s) of client facts "
-           "carry the client's HMAC, under a key derived from the key holders' secret context that the server does "
-           "not hold, and it matches: for those lines the server wrote what the clients sent"
-           + (" (lines that do not match are listed under the problems below). " if v.get("problems") else ". ")
-           if v.get("attestations_checked") is not None else
-           "Client attestations were not checked (no HE, or the audit ran without the secret context): the ledger's "
-           "client facts rest on the server's hash chain alone. ")
+        f"{fmt_f4(v.get('epsilon_max_claimed'))}; budget ε = {fmt_g(v.get('epsilon_budget'))} (the signed charter's). "
+        + (f"Client signatures (`privacy/statements.py`): {v.get('statements_checked', 0)} ledger line(s) carry a "
+           "statement its client signed with its own Ed25519 key, chained to its previous one, under the charter "
+           f"`{str(v.get('charter_sha256'))[:16]}…` that every client endorsed before round 1; the server holds no "
+           "client key, so it can neither write nor change nor drop a client's fact unseen. "
+           if v.get("signed") else
+           "**UNSIGNED**: the run has no charter, so its client facts rest on the server's word alone. ")
         + f"Result: **{'passed' if v.get('ok') else 'FAILED'}**.")
+    if v.get("checked") or v.get("not_checked"):
+        s.blocks.append([f"checked: {c}" for c in v.get("checked", [])]
+                        + [f"**not checked**: {c}" for c in v.get("not_checked", [])])
     if v.get("problems"):
         s.blocks.append("Problems found by the audit:")
         s.blocks.append([p.replace("`", "'") for p in v["problems"]])
@@ -222,8 +224,11 @@ def _coverage(f: dict) -> tuple[Section, Section]:
         + (f", already ({fmt_f4(group[0])}, {fmt_g(group[1], 3)}) at k = 2" if cfg.dp else "")
         + "; consecutive years of a country are strongly correlated.",
         "**Randomness quality** (see Randomness) and floating-point attacks on Gaussian sampling.",
-        "**Malicious parties**: a client that misreports its history or ignores its budget, a server that forges, "
-        "drops or replays terms, or rewrites the ledger (it is written by the server and not signed).",
+        "**Malicious parties**: a client that signs a consistent history of mechanisms it did not run, or ignores "
+        "its budget; a server that adds terms of its own whose check slots hold 0 (threat_model.md, G7); a party "
+        "that rewrites the whole run folder with keys of its own, unless the reviewer anchors the charter "
+        "(`carbonfed verify --trusted-keys clients.pub.json` or `--charter-sha256`). The server cannot rewrite "
+        "the clients' facts: each is signed by its client.",
     ]
     not_cov.blocks.append(items)
     return covered, not_cov

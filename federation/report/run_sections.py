@@ -38,14 +38,20 @@ _FIELD_TEXT = {
     "history": "the client's full accountant history: one [σ, q, steps] per mechanism",
     "clipped_params": "number of this client's model parameters the fixed-point codec clipped to "
                       "±param-clip: a plaintext statistic of its individual update",
-    "attestation": "the client's HMAC of this line's facts under a key the server does not hold "
-                   "(privacy/attest.py): a function of the facts above, revealing nothing more",
+    "signed": "the client's own statement of this line's facts, signed with its Ed25519 key and chained to its "
+              "previous one (privacy/statements.py): the facts above, the SHA-256 of what it received and uploaded, "
+              "revealing nothing more",
+    "aggregates": "SHA-256 of each aggregate file a round wrote (round lines)",
 }
 
 
 def _trust(f: dict) -> Section:
     cfg, he, server = f["cfg"], f["report"].get("he"), f["server"]
     s = Section("trust", "Trust model, keys and encryption")
+    s.blocks.append("**Signing keys**: each client holds its own Ed25519 key and signs every fact it reports "
+                    "(`privacy/statements.py`); every client endorsed the run's charter (`charter.json`: mode, ε, δ, "
+                    "rounds, min-train-clients, the clients' public keys) before round 1 and refuses requests that "
+                    "break it. The public keys are in `clients.pub.json`; `carbonfed verify` needs nothing else.")
     if not cfg.he:
         s.blocks.append(f"No encryption in mode `{cfg.privacy}`: the server sees every update, the statistics and "
                         "the confusion matrices in the clear.")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from carbonfed.federation.report.audit_sections import claims_comment
 from carbonfed.federation.report.blocks import Section
 from carbonfed.federation.report.facts import collect_facts
 from carbonfed.federation.report.markup import render_markdown
@@ -50,8 +51,8 @@ def statement_title(facts: dict) -> str:
 
 
 def statement_markdown(facts: dict) -> str:
-    """The whole privacy_statement.md text of these facts."""
-    return render_markdown(statement_title(facts), statement_sections(facts))
+    """The whole privacy_statement.md text of these facts (ending with its machine-readable claims)."""
+    return render_markdown(statement_title(facts), statement_sections(facts)) + claims_comment(facts.get("claims")) + "\n"
 
 
 def write_privacy_statement(run_dir, report: dict, verify_result, baseline: dict | None = None) -> Path:

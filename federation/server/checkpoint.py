@@ -6,7 +6,8 @@ Guarantees
   atomically, last, so a crash leaves the previous one intact): the encrypted global model and
   statistics aggregates (stage 1 and, in DP runs of more stages, stages 2 and 3; with their
   SHA-256), the SHA-256 of the averaged rounds' ``aggregates/model_round_NNN.bin``, the term
-  counts, the roles of the nodes, the round number and the ledger position.
+  counts, the roles of the nodes, who contributed to each kept aggregate (the clients check its
+  tags), the SHA-256 of the run's charter, the round number and the ledger position.
 * :func:`read_checkpoint` restores exactly what :func:`write_checkpoint` saved, or refuses
   (:class:`CheckpointError`): a checkpoint of another config or key, of an unknown format, a file
   whose SHA-256 differs, or a ledger that no longer contains the checkpoint's last line.
@@ -45,10 +46,24 @@ class ServerState:
     model_terms: int = 0
     round: int = 0
     tail: list[tuple[int, bytes, int]] = field(default_factory=list)  # (round, global model, terms), the last average-last
+    # who each kept aggregate sums (stats, stats2, stats3, update-r001, ...): the clients check the tags
+    contributors: dict[str, list[str]] = field(default_factory=dict)
+    charter: str = ""                 # the SHA-256 of the charter the run's clients endorsed
 
     def tail_rounds(self) -> list[int]:
         """The rounds whose global models the run's model averages (``average-last``)."""
         return [r for r, _, _ in self.tail]
+
+    def stats_parts(self, upto: int | None = None) -> list[list]:
+        """``[[kind, 0, contributors], ...]`` of the statistics stages 1..``upto`` (default all)."""
+        return [[stage_key(k), 0, self.contributors.get(stage_key(k), [])]
+                for k in range(1, len(self.stages[:upto]) + 1)]
+
+    def model_parts(self, average: bool) -> list[list]:
+        """``[["update", r, contributors], ...]`` of the latest global model (``average``: of the
+        run's model, every averaged round's)."""
+        rounds = self.tail_rounds() if average else self.tail_rounds()[-1:]
+        return [["update", r, self.contributors.get(f"update-r{r:03d}", [])] for r in rounds]
 
     def stage_terms(self) -> dict[str, int]:
         """``{"stats_terms": n1, "stats2_terms": n2, ...}`` (server.json, checkpoints)."""
@@ -104,7 +119,8 @@ def write_checkpoint(out: Path, state: ServerState, cfg: RunConfig, fingerprint:
            "fingerprint": fingerprint, "rounds": cfg.rounds,
            "roles": {str(n): [r, c] for n, (r, c) in sorted(state.roles.items())},
            "model_terms": state.model_terms, **state.stage_terms(), "files": files,
-           "tail": [[r, terms] for r, _, terms in state.tail],
+           "tail": [[r, terms] for r, _, terms in state.tail], "contributors": state.contributors,
+           "charter_sha256": state.charter,
            "ledger": ledger_position(ledger), "elapsed_s": elapsed_s, "resumed_from": resumed_from}
     path = out / CHECKPOINT_FILE
     atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
@@ -144,7 +160,8 @@ def _state(out: Path, path: Path, ck: dict) -> ServerState:
     return ServerState(roles={int(k): (v[0], v[1]) for k, v in ck["roles"].items()},
                        stages=[(data[stage_key(k)], ck[f"{stage_key(k)}_terms"]) for k in stages],
                        model=data.get("model"), model_terms=ck["model_terms"], round=ck["round"],
-                       tail=[(r, data[f"tail-r{r:03d}"], terms) for r, terms in ck.get("tail", [])])
+                       tail=[(r, data[f"tail-r{r:03d}"], terms) for r, terms in ck.get("tail", [])],
+                       contributors=ck.get("contributors", {}), charter=ck.get("charter_sha256", ""))
 
 
 def _resume_line(ck: dict, n: int, total: int) -> dict:

@@ -27,7 +27,10 @@ from flwr.serverapp import Grid
 
 from carbonfed.federation.wire import gone
 
-POLL_MIN_S, POLL_MAX_S = 0.05, 0.5     # pause between polls for replies
+# Pause between polls for replies: POLL_MIN_S (Flower's in-memory Grid polls at that interval) while
+# replies come or came within IDLE_S, then backing off to POLL_MAX_S (each poll of a deployed SuperLink
+# is an HTTPS request; each poll of the simulation's scans every stored message, on the clients' cores).
+POLL_MIN_S, POLL_MAX_S, IDLE_S = 0.1, 0.5, 1.0
 
 
 class Courier:
@@ -52,8 +55,12 @@ class Courier:
         self._addressee = dict(pending)
         offline: list[tuple[int, str]] = []
         deadline = time.monotonic() + self.timeout
-        pause = POLL_MIN_S
+        pause, next_poll, last_reply = POLL_MIN_S, time.monotonic(), time.monotonic()
         while pending and time.monotonic() < deadline:
+            wait = min(next_poll, deadline) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)     # never poll again at once: replies that come meanwhile arrive together
+            polled = time.monotonic()
             got = list(grid.pull_messages(list(pending)))
             for msg in got:
                 node = pending.pop(msg.metadata.reply_to_message_id, None)
@@ -61,11 +68,9 @@ class Courier:
                     offline.append((node, f"node offline (no heartbeat within Flower's patience): {msg.error.reason}"))
                     continue
                 yield msg
-            # poll fast while replies come, back off while none do (each poll of a deployed
-            # SuperLink is an HTTPS request)
-            pause = POLL_MIN_S if got else min(2 * pause, POLL_MAX_S)
-            if not got:
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            last_reply = polled if got else last_reply
+            pause = POLL_MIN_S if polled - last_reply < IDLE_S else min(2 * pause, POLL_MAX_S)
+            next_poll = polled + pause
         if on_missing is None:
             return
         late = [(node, f"no reply within round-timeout={self.timeout}s") for node in pending.values()]

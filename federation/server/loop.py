@@ -15,7 +15,11 @@ Guarantees
   chain continued (a ``resume`` line says from where, and how many lines of the interrupted round
   precede it); the nodes that reconnected under new ids are bound to their countries again. A
   checkpoint of another config or key, or a ledger that no longer contains the checkpoint's last
-  line, is refused (:class:`~carbonfed.federation.server.checkpoint.CheckpointError`).
+  line, is refused (:class:`~carbonfed.federation.server.checkpoint.CheckpointError`), and so is
+  a checkpoint written under another charter.
+* After the last round every client of the setup is asked for its closing statement
+  (:func:`~carbonfed.federation.server.setup.close`): its signed history then ends in the ledger,
+  whatever the server wrote before.
 * :meth:`ResumableRun.start` honours ``num_rounds`` (default: the config's rounds), ``timeout``
   (default: the config's round timeout; it bounds every wait for replies and for the nodes) and
   the train and evaluate configs (sent beside the server's own entries); it refuses
@@ -35,10 +39,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from carbonfed.federation.server.checkpoint import CHECKPOINT_FILE, read_checkpoint, write_checkpoint
+from carbonfed.federation.server.checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint, write_checkpoint
 from carbonfed.federation.server.courier import Courier
 from carbonfed.federation.server.recorder import LedgerRecorder
-from carbonfed.federation.server.setup import rebind, setup
+from carbonfed.federation.server.setup import close, rebind, setup
 from carbonfed.federation.server.strategy import EncryptedFedAvg
 from carbonfed.federation.server.strategy_utils import StrategyWrapper
 from carbonfed.privacy.ledger import Ledger
@@ -90,12 +94,19 @@ class ResumableRun(StrategyWrapper):
         res = read_checkpoint(fedavg.out, fedavg.cfg, fedavg.fingerprint, self.recorder.ledger.path)
         if res is None:
             return False
+        if res.state.charter != self.charter_sha256():
+            raise CheckpointError(f"{fedavg.out / CHECKPOINT_FILE} was written under another charter "
+                                  f"({res.state.charter[:12] or 'none'}…, this run {self.charter_sha256()[:12] or 'none'}…)")
         fedavg.state = res.state
         self.elapsed_before, self.resumed_from = res.elapsed_s, res.resumed_from
         self._t0 = time.monotonic()
         self.recorder.ledger.append(res.line)
         log.warning("resuming after round %d from %s", res.state.round, fedavg.out / CHECKPOINT_FILE)
         return True
+
+    def charter_sha256(self) -> str:
+        """The SHA-256 of the run's charter ("" without one)."""
+        return self.fedavg.charter.sha256 if self.fedavg.charter is not None else ""
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
@@ -111,11 +122,14 @@ class ResumableRun(StrategyWrapper):
         if self.resume():
             rebind(grid, self.courier, self.fedavg)
         else:
+            self.fedavg.state.charter = self.charter_sha256()
             setup(grid, self.courier, self.recorder)
             self.checkpoint()
         result = Result()
         for rnd in range(self.fedavg.state.round + 1, num_rounds + 1):
             self._round(grid, rnd, result, train_config or ConfigRecord(), evaluate_config or ConfigRecord())
+        close(grid, self.courier, self.recorder)
+        self.checkpoint()                    # its ledger position: the closing lines
         return result
 
     def _round(self, grid: Grid, rnd: int, result: Result, train_config: ConfigRecord,

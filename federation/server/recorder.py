@@ -10,17 +10,21 @@ Guarantees
   made: ``accepted`` (with its size in bytes), ``rejected`` or ``refused`` with the reason.
   Nothing recorded is lost if the server stops.
 * A line carries the server's own fields (kind, stage, round, node, country, status, reason,
-  bytes, δ) and, from a reply that is not an error, the client's privacy facts restricted to the
-  known keys (:func:`client_facts`): a client cannot overwrite the server's fields.
+  bytes, δ) and, from a reply that is not an error, the client's signed statement verbatim
+  (``signed``) with a readable copy of its facts (:mod:`carbonfed.federation.server.statements`):
+  a client cannot overwrite the server's fields, and a statement that does not verify under the
+  run's charter, or that states another client, kind, round, stage or status than the line, is
+  not recorded (and its reply is not added: :attr:`EncryptedFedAvg.screen`).
 * Clients that did not answer before the round's timeout, or that Flower reported gone, get a
   ``missing`` line once the wait is over (an absence: no data, no budget spent on the server's side).
 * After every round one ``round`` line sums up its lines, with the rounds the evaluated model
-  averages (``model_rounds``).
+  averages (``model_rounds``) and the SHA-256 of each aggregate file the round wrote
+  (``aggregates``). After the last round every client's closing statement is a ``close`` line.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -31,28 +35,11 @@ from flwr.serverapp.strategy import Result
 
 from carbonfed.federation.server.strategy import EncryptedFedAvg, Verdict
 from carbonfed.federation.server.strategy_utils import StrategyWrapper, refuse_start
-from carbonfed.privacy.attest import FIELD as ATTESTATION
-from carbonfed.privacy.attest import reported_facts
+from carbonfed.federation.server.statements import line_fields, screen
 from carbonfed.privacy.ledger import Ledger
 from carbonfed.privacy.secure_sum import SecureSum
 
 log = logging.getLogger("carbonfed")
-
-
-def client_facts(meta: dict, base: dict) -> dict:
-    """The privacy facts a client reports, restricted to known keys (a client cannot overwrite
-    the server's own fields such as kind, round or status), with the client's attestation of
-    them (:mod:`carbonfed.privacy.attest`) when it sent one."""
-    try:
-        facts = json.loads(meta.get("facts", "{}"))
-    except (TypeError, ValueError):
-        return {}
-    if not isinstance(facts, dict):
-        return {}
-    out = {k: v for k, v in reported_facts(facts).items() if k not in base}
-    if isinstance(meta.get(ATTESTATION), str):
-        out[ATTESTATION] = meta[ATTESTATION]
-    return out
 
 
 def sender(reply: Message) -> int:
@@ -72,6 +59,7 @@ class LedgerRecorder(StrategyWrapper):
         self._round_lines: list[dict] = []            # ledger lines of the round under way
         self._context: tuple[str, int, dict] | None = None   # kind, round, extra fields of the replies read
         strategy.on_verdict = self._record_verdict
+        strategy.screen = self._screen
 
     def start(self, grid: Grid, *args, **kwargs) -> Result:
         """Refused, as the inner strategy's (:func:`~carbonfed.federation.server.strategy_utils.refuse_start`)."""
@@ -87,11 +75,24 @@ class LedgerRecorder(StrategyWrapper):
         return {"kind": kind, **(extra or {}), "round": rnd, "node_id": node,
                 "country": self.country(node) if country is None else country}
 
-    def with_facts(self, base: dict, meta: dict) -> dict:
-        """``base`` with the client's facts (:func:`client_facts`) and the run's δ (None without DP)."""
-        base.update(client_facts(meta, base))
+    def with_facts(self, base: dict, meta: dict, status: str) -> dict:
+        """``base`` (a line of ``status``) with the client's signed statement and its facts, if
+        it may stand in that line (:func:`~carbonfed.federation.server.statements.screen`), and the
+        run's δ (None without DP)."""
+        if screen(self.strategy.charter, meta, base, status) is None:
+            base.update(line_fields(meta))
         base["delta"] = self.strategy.cfg.delta if self.strategy.cfg.dp else None
         return base
+
+    def screen_reply(self, meta: dict, base: dict) -> str | None:
+        """Why a reply for line ``base`` may not be added (its statement); None if it may."""
+        return screen(self.strategy.charter, meta, base, "accepted")
+
+    def _screen(self, msg: Message, meta: dict) -> str | None:
+        if self._context is None:
+            return None
+        kind, rnd, extra = self._context
+        return self.screen_reply(meta, self.line(kind, rnd, self.node_of(msg), extra=extra))
 
     def record(self, line: dict) -> dict:
         """Append a line of the round under way."""
@@ -129,7 +130,7 @@ class LedgerRecorder(StrategyWrapper):
         kind, rnd, extra = self._context
         base = self.line(kind, rnd, self.node_of(msg), extra=extra)
         if not msg.has_error():
-            self.with_facts(base, dict(msg.content.config_records.get("meta", ConfigRecord())))
+            self.with_facts(base, dict(msg.content.config_records.get("meta", ConfigRecord())), verdict.status)
         if verdict.status == "accepted":
             self.accept(base, verdict.bytes)
         else:
@@ -146,10 +147,23 @@ class LedgerRecorder(StrategyWrapper):
         with self._judging("evaluate", server_round):
             return self.strategy.aggregate_evaluate(server_round, replies)
 
-    def accumulate_stage(self, stage: int, key: str, replies: Iterable[Message]) -> SecureSum:
+    def accumulate_stage(self, stage: int, key: str, replies: Iterable[Message], contributors: list[str]) -> SecureSum:
         """The inner sum of statistics stage ``stage`` (2 or 3, round 0); a ``stats`` line per reply."""
         with self._judging("stats", 0, {"stage": stage}):
-            return self.strategy.accumulate(replies, key)
+            return self.strategy.accumulate(replies, key, contributors)
+
+    def record_close(self, rnd: int, msg: Message) -> None:
+        """A client's closing statement (``query.close`` after round ``rnd``): a ``close`` line."""
+        base = self.line("close", rnd, self.node_of(msg))
+        if msg.has_error():
+            self.reject(base, f"client error: {msg.error.reason}")
+            return
+        meta = dict(msg.content.config_records.get("meta", ConfigRecord()))
+        why = self.screen_reply(meta, base)
+        if why:
+            self.reject(base, f"signed statement: {why}")
+            return
+        self.record({**self.with_facts(base, meta, "accepted"), "status": "accepted", "reason": ""})
 
     # -- rounds --------------------------------------------------------------------------------
     def begin_round(self) -> None:
@@ -169,6 +183,13 @@ class LedgerRecorder(StrategyWrapper):
                    "upload_bytes_per_client": (sum(r["bytes"] for r in accepted) / len(accepted)) if accepted else None,
                    "model_terms": state.model_terms,
                    # the rounds whose global models the evaluated model averages (average-last)
-                   "model_rounds": state.tail_rounds()}
+                   "model_rounds": state.tail_rounds(), "aggregates": self._manifest(rnd)}
         self.ledger.append(summary)
         return summary
+
+    def _manifest(self, rnd: int) -> dict[str, str]:
+        """SHA-256 of each aggregate file as round ``rnd`` leaves it (a description: the clients'
+        signed inputs and the check slots bind the files; this binds them against third parties)."""
+        folder = self.strategy.out / "aggregates"
+        names = (f"model_round_{rnd:03d}.bin", "model.bin", f"metrics_round_{rnd:03d}.bin")
+        return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names if (folder / n).is_file()}

@@ -14,6 +14,10 @@ Guarantees
 * :func:`rebind` (after a resume) asks the nodes unknown to the checkpoint who they are
   (``query.role``: no data, no budget) and gives a known country's role to its new node id;
   unknown countries take no part.
+* A node that refused the setup, answered under another key, claimed a role its charter does
+  not give it, or whose statistics were malformed or not signed as they must be, is ``excluded``:
+  it gets no further request but :func:`close`, which asks every node of the setup (excluded or
+  not) for its closing statement, so that each client's signed history ends in the ledger.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from carbonfed.federation.server.courier import Courier
 from carbonfed.federation.server.recorder import LedgerRecorder
 from carbonfed.federation.server.strategy import EncryptedFedAvg
 from carbonfed.federation.server.strategy_utils import add_reply
-from carbonfed.federation.wire import REFINE, ROLE, SETUP, stage_key
+from carbonfed.federation.wire import CLOSE, REFINE, ROLE, SETUP, stage_key
 from carbonfed.privacy.he import CiphertextError
 from carbonfed.privacy.secure_sum import SecureSum
 
@@ -62,7 +66,21 @@ def _request(kind: str, rnd: int, nodes: list[int], **config) -> list[Message]:
                     message_type=kind, dst_node_id=n) for n in nodes]
 
 
-def _setup_reply(recorder: LedgerRecorder, total: SecureSum, msg: Message) -> None:
+def _exclusion(recorder: LedgerRecorder, meta: dict, base: dict) -> tuple[str, str] | None:
+    """(status, reason) if the node that answered the setup with ``meta`` takes no part."""
+    fedavg, role = recorder.strategy, meta.get("role")
+    charter_role = fedavg.charter.roles.get(base["country"]) if fedavg.charter is not None else role
+    if meta.get("status") == "refused":
+        return "refused", meta.get("reason", "refused")
+    if meta.get("fingerprint") != fedavg.fingerprint:
+        return "rejected", "key fingerprint differs from the server's public context"
+    if role != charter_role:
+        return "rejected", f"says it is a {role} client; the charter makes it a {charter_role} client"
+    why = recorder.screen_reply(meta, base) if role == "train" else None
+    return ("rejected", f"signed statement: {why}") if why else None
+
+
+def _setup_reply(recorder: LedgerRecorder, total: SecureSum, contributors: list[str], msg: Message) -> None:
     """Learn the role and country of the node that sent ``msg``; add its statistics (a training
     client) into ``total``; ledger what was made of it."""
     fedavg, node = recorder.strategy, recorder.node_of(msg)
@@ -72,15 +90,20 @@ def _setup_reply(recorder: LedgerRecorder, total: SecureSum, msg: Message) -> No
         return
     meta = dict(msg.content.config_records["meta"])
     base["country"] = meta.get("country", base["country"])
-    if meta.get("fingerprint") != fedavg.fingerprint:
-        recorder.reject(base, "key fingerprint differs from the server's public context")
+    excluded = _exclusion(recorder, meta, base)
+    if excluded:
+        fedavg.state.roles[node] = ("excluded", base["country"])
+        if meta.get("role") != "train":
+            base["kind"] = "setup"          # a held-out client's setup carries no statement
+        recorder.reject(recorder.with_facts(base, meta, excluded[0]), excluded[1], excluded[0])
         return
     fedavg.state.roles[node] = (meta["role"], base["country"])
     if meta["role"] != "train":
         return
-    recorder.with_facts(base, meta)
+    recorder.with_facts(base, meta, "accepted")
     try:
         recorder.accept(base, add_reply(total, msg, "stats"))
+        contributors.append(base["country"])
     except (CiphertextError, KeyError) as exc:
         recorder.reject(base, f"malformed statistics: {exc}")
         fedavg.state.roles[node] = ("excluded", base["country"])
@@ -92,13 +115,13 @@ def setup(grid: Grid, courier: Courier, recorder: LedgerRecorder) -> None:
     fedavg = recorder.strategy
     cfg = fedavg.cfg
     nodes = wait_for_nodes(grid, cfg.min_nodes, courier.timeout)
-    total = SecureSum(fedavg.cipher_for("stats"))
+    total, contributors = SecureSum(fedavg.cipher_for("stats")), []
     for msg in courier.stream(grid, _request(SETUP, 0, nodes), partial(recorder.missing, "setup", 0)):
-        _setup_reply(recorder, total, msg)
-    if total.terms < cfg.min_train_clients:
+        _setup_reply(recorder, total, contributors, msg)
+    if total.terms < max(1, cfg.min_train_clients):
         raise RuntimeError(f"only {total.terms} training clients answered the setup "
                            f"(min-train-clients={cfg.min_train_clients})")
-    fedavg.keep_stage(total)
+    fedavg.keep_stage(total, contributors)
     for stage in range(2, cfg.stats_releases + 1):
         refine(grid, courier, recorder, stage)
     log.info("setup: %d training and %d evaluation clients", len(fedavg.nodes("train")), len(fedavg.nodes("test")))
@@ -112,11 +135,12 @@ def refine(grid: Grid, courier: Courier, recorder: LedgerRecorder, stage: int) -
     content = RecordDict({"config": ConfigRecord({"server-round": 0, **terms}), **records})
     msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in fedavg.nodes("train")]
     replies = courier.stream(grid, msgs, partial(recorder.missing, "stats", 0))
-    total = recorder.accumulate_stage(stage, stage_key(stage), replies)
-    if total.terms < fedavg.cfg.min_train_clients:
+    contributors: list[str] = []
+    total = recorder.accumulate_stage(stage, stage_key(stage), replies, contributors)
+    if total.terms < max(1, fedavg.cfg.min_train_clients):
         raise RuntimeError(f"only {total.terms} training clients answered statistics stage {stage} "
                            f"(min-train-clients={fedavg.cfg.min_train_clients})")
-    fedavg.keep_stage(total)
+    fedavg.keep_stage(total, contributors)
 
 
 def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:
@@ -141,3 +165,13 @@ def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:
         roles.pop(old, None)
         roles[node] = (role, country)
         log.warning("%s is now node %d (was %d)", country, node, old)
+
+
+def close(grid: Grid, courier: Courier, recorder: LedgerRecorder) -> None:
+    """After the last round: every node of the setup (``query.close``) signs its final history; a
+    ``close`` line per reply, a ``missing`` one per node that did not answer."""
+    fedavg = recorder.strategy
+    rnd = fedavg.state.round
+    nodes = sorted(fedavg.state.roles)
+    for msg in courier.stream(grid, _request(CLOSE, rnd, nodes), partial(recorder.missing, "close", rnd)):
+        recorder.record_close(rnd, msg)

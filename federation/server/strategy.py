@@ -23,10 +23,16 @@ Guarantees
   global model.
 * Each round's aggregates are on disk when its aggregation returns (written atomically; each
   round's global model as ``aggregates/model_round_NNN.bin``).
+* Every request names, beside each aggregate it carries, the clients whose contributions it
+  sums (``model-parts``, ``stats-parts``): the clients check that the aggregate's check slots carry
+  exactly their tags (:mod:`carbonfed.privacy.binding`). A reply is added only if :attr:`screen`
+  (the recorder's check of its signed statement) finds nothing wrong with it; a reply of status
+  ``error`` (a client that failed after it was charged, and signed so) is rejected.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -77,6 +83,9 @@ class EncryptedFedAvg(Strategy):
         (self.out / "aggregates").mkdir(parents=True, exist_ok=True)
         self.state = ServerState()
         self.on_verdict: Callable[[Message, Verdict], None] = log_verdict   # a recorder replaces it
+        self.charter = None       # the run's charter (carbonfed.privacy.charter.Charter), if it has one
+        # why a reply that would be added must not be (its signed statement); the recorder sets it
+        self.screen: Callable[[Message, dict], str | None] = lambda msg, meta: None
 
     def summary(self) -> None:
         """Log the settings that shape the aggregation."""
@@ -90,9 +99,9 @@ class EncryptedFedAvg(Strategy):
 
     # -- what a request carries -------------------------------------------------------------
     def stats_content(self, upto: int | None = None) -> tuple[dict, dict]:
-        """The statistics aggregates of stages 1..``upto`` (default all) as records, and their
-        term counts as config entries ``stats-terms``, ``stats2-terms``, ..."""
-        records, terms = {}, {}
+        """The statistics aggregates of stages 1..``upto`` (default all) as records, and as config
+        entries their term counts (``stats-terms``, ``stats2-terms``, ...) and contributors (``stats-parts``)."""
+        records, terms = {}, {"stats-parts": json.dumps(self.state.stats_parts(upto))}
         for k, (data, n) in enumerate(self.state.stages[:upto], 1):
             records[stage_key(k)] = bytes_record(data, self.cipher_for(stage_key(k)).stype)
             terms[f"{stage_key(k)}-terms"] = n
@@ -110,14 +119,16 @@ class EncryptedFedAvg(Strategy):
             total.add(data, terms)
         return total.serialize(), total.terms
 
-    def _payload(self, server_round: int, config: ConfigRecord, model: tuple[bytes | None, int] | None = None) -> RecordDict:
-        """A request: the statistics aggregates and ``model`` (default: the latest global model)."""
-        data, model_terms = model or (self.state.model, self.state.model_terms)
+    def _payload(self, server_round: int, config: ConfigRecord, average: bool = False) -> RecordDict:
+        """A request: the statistics aggregates and the latest global model (``average``: the
+        run's model, :meth:`output_model`), each with the clients whose contributions it sums."""
+        data, model_terms = self.output_model() if average else (self.state.model, self.state.model_terms)
         records, terms = self.stats_content()
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "model-terms": model_terms, **terms})
         content = {"config": cfg, **records}
         if data is not None:
             content["model"] = bytes_record(data, self.cipher_for("update").stype)
+            cfg["model-parts"] = json.dumps(self.state.model_parts(average))
         return RecordDict(content)
 
     def nodes(self, role: str) -> list[int]:
@@ -131,16 +142,20 @@ class EncryptedFedAvg(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One evaluation request per held-out client: the run's model (:meth:`output_model`)."""
-        content = self._payload(server_round, config, self.output_model())
+        content = self._payload(server_round, config, average=True)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self.nodes("test")]
 
     # -- what the replies make ---------------------------------------------------------------
-    def accumulate(self, replies: Iterable[Message], key: str) -> SecureSum:
-        """Add every acceptable reply's ``key`` vector into one running sum; each reply's
-        :class:`Verdict` goes to :attr:`on_verdict` before the next reply is read."""
+    def accumulate(self, replies: Iterable[Message], key: str, contributors: list[str] | None = None) -> SecureSum:
+        """Add every acceptable reply's ``key`` vector into one running sum (the country of each
+        added reply is appended to ``contributors``); each reply's :class:`Verdict` goes to
+        :attr:`on_verdict` before the next reply is read."""
         total = SecureSum(self.cipher_for(key))
         for msg in replies:
-            self.on_verdict(msg, self._judge(msg, total, key))
+            verdict = self._judge(msg, total, key)
+            if verdict.status == "accepted" and contributors is not None:
+                contributors.append(self.state.roles.get(msg.metadata.src_node_id, ("?", "?"))[1])
+            self.on_verdict(msg, verdict)
         return total
 
     def _judge(self, msg: Message, total: SecureSum, key: str) -> Verdict:
@@ -150,9 +165,14 @@ class EncryptedFedAvg(Strategy):
         meta = dict(msg.content.config_records.get("meta", ConfigRecord()))
         if meta.get("status") == "refused":
             return Verdict("refused", meta.get("reason", "refused"))
+        if meta.get("status") == "error":
+            return Verdict("rejected", f"client error: {meta.get('reason', 'unknown')}")
         if meta.get("fingerprint") != self.fingerprint:
             return Verdict("rejected", "key fingerprint differs from the server's public context "
                                        "(client holds a different key or HE setting)")
+        why = self.screen(msg, meta)
+        if why:
+            return Verdict("rejected", f"signed statement: {why}")
         if total.terms >= self.cfg.max_clients_per_round:
             return Verdict("rejected", f"more than max-clients-per-round={self.cfg.max_clients_per_round} replies: "
                                        "the fixed-point headroom would be exceeded")
@@ -165,7 +185,8 @@ class EncryptedFedAvg(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global model (None: too few accepted updates, the previous one is kept), and
         the number of accepted updates; writes ``model_round_NNN.bin`` and ``model.bin``."""
-        total = self.accumulate(replies, "update")
+        contributors: list[str] = []
+        total = self.accumulate(replies, "update", contributors)
         metrics = MetricRecord({"accepted": total.terms})
         if total.terms < self.cfg.min_train_clients:
             log.warning("round %d: %d accepted updates < min-train-clients=%d; keeping the previous model",
@@ -173,6 +194,10 @@ class EncryptedFedAvg(Strategy):
             return None, metrics
         self.state.model, self.state.model_terms = total.serialize(), total.terms
         self.state.tail = [*self.state.tail, (server_round, self.state.model, total.terms)][-self.cfg.average_last:]
+        kept = {f"update-r{r:03d}" for r in self.state.tail_rounds()}
+        self.state.contributors = {k: v for k, v in self.state.contributors.items()
+                                   if not k.startswith("update-") or k in kept}
+        self.state.contributors[f"update-r{server_round:03d}"] = contributors
         atomic_write(self.out / "aggregates" / f"model_round_{server_round:03d}.bin", self.state.model)
         atomic_write(self.out / "aggregates" / "model.bin", self.output_model()[0])
         return bytes_record(self.state.model, total.cipher.stype), metrics
@@ -185,8 +210,10 @@ class EncryptedFedAvg(Strategy):
         atomic_write(self.out / "aggregates" / f"metrics_round_{server_round:03d}.bin", total.serialize())
         return MetricRecord({"terms": total.terms})
 
-    def keep_stage(self, total: SecureSum) -> None:
-        """Keep the aggregate of the next statistics stage, and write it to ``aggregates/``."""
+    def keep_stage(self, total: SecureSum, contributors: list[str]) -> None:
+        """Keep the aggregate of the next statistics stage (summing the uploads of ``contributors``),
+        and write it to ``aggregates/``."""
         data = total.serialize()
         self.state.stages.append((data, total.terms))
+        self.state.contributors[stage_key(len(self.state.stages))] = list(contributors)
         atomic_write(self.out / "aggregates" / f"{stage_key(len(self.state.stages))}.bin", data)

@@ -21,8 +21,8 @@ with their public keys only (:mod:`carbonfed.privacy.charter`, :mod:`carbonfed.p
    ledger implies is missing (:mod:`carbonfed.privacy.audit.files`); report.json, report.html and
    privacy_statement.md state what was proved (:mod:`carbonfed.privacy.audit.claims`).
 
-A ledger without ``charter.json`` is audited for consistency only, and the verdict says it is
-unsigned (:mod:`carbonfed.privacy.audit.legacy`, transitional).
+A run folder without ``charter.json`` fails: its facts are not signed by its clients, so any
+party that wrote it could have written any of them (the verdict says UNSIGNED).
 
 Guarantees: bad arguments (a non-finite or non-positive ``--epsilon``, ``--delta`` outside
 (0, 1), a negative ``--rel-tol``) are errors (:class:`ValueError`; exit 2 on the command line),
@@ -38,7 +38,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from carbonfed.privacy.audit import claims, files, legacy, server_lines, signed
+from carbonfed.privacy.audit import claims, files, server_lines, signed
 from carbonfed.privacy.audit.histories import account_client, budget_problems
 from carbonfed.privacy.audit.pld import ACCOUNTANT_NAME, VALUE_DISCRETIZATION_INTERVAL, accountant_version, pld_epsilon
 from carbonfed.privacy.charter import CHARTER_FILE, Charter, check_charter
@@ -70,7 +70,6 @@ class VerifyResult:
     documents_checked: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)       # what the verdict rests on
     not_checked: list[str] = field(default_factory=list)   # what it could not check, and why
-    attestations_checked: int | None = None   # unsigned ledgers only: HMAC attestations that matched
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,13 +105,10 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
 
 
 def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None = None, rel_tol: float = 0.05,
-               keys_dir=None, trusted_keys=None, charter_sha256: str | None = None,
-               allow_unsigned: bool = True) -> VerifyResult:
-    """Audit the run folder ``run_dir`` (or its ledger file). ``trusted_keys``: a path to, or the
-    mapping of, the clients' public keys obtained from them; ``charter_sha256``: the charter's
-    SHA-256 as the clients published it. ``keys_dir`` (the key holders' secret context) is used
-    for unsigned ledgers only; a signed run needs no key. ``allow_unsigned`` False: a run without
-    a charter fails."""
+               trusted_keys=None, charter_sha256: str | None = None) -> VerifyResult:
+    """Audit the run folder ``run_dir`` (or its ledger file) with no key. ``trusted_keys``: a path
+    to, or the mapping of, the clients' public keys obtained from them; ``charter_sha256``: the
+    charter's SHA-256 as the clients published it. A run without a charter fails."""
     check_arguments(epsilon_budget, delta, rel_tol)
     if isinstance(trusted_keys, (str, Path)):
         trusted_keys = load_public_keys(trusted_keys)
@@ -135,14 +131,11 @@ def verify_run(run_dir, epsilon_budget: float | None = None, delta: float | None
         res.problems.append(f"{path}: the ledger is empty")
     doc = _read_json(folder / CHARTER_FILE, res.problems)
     if doc is not None:
-        _audit_signed(folder, records, doc, server, res, epsilon_budget, delta, rel_tol, trusted_keys, charter_sha256,
-                      keys_dir)
+        _audit_signed(folder, records, doc, server, res, epsilon_budget, delta, rel_tol, trusted_keys, charter_sha256)
     elif not (folder / CHARTER_FILE).exists():
-        if not allow_unsigned:
-            res.problems.append(f"no {CHARTER_FILE}: the run's facts are not signed by its clients")
-        legacy.audit_unsigned(records, server, res, epsilon_budget, delta, rel_tol, keys_dir)
-        _extremes(res)
-        res.documents_checked = claims.check_documents(folder, _proven(res, None), False, res.problems, res.notes)
+        res.problems.append(f"UNSIGNED: no {CHARTER_FILE} in {folder}: the run's facts are not signed by its "
+                            "clients, so whoever wrote the folder could have written any of them")
+        res.not_checked.append("everything: the run has no charter and no signed statement")
     res.ok = not res.problems
     return res
 
@@ -182,7 +175,7 @@ def _account(charter: Charter, chains: dict, res: VerifyResult, epsilon_budget, 
 
 
 def _audit_signed(folder: Path, records: list[dict], doc: dict, server: dict, res: VerifyResult,
-                  epsilon_budget, delta, rel_tol, trusted_keys, charter_sha256, keys_dir) -> None:
+                  epsilon_budget, delta, rel_tol, trusted_keys, charter_sha256) -> None:
     cc = check_charter(doc, trusted_keys, charter_sha256)
     res.problems.extend(cc.problems)
     res.notes.extend(cc.notes)
@@ -192,8 +185,6 @@ def _audit_signed(folder: Path, records: list[dict], doc: dict, server: dict, re
         return
     charter = cc.charter
     res.signed, res.charter_sha256 = True, charter.sha256
-    if keys_dir is not None:
-        res.notes.append("--keys not used: a signed run is verified with the clients' public keys alone")
     counted = [0]
     per = signed.read_statements(records, charter, res.problems, counted)
     chains = {who: signed.check_chain(who, items, res.problems, res.notes) for who, items in sorted(per.items())}
@@ -257,16 +248,13 @@ def summary_text(res: VerifyResult, run_dir) -> str:
     for (cl, rc), names in sorted(groups.items(), key=lambda kv: -(kv[0][1] or 0)):
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         out.append(f"  claimed {_fmt(cl)}  recomputed {_fmt(rc)}  {len(names)} client(s): {shown}")
-    if res.attestations_checked is not None:
-        out.append(f"client attestations: {res.attestations_checked} line(s) match what the clients sent")
     out += [f"checked: {c}" for c in res.checked] + [f"NOT checked: {c}" for c in res.not_checked]
     out += [f"note: {n}" for n in res.notes]
     if res.ok:
-        out.append(("OK (signed): every signature verified, every client's history whole" if res.signed else
-                    "OK (UNSIGNED ledger, consistency only): chain intact")
+        out.append("OK (signed): every signature verified, every client's history whole"
                    + (", every claim re-accounted" if res.per_client else " (no DP claims to re-account)")
                    + (", every client within budget" if res.epsilon_budget is not None and res.per_client else "")
-                   + (", every client fact attested" if res.attestations_checked is not None else ""))
+                   + ("; the charter is anchored" if res.anchored else "; NOT anchored (see NOT checked)"))
     else:
         out.append(f"FAILED: {len(res.problems)} problem(s)")
         out += [f"  - {p}" for p in res.problems]
@@ -285,18 +273,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--trusted-keys", default=None, metavar="FILE",
                     help="clients.pub.json obtained from the clients: anchors the charter's keys")
     ap.add_argument("--charter-sha256", default=None, metavar="HEX", help="the charter's SHA-256 as the clients published it")
-    ap.add_argument("--keys", default=None, metavar="DIR",
-                    help="unsigned ledgers only: the key holders' secret.ctx, to check HMAC attestations")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
 
 def main(argv=None) -> int:
     ap = _parser()
+    ap.error = lambda message: ap.exit(2, f"{ap.prog}: error: {message}\n")   # one line, no usage block
     args = ap.parse_args(argv)
     try:
         res = verify_run(args.run_dir, epsilon_budget=args.epsilon, delta=args.delta, rel_tol=args.rel_tol,
-                         keys_dir=args.keys, trusted_keys=args.trusted_keys, charter_sha256=args.charter_sha256)
+                         trusted_keys=args.trusted_keys, charter_sha256=args.charter_sha256)
     except (ValueError, SigningError) as exc:
         ap.error(str(exc))           # exits 2
     print(json.dumps(res.to_dict(), indent=2) if args.json else summary_text(res, args.run_dir))

@@ -1,6 +1,7 @@
 """The Flower app config in pyproject.toml and RunConfig must describe the same job."""
 
 import tomllib
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_mirrors_runconfig_defaults():
+    """pyproject's run config holds RunConfig's defaults as written (the preset-governed ones at
+    "auto", so `flwr run . --run-config dataset='owid'` gets the owid preset); read back, it is
+    RunConfig() with the seed preset resolved."""
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
-    assert flwr["config"] == RunConfig().to_flower()
-    # what the simulation and the deployment write for Flower is the same app
-    assert flower_app_toml(RunConfig())["tool"]["flwr"]["app"] == flwr and APP_COMPONENTS == flwr["components"]
+    assert flwr["config"] == {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
+    assert RunConfig.from_flower(flwr["config"]) == RunConfig()
+    assert RunConfig.from_flower({**flwr["config"], "dataset": "owid"}) == RunConfig(dataset="owid")
+    # what the simulation and the deployment write for Flower is the same app, with the resolved config
+    app = flower_app_toml(RunConfig())["tool"]["flwr"]["app"]
+    assert {k: v for k, v in app.items() if k != "config"} == {k: v for k, v in flwr.items() if k != "config"}
+    assert app["config"] == RunConfig().to_flower() and APP_COMPONENTS == flwr["components"]
 
 
 def test_flower_is_the_version_its_internals_were_checked_against():
@@ -80,3 +88,22 @@ def test_statistics_releases_per_mode():
         assert RunConfig(privacy=privacy, stats_stages=3).stats_sigma == 0.0
     assert [RunConfig(privacy="dp+he", stats_stages=k).stats_releases for k in (1, 2, 3)] == [1, 2, 3]
     assert [RunConfig(stats_noise_multiplier=0, stats_stages=k).stats_releases for k in (1, 2, 3)] == [1, 1, 3]
+
+
+def test_version_is_the_installed_distributions(capsys):
+    """`carbonfed --version` prints the installed version, which is pyproject's."""
+    from carbonfed.federation import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"carbonfed {version}"
+
+
+def test_csv_settings_round_trip_through_flower():
+    """A CSV run's config (file, columns, resolved features and the JSON list of classes) reaches
+    the server and the clients through Flower's run config unchanged."""
+    cfg = RunConfig(dataset="csv", data="/d/t.csv", client_col="site", label_col="level", features="a,b",
+                    classes='["low, rural", "high"]')
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg
+    assert cfg.digest() != replace(cfg, classes='["low, rural", "medium"]').digest()   # another table, another job

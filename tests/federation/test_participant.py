@@ -25,10 +25,10 @@ def test_statistics_noise_leaves_dp_sgd_half_of_a_small_budget():
     (stats-stages 3) more than half of it at ε = 3; σ_s is raised (and only then) so that they
     spend at most half of ε, checked by the independent PLD accountant."""
     from carbonfed.privacy.audit.verify import pld_epsilon
-    assert RunConfig(epsilon=8.0, stats_stages=3).stats_sigma == 4.0 == RunConfig(epsilon=3.0).stats_sigma
+    assert RunConfig(epsilon=8.0, stats_stages=3).stats_sigma == 4.0 == RunConfig(epsilon=3.0, stats_stages=2).stats_sigma
     assert pld_epsilon([(4.0, 1.0, 1)] * 3, 1e-5) > 3.0 / 2
     for eps in (1.0, 0.5):
-        cfg = RunConfig(epsilon=eps)
+        cfg = RunConfig(epsilon=eps, stats_stages=2)
         assert cfg.stats_releases == 2 and cfg.stats_sigma > 4.0
         assert eps / 2 - 0.02 <= pld_epsilon([(cfg.stats_sigma, 1.0, 1)] * 2, cfg.delta) <= eps / 2
     for eps in (3.0, 1.0, 0.5):

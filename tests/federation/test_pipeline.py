@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import dp_accounting as dpa
 import numpy as np
@@ -12,11 +15,13 @@ from dp_accounting.pld import pld_privacy_accountant
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.report.build import build_report
 from carbonfed.federation.simulation import run_simulation
-from carbonfed.privacy.ledger import check_chain, read_ledger
+from carbonfed.privacy.binding import BindingError
+from carbonfed.privacy.ledger import Ledger, check_chain, read_ledger
 
 pytestmark = pytest.mark.slow   # builds whole federations
 
 FAULTS = "Albania:corrupt,Algeria:wrong-length,Angola:nan,Argentina:foreign-key"
+BIN = Path(sys.executable).parent / "carbonfed"
 
 
 def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
@@ -50,7 +55,9 @@ def test_report_shape_and_privacy(dphe):
     assert [h["model_rounds"] for h in rep["history"]] == [[1], [1, 2]] and rep["model"]["averaged_rounds"] == [1, 2]
     p = rep["privacy"]
     assert p["epsilon_max"] <= cfg.epsilon and p["delta"] == cfg.delta and p["accountant"] == "opacus.prv"
-    assert len(p["epsilon_per_client"]) == 131 - 1       # the foreign-key client never got a role
+    # the foreign-key client got no role, but it released (and signed) its statistics before the server
+    # rejected them: its ε counts
+    assert len(p["epsilon_per_client"]) == 131 and "Argentina" in p["epsilon_per_client"]
     he = rep["he"]
     assert he["server_has_secret_key"] is False and he["security_bits"] >= 128
     assert he["upload_bytes_per_client_round"] < 1.41e6 / 20
@@ -154,51 +161,68 @@ def test_bad_clients_rejected_without_failing_the_round(dphe):
         assert h["accepted"] == 131 - 4 and h["accuracy"] is not None   # the round went on with the rest
 
 
-def test_ledger_facts_are_attested_by_the_clients(dphe, keys_dir, tmp_path):
-    """Every ledger line of client facts carries its client's HMAC (carbonfed.privacy.attest), and with the
-    secret context the audit checks them all. A server that rewrites its ledger from scratch (a
-    fresh, valid hash chain) with an understated ε, or with two clients'
-    lines swapped, passes the audit without the keys and fails it with them, naming those lines."""
-    from carbonfed.privacy.attest import FIELD, LEDGER_FACTS
-    from carbonfed.privacy.ledger import Ledger
-    from carbonfed.privacy.audit.verify import verify_run
+def _copy_without_keys(src, dst):
+    """The run folder as a reviewer receives it: every file but key material (there is none in it)."""
+    shutil.copytree(src, dst)
+    assert not [f for f in dst.rglob("*") if f.suffix in (".key", ".ctx") or f.name == "signing"]
+    return dst
 
+
+def test_run_folder_verifies_without_any_key(dphe, keys_dir, tmp_path):
+    """A real dp+he run folder (with its fault drills), copied elsewhere without any key, passes
+    `carbonfed verify` (exit 0): every client fact is a statement its client signed, every ε
+    re-accounted from the signed histories, report.json's claims checked; anchored with the
+    clients' published keys. One client's ε rewritten (its statement and the readable copy) and
+    the chain made afresh, as the server could, fails (exit 1) naming that line."""
     cfg, _ = dphe
-    ledger = read_ledger(f"{cfg.out_dir}/ledger.jsonl")
-    facts = [l for l in ledger if l["kind"] in ("stats", "train") and any(k in l for k in LEDGER_FACTS)]
-    # 130 clients × 3 statistics stages; per round, 129 train replies with facts (Angola's NaN
-    # update is a client error, which carries none)
-    assert len(facts) == 130 * 3 + 2 * 129 and all(FIELD in l for l in facts)
-    res = verify_run(cfg.out_dir, keys_dir=keys_dir)
-    assert res.ok, res.problems
-    assert res.attestations_checked == len(facts)
-    assert "attestation(s) not checked" in " ".join(verify_run(cfg.out_dir).notes)
+    copy = _copy_without_keys(Path(cfg.out_dir), tmp_path / "copy")
+    res = subprocess.run([str(BIN), "verify", str(copy), "--trusted-keys", str(copy / "clients.pub.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "OK (signed)" in res.stdout and "the charter is anchored" in res.stdout
+    assert "stated figures of report.json" in res.stdout
+    ledger = read_ledger(copy / "ledger.jsonl")
+    signed = [l for l in ledger if l["kind"] in ("stats", "train", "evaluate", "close") and "signed" in l]
+    # every accepted contribution and every close carries its client's statement, Argentina's
+    # rejected (foreign-key) release too; Angola's NaN rounds are signed errors with its history
+    assert all("signed" in l for l in ledger if l.get("status") == "accepted")
+    assert {l["country"] for l in ledger if l["kind"] == "close"} == {l["country"] for l in signed}
+    angola = [l for l in ledger if l.get("country") == "Angola" and l["kind"] == "train"]
+    assert [l["signed"]["status"] for l in angola] == ["error", "error"] and all("NaN" in l["reason"] for l in angola)
 
     lines = [{k: v for k, v in l.items() if k not in ("seq", "prev_hash", "hash")} for l in ledger]
-    at = {(l["country"], l["kind"], l["round"]): n for n, l in enumerate(lines, 1) if l.get("country")}
-    edited, belgium, belarus = at[("Bahrain", "train", 2)], at[("Belgium", "train", 1)], at[("Belarus", "train", 1)]
-    lines[edited - 1]["epsilon"] *= 0.99         # understated, within re-accounting's tolerance
-    lines[belgium - 1]["country"], lines[belarus - 1]["country"] = "Belarus", "Belgium"
-    forged = tmp_path / "forged"
-    forged.mkdir()
-    shutil.copy(f"{cfg.out_dir}/server.json", forged / "server.json")
-    rewritten = Ledger(forged / "ledger.jsonl")
+    edited = next(n for n, l in enumerate(lines, 1) if (l.get("country"), l["kind"], l["round"]) == ("Bahrain", "train", 2))
+    lines[edited - 1]["signed"]["facts"]["epsilon"] *= 0.99      # understated, within re-accounting's tolerance
+    lines[edited - 1]["epsilon"] = lines[edited - 1]["signed"]["facts"]["epsilon"]
+    (copy / "ledger.jsonl").unlink()
+    rewritten = Ledger(copy / "ledger.jsonl")
     for line in lines:
         rewritten.append(line)
-    assert verify_run(forged).ok, verify_run(forged).problems        # the chain alone cannot tell
-    res = verify_run(forged, keys_dir=keys_dir)
-    assert not res.ok and res.attestations_checked == len(facts) - 3
-    assert [int(p.split()[1]) for p in res.problems] == sorted([edited, belgium, belarus])
-    assert all("attestation does not match" in p for p in res.problems)
-    # a ledger stripped of every attestation (or older than them) is one problem, stated as such
-    stripped = tmp_path / "stripped"
-    stripped.mkdir()
-    shutil.copy(f"{cfg.out_dir}/server.json", stripped / "server.json")
-    bare = Ledger(stripped / "ledger.jsonl")
-    for line in ledger:
-        bare.append({k: v for k, v in line.items() if k not in ("seq", "prev_hash", "hash", FIELD)})
-    res = verify_run(stripped, keys_dir=keys_dir)
-    assert not res.ok and len(res.problems) == 1 and f"none of the {len(facts)} ledger lines" in res.problems[0]
+    assert check_chain(read_ledger(copy / "ledger.jsonl")) == []    # the chain alone cannot tell
+    res = subprocess.run([str(BIN), "verify", str(copy)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    assert f"line {edited} (Bahrain, train round 2): its signature is not Bahrain's" in res.stdout
+
+
+def test_report_refuses_a_swapped_metrics_file(dphe, keys_dir, tmp_path):
+    """The key holders' report reads each aggregate only if its check slots carry the tags of
+    what the ledger accepted for it: the metrics of rounds 1 and 2 swapped, `carbonfed report`
+    fails naming the file and what it holds; a deleted one is named too."""
+    cfg, _ = dphe
+    copy = _copy_without_keys(Path(cfg.out_dir), tmp_path / "swapped")
+    one, two = copy / "aggregates" / "metrics_round_001.bin", copy / "aggregates" / "metrics_round_002.bin"
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b)
+    two.write_bytes(a)
+    with pytest.raises(BindingError, match=r"aggregates/metrics_round_001.bin: .* holds the metrics of round 2"):
+        build_report(copy, keys_dir)
+    res = subprocess.run([str(BIN), "report", str(copy), "--keys", str(keys_dir)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2 and "aggregates/metrics_round_001.bin" in res.stderr, res.stderr[-2000:]
+    two.unlink()
+    one.write_bytes(a)
+    with pytest.raises(BindingError, match="aggregates/metrics_round_002.bin is missing"):
+        build_report(copy, keys_dir)
 
 
 def test_he_equals_plaintext(tmp_path, keys_dir):
@@ -216,11 +240,15 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     from carbonfed.models.mlp import build_model
     from carbonfed.models.params import flatten_params
     from carbonfed.privacy.he import load_secret_context
+    from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter
+    from carbonfed.privacy.binding import secret_key_bytes, tag_key
+    from carbonfed.privacy.he import HEParams
     lay = Layouts.for_run(cfg, 21, 5).update
-    terms = {l["round"]: l["model_terms"] for l in read_ledger(f"{cfg.out_dir}/ledger.jsonl") if l["kind"] == "round"}
-    cipher = make_cipher(cfg, load_secret_context(keys_dir / "secret.ctx"), lay.length)
-    per_round = [lay.unpack_sum(cipher.decrypt((tmp_path / "he" / "aggregates" / f"model_round_{r:03d}.bin").read_bytes()),
-                                terms[r]) for r in (2, 3)]
+    ctx, charter = load_secret_context(keys_dir / "secret.ctx"), load_run_charter(cfg.out_dir)
+    bound = BoundAggregates.of(Path(cfg.out_dir), read_ledger(f"{cfg.out_dir}/ledger.jsonl"), charter,
+                               tag_key(charter.sha256, secret_key_bytes(ctx)), HEParams().plain_modulus)
+    cipher = make_cipher(cfg, ctx, lay.length)
+    per_round = [lay.unpack_sum(*bound.open(f"model_round_{r:03d}.bin", cipher.decrypt)) for r in (2, 3)]
     assert not np.allclose(per_round[0][0], per_round[1][0])       # two different models
     mean = sum(p * n for p, n in per_round) / sum(n for _, n in per_round)
     model = build_model(21, 5, tuple(b["hidden"]))

@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 import pytest
 
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.report.html import main as report_main
+from carbonfed.federation.report_command import main as report_main
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.ledger import read_ledger
 
@@ -70,6 +70,15 @@ def test_report_command_writes_all_files_and_passes(run):
     assert rc == 0
     for name in ("report.json", "report.html", "privacy_statement.md"):
         assert (out / name).is_file(), name
+    # the audit ran with no key: the banner says what it rests on and what it could not check, and
+    # each document carries the claims that verify checked against the signed record
+    from carbonfed.privacy.audit.claims import read_claims_block
+    page = (out / "report.html").read_text()
+    assert "Audit passed: every client fact signed by its client" in page and "Not checked:" in page
+    eps = json.loads((out / "report.json").read_text())["privacy"]["epsilon_per_client"]
+    for name in ("report.html", "privacy_statement.md"):
+        claims = read_claims_block((out / name).read_text())
+        assert claims["privacy_mode"] == "dp+he" and claims["epsilon_per_client"] == eps, name
 
 
 def test_privacy_statement_states_the_ledger(run):

@@ -139,3 +139,22 @@ def test_expected_aggregates_from_a_ledger(tmp_path):
     assert [p[1] for p in {e.name: e for e in expected_aggregates(records(run), two)}["model.bin"].parts] == [1, 2]
     recs = [r for r in records(run) if not (r.get("kind") == "train" and r["round"] == 2 and r["country"] != "Atlantis")]
     assert "model_round_002.bin" not in {e.name for e in expected_aggregates(recs, charter)}
+
+
+def test_a_round_made_again_after_a_resume_counts_from_its_last_attempt(tmp_path):
+    """A restarted server makes an interrupted round again: the contributions accepted before the
+    `resume` line are not in the file it kept (only those after are). A `resume` line after which
+    nothing was made again drops nothing: it cannot excuse a missing file."""
+    keys = make_keys()
+    run = write_run(tmp_path / "run", keys)
+    charter = Charter.from_body(seal_charter(CONFIG, keys, ROLES)["charter"])
+    recs = records(run)
+    cut = next(n for n, r in enumerate(recs) if r.get("kind") == "train" and r["round"] == 2)
+    interrupted = [r for r in recs[cut:] if r.get("kind") == "train" and r["round"] == 2][:2]
+    again = recs[:cut] + interrupted + [{"kind": "resume", "round": 1, "checkpoint_lines": cut}] + recs[cut:]
+    exp = {e.name: e for e in expected_aggregates(again, charter)}
+    assert exp["model_round_002.bin"].parts == (("update", 2, CLIENTS),)               # not 5 contributions
+    assert min(exp["model_round_002.bin"].lines) > cut + len(interrupted) + 1
+    appended = recs + [{"kind": "resume", "round": 2, "checkpoint_lines": 1}]
+    assert {e.name: e.parts for e in expected_aggregates(appended, charter)} == \
+        {e.name: e.parts for e in expected_aggregates(recs, charter)}

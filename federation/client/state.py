@@ -1,0 +1,132 @@
+"""A client's state between messages, and the replies it already gave.
+
+A deployed client keeps nothing in memory between messages: the participant's state (accountant
+history, calibrated σ, which statistics stages it released, the head of its signed chain) lives
+in ``context.state`` and, with a ``state-dir``, in a file that survives restarts.
+
+Guarantees
+----------
+* :class:`PersistentState` writes itself (atomically: temporary file, fsync, ``os.replace``) to
+  ``state-dir/<country>-<config digest>.json`` every time a key is set: the charge of a round is
+  on disk before local training starts.
+* :func:`merge_states` keeps the state with the most accountant steps and, among those, the one
+  further along its signed chain (a later snapshot of one client's timeline has at least as
+  many of both); a statistics stage counts as released if any state says so. ε never goes
+  backwards and a chain never forks by a restart.
+* :func:`remember` / :func:`recall`: a request answered before (same kind, round and inputs) is
+  answered with the very same bytes and the very same signed statement, so re-sending a release
+  costs no budget and a verifier counts the replayed statement once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.durable import atomic_write
+
+STATE_KEY = "carbonfed"
+
+
+def accountant_steps(state: dict) -> int:
+    return int(sum((state or {}).get("accountant", {}).get("steps", [])))
+
+
+def chain_seq(state: dict) -> int:
+    """How many statements the client signed in this state."""
+    return int(((state or {}).get("chain") or {}).get("seq", 0))
+
+
+def merge_states(*states: dict) -> dict:
+    """The state with the most accountant steps, then the longest signed chain (on a tie, the
+    later argument); the statistics count as released if any state says so."""
+    best: dict = {}
+    for st in states:
+        if st and (not best or (accountant_steps(st), chain_seq(st)) >= (accountant_steps(best), chain_seq(best))):
+            best = st
+    out = json.loads(json.dumps(best))
+    for release in {k for st in states if st for k in st if k.endswith("_released")}:
+        if any(st.get(release) for st in states if st):
+            out[release] = True
+    return out
+
+
+class PersistentState(dict):
+    """A participant's state that writes itself to ``path`` whenever a key is set.
+
+    :class:`~carbonfed.federation.client.participant.Participant` sets ``state["accountant"]`` when it charges a
+    mechanism, before it trains: with this dict that charge is on disk at that moment."""
+
+    def __init__(self, data: dict, path: Path | None):
+        super().__init__(data)
+        self.path = path
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path is not None:
+            atomic_write(self.path, json.dumps(dict(self), sort_keys=True).encode())
+
+
+def state_file(state_dir: str | os.PathLike, country: str, cfg: RunConfig) -> Path:
+    """``state-dir/<country>-<config digest>.json``: one accountant per country and job."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", country).strip("_") or "country"
+    return Path(state_dir) / f"{slug}-{cfg.digest()[:16]}.json"
+
+
+def load_state(context: Context, path: Path | None) -> PersistentState:
+    records = context.state.config_records
+    ctx_state = json.loads(records[STATE_KEY]["json"]) if STATE_KEY in records else {}
+    disk = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    return PersistentState(merge_states(ctx_state, disk), path)
+
+
+def save_state(context: Context, state: dict) -> None:
+    if isinstance(state, PersistentState):
+        state.flush()
+    context.state.config_records[STATE_KEY] = ConfigRecord({"json": json.dumps(dict(state))})
+
+
+# -- replies already given are replayed, never recomputed ---------------------------------------
+
+def request_key(kind: str, rnd: int, *parts) -> str:
+    h = hashlib.sha256(f"{kind}:{rnd}".encode())
+    for part in parts:
+        h.update(b"\0" + (part if isinstance(part, bytes) else str(part).encode()))
+    return h.hexdigest()
+
+
+def _replay_path(state: dict, kind: str) -> Path | None:
+    path = getattr(state, "path", None)
+    return path.with_name(f"{path.stem}.{kind}.bin") if path is not None else None
+
+
+def remember(state: dict, kind: str, key: str, meta: dict, payload: bytes) -> None:
+    """Cache this reply as the answer to request ``key`` (only with a state-dir); the state,
+    with everything set in it since the last write (the chain head), is written with it."""
+    path = _replay_path(state, kind)
+    if path is None:
+        return
+    atomic_write(path, payload)
+    replay = dict(state.get("replay", {}))
+    replay[kind] = {"key": key, "meta": meta, "sha256": hashlib.sha256(payload).hexdigest()}
+    state["replay"] = replay
+
+
+def recall(state: dict, kind: str, key: str) -> tuple[dict, bytes] | None:
+    entry = state.get("replay", {}).get(kind)
+    path = _replay_path(state, kind)
+    if not entry or entry.get("key") != key or path is None or not path.exists():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return None
+    return dict(entry["meta"]), data
