@@ -23,6 +23,9 @@ Guarantees
   refused, and any later change of a setting the charter fixes (``--min-train-clients 0``) is.
 * :func:`seal_run` on a config that already names an existing charter returns it unchanged (a
   resumed run keeps its charter, so its clients' chains go on under the same SHA-256).
+* :func:`sealed_simulation` keeps a config's charter only if the simulation holds the signing
+  key of every client it lists (:func:`holds_keys`); a config taken from another run's folder
+  (``audit-attack``'s canary run) gets a charter of its own.
 * ``min-train-clients`` below 1, or any other setting a charter cannot state, is refused here
   (:class:`~carbonfed.privacy.charter.CharterError`, a ValueError) before anything runs.
 """
@@ -128,11 +131,24 @@ def seal_run(cfg: RunConfig, out: str | os.PathLike | None = None) -> RunConfig:
     return replace(cfg, charter=str(path.resolve()))
 
 
+def holds_keys(cfg: RunConfig) -> bool:
+    """Whether this simulation holds the signing key of every client of ``cfg``'s charter (a
+    resumed run does; a config copied from another run's folder, whose keys are gone, does not)."""
+    folder = signing_dir(cfg)
+    if not (cfg.charter and Path(cfg.charter).is_file() and folder is not None):
+        return False
+    clients = json.loads(Path(cfg.charter).read_text()).get("charter", {}).get("clients", {})
+    return all(key_file(folder, c).is_file() for c in clients)
+
+
 @contextmanager
 def sealed_simulation(cfg: RunConfig) -> Iterator[RunConfig]:
-    """``cfg`` sealed for a simulation (:func:`seal_run`); a config with no folder for the
-    signing keys gets a private temporary one (its keys-dir) for the simulation's duration."""
-    if (cfg.charter and Path(cfg.charter).is_file()) or signing_dir(cfg) is not None:
+    """``cfg`` sealed for a simulation (:func:`seal_run`): its own charter if this simulation
+    holds its clients' keys, else a new one; a config with no folder for the signing keys gets
+    a private temporary one (its keys-dir) for the simulation's duration."""
+    if cfg.charter and not holds_keys(cfg):
+        cfg = replace(cfg, charter="")          # another run's charter: its clients are not here to sign
+    if cfg.charter or signing_dir(cfg) is not None:
         yield seal_run(cfg)
         return
     with tempfile.TemporaryDirectory(prefix="carbonfed-signing-") as tmp:

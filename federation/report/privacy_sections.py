@@ -177,8 +177,8 @@ def _budget(f: dict) -> Section:
         f"Refusals in this run: {len(refusals)}" + (": " + ", ".join(f"{c} (round {r})" for c, r in refusals[:20])
                                                    if refusals else "."),
         "The spend of a round is charged to the client's accountant before training, so a round that fails "
-        "after training is still counted by the client; the ledger records such a round only as a client error "
-        "or a missing reply, without its spend, until the client's next line carries its full history.",
+        "after training is still counted by the client, which signs the failure with its history (status "
+        "`error`); after the last round every client signs its whole history in a closing statement.",
     ]])
 
 

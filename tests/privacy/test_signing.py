@@ -1,5 +1,5 @@
 """carbonfed.privacy.signing and carbonfed.privacy.statements: real Ed25519 keys, canonical JSON, a
-client's signed and chained statements (what replaces the HMAC attestations of privacy/attest.py)."""
+client's signed and chained statements (which replaced the clients' HMAC attestations)."""
 
 from __future__ import annotations
 
