@@ -131,7 +131,7 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
         if cfg.he:
             keys = str(tmp / "keys")
             keygen_for(cfg, keys)
-        audit_cfg = replace(cfg, data_dir=str(tmp / "data"), keys_dir=keys, out_dir=str(out))
+        audit_cfg = replace(cfg, data_dir=str(tmp / "data"), keys_dir=keys, out_dir=str(out), state_dir="", charter="")
         logging.getLogger("flwr").setLevel(logging.ERROR)
         t0 = time.time()
         display, on_round = round_progress(audit_cfg)      # a bar on a terminal, else one line per round

@@ -136,8 +136,9 @@ def test_server_resumes_from_checkpoint(faulty_run):
     assert [l["round"] for l in lines if l["kind"] == "round"] == [1, 2, 3]
     resumes = [l for l in lines if l["kind"] == "resume"]
     assert [r["round"] for r in resumes] == [2]
-    # no second statistics release: each of the 3 training clients released each stage once
-    assert sorted(l.get("stage", 1) for l in lines if l["kind"] == "stats") == [1, 1, 1, 2, 2, 2]
+    # no second statistics release: each of the 3 training clients released each stage once (the
+    # seed preset's three stages)
+    assert sorted(l.get("stage", 1) for l in lines if l["kind"] == "stats") == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     server = json.loads((out / "server.json").read_text())
     assert server["resumed_from"] == [2] and server["rounds_completed"] == ROUNDS
     ck = json.loads((out / "checkpoint.json").read_text())

@@ -123,7 +123,13 @@ def test_flwr_run_dot_end_to_end(tmp_path, seed_data):
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    run_config = (f"privacy='dp' rounds=2 data-dir='{data_dir}' out-dir='{out}'")
+    # the clients act only under a charter they endorsed: keygen writes their keys and the job's charter
+    keys = tmp_path / "keys"
+    kg = subprocess.run([str(BIN / "carbonfed"), "keygen", "--out", str(keys), "--privacy", "dp", "--rounds", "2",
+                         "--data-dir", data_dir], capture_output=True, text=True, timeout=300)
+    assert kg.returncode == 0, kg.stdout[-2000:] + kg.stderr[-2000:]
+    run_config = (f"privacy='dp' rounds=2 data-dir='{data_dir}' out-dir='{out}' keys-dir='{keys}' "
+                  f"charter='{keys / 'charter.json'}'")
     cmd = [str(BIN / "flwr"), "run", ".", "--stream",
            "--federation-config", f"num-supernodes={n_countries}",
            "--run-config", run_config]

@@ -63,10 +63,10 @@ def test_report_shape_and_privacy(dphe):
     assert he["upload_bytes_per_client_round"] < 1.41e6 / 20
     for k in ("total_s", "per_round_s"):
         assert rep["timing"][k] > 0
-    # the default model is the seed project's MLP; model.pt holds exactly the parameters stated
-    assert rep["model"]["architecture"] == "MLP 21→32→16→5 (ReLU)"
+    # the default model is the seed preset's (the main job's) linear model; model.pt holds exactly the parameters stated
+    assert rep["model"]["architecture"] == "linear 21→5 (multinomial logistic regression)"
     state = torch.load(rep["model"]["path"], weights_only=False)["state_dict"]
-    assert rep["model"]["parameters"] == sum(v.numel() for v in state.values()) == 21 * 32 + 32 + 32 * 16 + 16 + 16 * 5 + 5
+    assert rep["model"]["parameters"] == sum(v.numel() for v in state.values()) == 21 * 5 + 5
 
 
 def test_reported_metrics_are_the_final_models_on_the_held_out_rows(dphe):
