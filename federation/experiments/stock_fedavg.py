@@ -11,9 +11,9 @@ local schedule (``local-epochs`` epochs of ``batches-per-epoch`` batches, SGD wi
 learning rate and momentum) on its rows' log features, standardised with the pooled training
 rows' mean and std (the exact statistics a ``none`` run releases, without the asinh stage).
 
-Guarantee: :func:`run_stock` returns the monotonic time at the end of each round (index 0: the
-start, before round 1), measured in the ServerApp by FedAvg's ``evaluate_fn`` hook, which Flower
-calls before the first round and after each round's training and evaluation.
+Guarantee: :func:`run_stock` returns ``mark()`` (default: the monotonic time) taken at the end of
+each round (index 0: the start, before round 1), in the ServerApp by FedAvg's ``evaluate_fn``
+hook, which Flower calls before the first round and after each round's training and evaluation.
 
 This module lives in the package (not in ``bench/``) so that the simulation's Ray workers import
 it by name, as they import carbonfed's own ClientApp: its data is then loaded once per worker.
@@ -106,9 +106,9 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     return app
 
 
-def make_server_app(cfg: RunConfig, ends: list[float], result: dict) -> ServerApp:
-    """The stock ServerApp: FedAvg for ``cfg.rounds`` rounds; appends each round's end to ``ends``
-    and puts Flower's ``Result`` in ``result["result"]``."""
+def make_server_app(cfg: RunConfig, ends: list, result: dict, mark=time.monotonic) -> ServerApp:
+    """The stock ServerApp: FedAvg for ``cfg.rounds`` rounds; appends ``mark()`` at each round's end
+    to ``ends`` and puts Flower's ``Result`` in ``result["result"]``."""
     app = ServerApp()
 
     @app.main()
@@ -120,7 +120,7 @@ def make_server_app(cfg: RunConfig, ends: list[float], result: dict) -> ServerAp
                           min_evaluate_nodes=n_test, min_available_nodes=n)
 
         def stamp(server_round: int, arrays: ArrayRecord) -> None:
-            ends.append(time.monotonic())
+            ends.append(mark())
 
         result["result"] = strategy.start(grid, ArrayRecord(_model(0).state_dict()), num_rounds=cfg.rounds,
                                           evaluate_fn=stamp)
@@ -128,15 +128,15 @@ def make_server_app(cfg: RunConfig, ends: list[float], result: dict) -> ServerAp
     return app
 
 
-def run_stock(cfg: RunConfig, verbose: bool = False) -> tuple[list[float], object]:
+def run_stock(cfg: RunConfig, verbose: bool = False, mark=time.monotonic) -> tuple[list, object]:
     """Run stock FedAvg for ``cfg.rounds`` rounds on ``cfg``'s seed data (one SuperNode per
-    country) in Flower's simulation engine; (round end times, Flower's ``Result``)."""
+    country) in Flower's simulation engine; (``mark()`` at each round end, Flower's ``Result``)."""
     from flwr.simulation import run_simulation   # Flower's public simulation API (deprecated in 1.42 for `flwr run`)
 
     num_nodes = len(load_dataset("seed", cfg.data_dir or None).countries())
-    ends: list[float] = []
+    ends: list = []
     result: dict = {}
-    run_simulation(make_server_app(cfg, ends, result), make_client_app(cfg), num_nodes,
+    run_simulation(make_server_app(cfg, ends, result, mark), make_client_app(cfg), num_nodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.ERROR,
                                                  "log_to_driver": verbose}},
