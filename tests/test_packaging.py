@@ -1,5 +1,6 @@
 """The installed package: one import name, and the layering rules CI enforces."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,10 @@ def test_no_top_level_package_other_than_carbonfed(tmp_path):
             "print([n for n in ('data', 'models', 'privacy', 'federation') if u.find_spec(n)]); "
             "print([n for n in ('carbonfed.data', 'carbonfed.models', 'carbonfed.privacy', 'carbonfed.federation') "
             "if u.find_spec(n)])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    # PYTHONPATH is dropped: an earlier in-process simulation sets it to this process's sys.path
+    # for Ray's workers (as Flower does), and pytest puts the checkout on sys.path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     shadowed, ours = out.stdout.splitlines()
     assert shadowed == "[]"
     assert ours.count("carbonfed.") == 4

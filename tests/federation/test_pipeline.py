@@ -20,7 +20,6 @@ from carbonfed.privacy.ledger import Ledger, check_chain, read_ledger
 
 pytestmark = pytest.mark.slow   # builds whole federations
 
-FAULTS = "Albania:corrupt,Algeria:wrong-length,Angola:nan,Argentina:foreign-key"
 BIN = Path(sys.executable).parent / "carbonfed"
 
 
@@ -32,9 +31,10 @@ def _run(tmp_path, keys_dir, privacy, rounds=2, **kw):
 
 
 @pytest.fixture(scope="module")
-def dphe(tmp_path_factory, keys_dir):
-    # average_last=2: the held-out clients evaluate, and model.pt is, the mean of rounds 1 and 2
-    return _run(tmp_path_factory.mktemp("dphe"), keys_dir, "dp+he", fault_drill=FAULTS, stats_stages=3, average_last=2)
+def dphe(dphe_run, keys_dir):
+    """The session's faulty dp+he run (tests/federation/conftest.py) and its report."""
+    cfg, out, _ = dphe_run
+    return cfg, json.loads((out / "report.json").read_text())
 
 
 def pld_epsilon(history, delta):

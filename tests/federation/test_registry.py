@@ -69,26 +69,24 @@ def test_report_registry_on_a_run_without_dp_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_real_dp_runs_registry_entry_passes_the_schema(tmp_path):
-    """A 2-round `dp` run, then `carbonfed report DIR --registry`: registry.yaml validates, and
-    its ε, δ, curator and region are the run's and the options'."""
+def test_a_real_dp_runs_registry_entry_passes_the_schema(dphe_run, keys_dir, tmp_path):
+    """The session's 2-round `dp+he` run (tests/federation/conftest.py), copied, then
+    `carbonfed report DIR --keys KEYS --registry`: registry.yaml validates, and its ε, δ, curator and
+    region are the run's and the options'."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     import yaml
 
-    from carbonfed.data import resolve_data_dir
-
     binary, out = Path(sys.executable).parent / "carbonfed", tmp_path / "run"
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    run = subprocess.run([str(binary), "run", "--privacy", "dp", "--rounds", "2", "--data-dir",
-                          str(resolve_data_dir(None)), "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
+    shutil.copytree(dphe_run[1], out)
     assert not (out / "registry.yaml").exists()                   # only on request
-    rep = subprocess.run([str(binary), "report", str(out), "--registry", "--curator", "Example Statistics Office",
+    rep = subprocess.run([str(binary), "report", str(out), "--keys", str(keys_dir), "--registry", "--curator", "Example Statistics Office",
                           "--region", "European Union"], capture_output=True, text=True, timeout=300, env=env)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert f"registry entry:       {out / 'registry.yaml'}" in rep.stdout

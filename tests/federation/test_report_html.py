@@ -1,4 +1,4 @@
-"""`carbonfed report` on a real 2-round dp+he run: privacy_statement.md states what the ledger
+"""`carbonfed report` on a real 2-round dp+he run (with four faulty clients): privacy_statement.md states what the ledger
 says, and report.html renders in headless Chromium with its table and embedded plots.
 
 Chromium is required (CI installs it with `apt-get install -y chromium`); without it the
@@ -17,9 +17,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from carbonfed.federation.config import RunConfig
 from carbonfed.federation.report_command import main as report_main
-from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.ledger import read_ledger
 
 pytestmark = pytest.mark.slow   # builds whole federations
@@ -47,12 +45,10 @@ def _run_chromium(tmp_path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, keys_dir):
-    out = tmp_path_factory.mktemp("html") / "dphe"
-    cfg = RunConfig(rounds=2, privacy="dp+he", keys_dir=str(keys_dir), out_dir=str(out))
-    run_simulation(cfg)
-    rc = report_main([str(out), "--keys", str(keys_dir)])
-    return cfg, out, rc
+def run(dphe_run):
+    """The session's 2-round dp+he run with its four faulty clients (tests/federation/conftest.py),
+    reported by `carbonfed report DIR --keys KEYS`: (cfg, folder, exit code)."""
+    return dphe_run
 
 
 def _ledger_figures(out):
