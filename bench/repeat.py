@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAIN_JOB = ["--hidden", "linear", "--stats-stages", "3", "--average-last", "10"]
+MAIN_JOB: list[str] = []     # the main job is the seed preset (carbonfed.federation.presets): no option needed
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -39,14 +39,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--data-dir", default=None)
+    ap = argparse.ArgumentParser(prog="python bench/repeat.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="how many runs (default 5)")
+    ap.add_argument("--out", required=True, help="folder of the series: keys/ and run-1, run-2, ... (required)")
+    ap.add_argument("--data-dir", default=None, help="the data folder (default: carbonfed's, ../shared/data)")
     ap.add_argument("extra", nargs="*", help="more `carbonfed run` options (after --)")
     args = ap.parse_args()
     carbonfed = Path(sys.executable).with_name("carbonfed")
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     keys = Path(args.out).resolve() / "keys"
     if not (keys / "secret.ctx").exists():
         subprocess.run([str(carbonfed), "keygen", "--out", str(keys)], check=True, stdout=subprocess.DEVNULL)
@@ -87,26 +87,34 @@ def main():
 
 def last_round_scores(out: Path, keys: Path, rep: dict) -> tuple[float, float, int]:
     """Held-out accuracy, macro-F1 and stray predictions (into classes no held-out row holds) of
-    the last round's global model alone (decrypted with ``keys``), with the run's scaler from model.pt."""
+    the last round's global model alone (decrypted with ``keys``), with the run's scaler from model.pt.
+    The file is read as the report reads aggregates (:class:`BoundAggregates`): only if its check
+    slots carry the tags of the updates the ledger accepted for that round."""
     import torch
     from sklearn.metrics import f1_score
 
-    from carbonfed.data import load_dataset, split_countries
+    from carbonfed.data import split_countries
     from carbonfed.data.features import Standardizer
-    from carbonfed.federation.config import RunConfig
     from carbonfed.federation.client.participant import Layouts, make_cipher
+    from carbonfed.federation.config import RunConfig
+    from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter
+    from carbonfed.federation.run_data import load_run_data
     from carbonfed.models.mlp import build_model
     from carbonfed.models.params import load_flat_params
-    from carbonfed.privacy.he import load_secret_context
+    from carbonfed.privacy.binding import secret_key_bytes, tag_key
+    from carbonfed.privacy.he import SECRET_CONTEXT_FILE, HEParams, load_secret_context
     from carbonfed.privacy.ledger import read_ledger
 
     cfg = RunConfig.from_flower(rep["provenance"]["config"])
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-    last = [l for l in read_ledger(out / "ledger.jsonl") if l.get("kind") == "round"][-1]
+    ds = load_run_data(cfg)
+    ledger = read_ledger(out / "ledger.jsonl")
+    charter = load_run_charter(out)
+    ctx = load_secret_context(keys / SECRET_CONTEXT_FILE) if cfg.he else None
+    key = tag_key(charter.sha256, secret_key_bytes(ctx) if ctx is not None else None)
+    bound = BoundAggregates.of(out, ledger, charter, key, HEParams().plain_modulus)
+    name = [n for n in sorted(bound.expected) if n.startswith("model_round_")][-1]    # the last round's model
     lay = Layouts.for_run(cfg, len(ds.features), len(ds.classes)).update
-    ctx = load_secret_context(keys / "secret.ctx") if cfg.he else None
-    vec = make_cipher(cfg, ctx, lay.length).decrypt((out / "aggregates" / f"model_round_{last['round']:03d}.bin").read_bytes())
-    params, _ = lay.unpack_sum(vec, last["model_terms"])
+    params, _ = lay.unpack_sum(*bound.open(name, make_cipher(cfg, ctx, lay.length).decrypt))
     saved = torch.load(out / "model.pt", weights_only=False)
     model = build_model(len(ds.features), len(ds.classes), tuple(saved["hidden"]))
     load_flat_params(model, params)

@@ -7,18 +7,22 @@
     carbonfed deploy local --clients N --out DIR [run options]
     carbonfed report DIR [--keys DIR] [--baseline DIR] [--registry [--curator NAME] [--region TEXT]]
     carbonfed verify DIR [--trusted-keys FILE] [--charter-sha256 HEX]   (no keys needed)
-    carbonfed sweep --epsilons inf,8,3,1 --seeds 0,1,2 --out DIR
+    carbonfed sweep --epsilons inf,8,3,1 --seeds 0,1,2 --out DIR [run options, --data FILE.csv ...]
     carbonfed audit-attack DIR [--canaries M] [--json]
     carbonfed bench he --params N --clients K [--json]
 
 Every command is wired the same way: a function that takes the command's own arguments and
 returns its exit code, named in ``COMMANDS`` as ``module:function`` and imported only when that
 command runs (the only function-level imports of carbonfed modules in the package are here).
-``carbonfed COMMAND --help`` lists a command's options. The run lifecycle (folder rules, keys,
-resume, report and audit) is :mod:`carbonfed.federation.run`, shared with ``deploy local``.
+``carbonfed COMMAND --help`` lists a command's options, each with one line of meaning and its
+default (:class:`Parser`). ``run``, ``keygen``, ``deploy local`` and ``sweep`` take a user's
+CSV (``--data FILE.csv --client-col C --label-col L``) alike; ``audit-attack`` audits a CSV run.
+The run lifecycle (folder rules, keys, resume, report and audit) is
+:mod:`carbonfed.federation.run`, shared with ``deploy local``.
 Guarantee: a user error (bad data, settings, keys or folder: a ``ValueError`` or ``OSError``;
-or a bad argument, :class:`Parser`) ends with one line on stderr and exit code 2, without a
-traceback. ``carbonfed run`` ends a failed run with one line too (exit code 1), and SIGTERM or
+a bad argument, :class:`Parser`; a folder that does not exist or holds no run given to
+``report``, ``verify`` or ``audit-attack``) ends with one line on stderr and exit code 2, without
+a traceback. ``carbonfed run`` ends a failed run with one line too (exit code 1), and SIGTERM or
 SIGINT with one line and 128 + the signal, after it has shut Ray down and removed its app
 folder, keeping the checkpoint (:mod:`carbonfed.federation.run_guard`). ``keygen`` does not
 replace keys without ``--force``.
@@ -27,6 +31,7 @@ replace keys without ``--force``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -45,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "rebuild report.json, report.html and privacy_statement.md of a run "
                "(`DIR [--keys DIR] [--baseline DIR] [--registry]`; HE runs need the secret context; "
                "--registry: registry.yaml, a DP Deployments Registry entry)"),
-    "verify": ("carbonfed.privacy.audit.verify:main",
+    "verify": ("carbonfed.federation.cli:verify_command",
                "check a run folder with no keys: the clients' signatures, every ε recomputed independently "
                "(`DIR [--trusted-keys clients.pub.json] [--charter-sha256 HEX]`)"),
     "sweep": ("carbonfed.federation.experiments.sweep:main",
@@ -62,10 +67,31 @@ DESCRIPTION = ("Privacy-hardened federated learning: Opacus DP-SGD clients, TenS
 
 
 class Parser(argparse.ArgumentParser):
-    """A command's argument parser whose errors are one line on stderr (exit code 2)."""
+    """A command's argument parser whose errors are one line on stderr (exit code 2), and whose
+    ``--help`` gives every option its default (:func:`show_defaults`)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (options: `{self.prog} --help`)\n")
+
+    def format_help(self) -> str:
+        show_defaults(self)
+        return super().format_help()
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End the help of every option of ``parser`` that names no default with its default ("off"
+    for a flag, "none" for no value), or with "required"; a help that names one is left as it is."""
+    for action in parser._actions:
+        text = action.help
+        if not action.option_strings or not text or text == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
+            continue
+        if "default" in text or "required" in text:
+            continue
+        if action.required:
+            action.help = f"{text} (required)"
+        else:
+            value = "off" if action.nargs == 0 else "none" if action.default is None else action.default
+            action.help = f"{text} (default: {value})"
 
 
 def _call(target: str, argv: list[str]) -> int:
@@ -188,6 +214,26 @@ def bench_command(argv: list[str]) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's options (carbonfed bench WHAT --help)")
     args = p.parse_args(argv)
     return _call(BENCHES[args.what], args.args)
+
+
+def verify_command(argv: list[str]) -> int:
+    """``carbonfed verify DIR ...`` (:func:`carbonfed.privacy.audit.verify.main`), after one check:
+    a DIR that does not exist or holds no run is a user error (one line, exit code 2), not a
+    failed audit."""
+    from carbonfed.federation.run_guard import existing_run
+    from carbonfed.privacy.audit import verify
+
+    parser = verify._parser()                                 # --help and the options: verify's own parser,
+    parser.error = functools.partial(Parser.error, parser)    # its errors one line and its defaults shown,
+    show_defaults(parser)                                     # as every command's
+    run = Path(parser.parse_args(argv).run_dir)
+    try:
+        if not run.is_file():                                 # a ledger file is verified as it is
+            existing_run(run)
+    except ValueError as exc:
+        print(f"carbonfed verify: error: {exc}", file=sys.stderr)
+        return 2
+    return verify.main(argv)
 
 
 def installed_version() -> str:

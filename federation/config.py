@@ -20,10 +20,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from carbonfed.federation.faults import parse_drill
-from carbonfed.federation.presets import AUTO, preset_help, resolve
+from carbonfed.federation.presets import AUTO, DDP_AUTO, preset_help, resolve
 from carbonfed.privacy.accountant import stats_noise_floor
 
-PRIVACY_MODES = ("none", "dp", "he", "dp+he")
+PRIVACY_MODES = ("none", "dp", "he", "dp+he", "ddp+he")
+DDP_ONLY = ("min_noise_clients", "server_opt", "ddp_sample_rate", "ddp_clip", "ddp_stats_sigma")
+MIN_NOISE_FRACTION = 0.8   # default min-noise-clients: ⌈0.8 · training clients⌉ (bench/ddp_twin.py's min_frac)
 # The Flower app's components, as in pyproject.toml's [tool.flwr.app.components] (a test checks).
 APP_COMPONENTS = {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
 
@@ -59,6 +61,12 @@ _MEANINGS = {
     "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
     "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
     "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
+    "min_noise_clients": "ddp+he: each client's noise share is calibrated for this many contributors, and a round "
+                         "with fewer is not released (0: ⌈0.8 · training clients⌉); ",
+    "server_opt": "ddp+he: the optimizer the key holders apply to the released gradient sum (adam, momentum); ",
+    "ddp_sample_rate": "ddp+he: Poisson rate q at which each client samples its rows every round; ",
+    "ddp_clip": "ddp+he: per-example gradient clip norm C (one row moves a round's sum by at most C); ",
+    "ddp_stats_sigma": "ddp+he: central noise multiplier of each statistics release (summed from shares); ",
 }
 for _name, _text in _MEANINGS.items():
     _HELP.setdefault(_name, _text)
@@ -91,9 +99,14 @@ def _range_errors(cfg: "RunConfig") -> list[str]:
               "stats_noise_multiplier": (_nonneg, "finite and >= 0"), "stats_stages": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
               "max_client_samples": (lambda v: v >= 1, ">= 1"), "param_clip": (_positive, "a finite number > 0"),
               "max_clients_per_round": (lambda v: v >= 1, ">= 1"), "min_train_clients": (lambda v: v >= 1, ">= 1"),
-              "min_nodes": (lambda v: v >= 0, ">= 0"), "round_timeout": (_positive, "a finite number of seconds > 0")}
+              "min_nodes": (lambda v: v >= 0, ">= 0"), "round_timeout": (_positive, "a finite number of seconds > 0"),
+              "min_noise_clients": (lambda v: v >= 0, ">= 0 (0: ⌈0.8 · training clients⌉)"),
+              "ddp_sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"), "ddp_clip": (_nonneg, "finite and >= 0"),
+              "ddp_stats_sigma": (_nonneg, "finite and >= 0")}
     errors = [f"{name.replace('_', '-')} must be {text}, got {getattr(cfg, name)!r}"
               for name, (ok, text) in checks.items() if not ok(getattr(cfg, name))]
+    if cfg.ddp and cfg.server_opt not in ("adam", "momentum"):
+        errors.append(f"server-opt must be adam or momentum, got {cfg.server_opt!r}")
     if cfg.dp and 0 < cfg.delta < 1 and cfg.max_client_samples >= 1 and not cfg.delta < 1 / cfg.max_client_samples:
         errors.append(f"delta must be below 1/max-client-samples = {1 / cfg.max_client_samples:.3g} when DP is on "
                       f"(δ ≥ 1/n lets a mechanism publish a whole row of a client's n), got {cfg.delta!r}")
@@ -145,8 +158,17 @@ class RunConfig:
     # the sealed charter this run's clients endorsed (charter.json; carbonfed.privacy.charter): a local
     # path, so outside the digest and the charter itself
     charter: str = ""
+    # ddp+he only (distributed DP-FedSGD, issue 19); "auto" values come from presets.DDP_PRESETS
+    min_noise_clients: int = 0
+    server_opt: str = "auto"
+    ddp_sample_rate: float = 1.0
+    ddp_clip: float = 0.0
+    ddp_stats_sigma: float = 0.0
 
     def __post_init__(self):
+        if self.privacy == "ddp":
+            raise ValueError("invalid run config: privacy 'ddp' is refused: distributed DP needs HE (a plaintext sum "
+                             "would expose each client's noise share); use 'ddp+he'")
         self._resolve_preset()
         errors = self._data_errors()
         if self.privacy not in PRIVACY_MODES:
@@ -168,7 +190,7 @@ class RunConfig:
         (:mod:`carbonfed.federation.presets`; an explicit value wins). An unknown data set is
         an error at once: no preset, so no later check could say anything useful."""
         try:
-            chosen = resolve(self.dataset, {name: getattr(self, name) for name in AUTO})
+            chosen = resolve(self.dataset, {name: getattr(self, name) for name in (*AUTO, *DDP_AUTO)}, self.ddp)
         except ValueError as exc:
             raise ValueError(f"invalid run config: {exc}") from None
         for name, value in chosen.items():
@@ -194,7 +216,23 @@ class RunConfig:
 
     @property
     def dp(self) -> bool:
-        return self.privacy in ("dp", "dp+he")
+        """Any DP mode: local (``dp``, ``dp+he``) or distributed (``ddp+he``)."""
+        return self.privacy in ("dp", "dp+he", "ddp+he")
+
+    @property
+    def ddp(self) -> bool:
+        """Distributed DP-FedSGD: Skellam noise shares summed under HE (:mod:`carbonfed.privacy.distributed_dp`)."""
+        return self.privacy == "ddp+he"
+
+    def noise_floor(self, n_train: int) -> int:
+        """``ddp+he``: the contributors each noise share is calibrated for (``min-noise-clients``;
+        0: ⌈MIN_NOISE_FRACTION · ``n_train``⌉); a round with fewer is not released."""
+        return int(self.min_noise_clients) or max(1, math.ceil(MIN_NOISE_FRACTION * int(n_train) - 1e-9))
+
+    def release_floor(self, n_train: int) -> int:
+        """The fewest contributions an aggregate may sum to be decrypted: ``min-train-clients``,
+        and with ``ddp+he`` at least :meth:`noise_floor`."""
+        return max(self.min_train_clients, self.noise_floor(n_train)) if self.ddp else self.min_train_clients
 
     @property
     def stats_sigma(self) -> float:
@@ -205,6 +243,8 @@ class RunConfig:
         could take the whole budget and leave DP-SGD none. At ε ≥ 3 (δ = 1e-5) the default 4 stands."""
         if not self.dp or self.stats_noise_multiplier <= 0:
             return 0.0
+        if self.ddp:      # central, summed from shares; accounted by the ddp plan, not this floor
+            return float(self.ddp_stats_sigma)
         return max(self.stats_noise_multiplier, stats_noise_floor(self.epsilon, self.delta, self.stats_stages))
 
     @property
@@ -226,7 +266,7 @@ class RunConfig:
 
     @property
     def he(self) -> bool:
-        return self.privacy in ("he", "dp+he")
+        return self.privacy in ("he", "dp+he", "ddp+he")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -281,8 +321,8 @@ class RunConfig:
     def digest(self) -> str:
         """SHA-256 of the settings that determine results (paths and the node-count wait excluded)."""
         d = asdict(self)
-        for k in ("data_dir", "keys_dir", "out_dir", "min_nodes", "charter"):
-            d.pop(k)
+        for k in ("data_dir", "keys_dir", "out_dir", "min_nodes", "charter") + (() if self.ddp else DDP_ONLY):
+            d.pop(k)     # a run of another mode keeps the digest it had before ddp+he existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

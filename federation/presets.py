@@ -24,6 +24,18 @@ Guarantees
 * An explicit value always wins; only a setting at its "auto" value takes the preset's.
 * :func:`preset_record` (``report.json``'s ``preset``) names the preset and lists which resolved
   values differ from it.
+* ``ddp+he`` runs (distributed DP-FedSGD, issue 19) take their data set's :data:`DDP_PRESETS`
+  instead, chosen on validation folds of the training countries by ``bench/ddp_twin.py`` (never on
+  the held-out ones): the same four settings plus the ddp-only ones of :data:`DDP_AUTO`, which
+  other modes leave at their "auto" value (unused).
+
+=======  ===========  ========  ====  ====  =======  ============  ============
+ddp      server-opt   ddp-clip  lr    σ_s   stages   average-last  from
+=======  ===========  ========  ====  ====  =======  ============  ============
+seed     adam         2         0.1   20    3        5             ddp_twin docstring
+owid     momentum     2         2     10    2        5             ddp_twin docstring
+csv      momentum     2         2     10    2        5             as owid (unknown features)
+=======  ===========  ========  ====  ====  =======  ============  ============
 """
 
 from __future__ import annotations
@@ -51,28 +63,56 @@ PRESETS: dict[str, Preset] = {
 AUTO: dict[str, object] = {"hidden": "auto", "stats_stages": 0, "average_last": 0, "lr": 0.0}
 
 
+@dataclass(frozen=True)
+class DDPPreset(Preset):
+    """A ``ddp+he`` preset: the four settings of :class:`Preset` and the ddp-only ones (:data:`DDP_AUTO`)."""
+
+    server_opt: str = "adam"
+    ddp_clip: float = 2.0
+    ddp_stats_sigma: float = 20.0
+
+
+DDP_PRESETS: dict[str, DDPPreset] = {
+    "seed": DDPPreset(hidden="linear", stats_stages=3, average_last=5, lr=0.1, server_opt="adam",
+                      ddp_clip=2.0, ddp_stats_sigma=20.0),
+    "owid": DDPPreset(hidden="linear", stats_stages=2, average_last=5, lr=2.0, server_opt="momentum",
+                      ddp_clip=2.0, ddp_stats_sigma=10.0),
+    "csv": DDPPreset(hidden="linear", stats_stages=2, average_last=5, lr=2.0, server_opt="momentum",
+                     ddp_clip=2.0, ddp_stats_sigma=10.0),
+}
+
+# The "auto" value of each setting only ``ddp+he`` runs use (resolved from :data:`DDP_PRESETS`).
+DDP_AUTO: dict[str, object] = {"server_opt": "auto", "ddp_clip": 0.0, "ddp_stats_sigma": 0.0}
+
+
 def is_auto(name: str, value) -> bool:
     """Whether ``value`` of setting ``name`` means "the data set's preset"."""
-    if name == "hidden":
-        return str(value).strip().lower() == AUTO["hidden"]
-    return value == AUTO[name]
+    if name in ("hidden", "server_opt"):
+        return str(value).strip().lower() == {**AUTO, **DDP_AUTO}[name]
+    return value == {**AUTO, **DDP_AUTO}[name]
 
 
-def resolve(dataset: str, values: dict) -> dict:
+def resolve(dataset: str, values: dict, ddp: bool = False) -> dict:
     """The preset values of ``dataset`` for those of ``values`` (setting → value, the settings of
-    :data:`AUTO`) that are at their "auto" value; raises ``ValueError`` for an unknown data set."""
+    :data:`AUTO`, and with ``ddp`` those of :data:`DDP_AUTO`) that are at their "auto" value, from
+    :data:`PRESETS` (``ddp``: :data:`DDP_PRESETS`); raises ``ValueError`` for an unknown data set."""
     if dataset not in PRESETS:
         raise ValueError(f"dataset must be one of {tuple(PRESETS)}, got {dataset!r}")
-    preset = asdict(PRESETS[dataset])
-    return {name: preset[name] for name in AUTO if is_auto(name, values[name])}
+    preset = asdict((DDP_PRESETS if ddp else PRESETS)[dataset])
+    names = list(AUTO) + (list(DDP_AUTO) if ddp else [])
+    return {name: preset[name] for name in names if is_auto(name, values[name])}
 
 
 def preset_help(name: str) -> str | None:
     """The ``--help`` text of a preset-governed setting's default (None for other settings)."""
+    if name in DDP_AUTO:
+        per_set = "; ".join(f"{ds}: {getattr(p, name)}" for ds, p in DDP_PRESETS.items())
+        return f"default: the data set's ddp preset ({per_set}); {DDP_AUTO[name]!r} asks for it"
     if name not in AUTO:
         return None
     per_set = "; ".join(f"{ds}: {getattr(p, name)}" for ds, p in PRESETS.items())
-    return f"default: the data set's preset ({per_set}); {AUTO[name]!r} asks for it"
+    ddp = "; ".join(f"{ds}: {getattr(p, name)}" for ds, p in DDP_PRESETS.items())
+    return f"default: the data set's preset ({per_set}), with ddp+he ({ddp}); {AUTO[name]!r} asks for it"
 
 
 def preset_record(dataset: str, values: dict) -> dict:

@@ -10,36 +10,40 @@ checked against the registry's schema).
 Guarantees
 ----------
 * Exit code 0 when the audit passed, 1 when it failed (after writing every file, the failure
-  shown at the top of the page), 2 on a user error: one line on stderr, no traceback.
+  shown at the top of the page), 2 on a user error (a bad option; a folder that does not exist or
+  holds no run; keys that are not the run's): one line on stderr, no traceback.
 * ``--registry`` on a run without DP is refused before anything is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.report.html import load_baseline
 from carbonfed.federation.report.registry import write_registry
 from carbonfed.federation.run import write_results
+from carbonfed.federation.run_guard import existing_run
 from carbonfed.privacy.audit.verify import summary_text
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="carbonfed report",
+def _parser() -> Parser:
+    ap = Parser(prog="carbonfed report",
                                  description="Rebuild report.json (decrypts with the clients' secret context), audit "
                                              "the ledger, and write report.html and privacy_statement.md "
                                              "(with --registry, registry.yaml too).")
     ap.add_argument("dir", metavar="DIR", help="run directory (ledger.jsonl, server.json, aggregates/)")
-    ap.add_argument("--keys", default=None, help="folder with secret.ctx (default: the run config's keys-dir)")
+    ap.add_argument("--keys", default=None, help="folder with secret.ctx, for HE runs (default: the run config's "
+                                                 "keys-dir)")
     ap.add_argument("--baseline", default=None, metavar="DIR",
-                    help="a non-private run (e.g. --privacy none) of the same config, to compare accuracy")
+                    help="a non-private run (e.g. --privacy none) of the same config, to compare accuracy "
+                         "(default: none, no comparison)")
     ap.add_argument("--registry", action="store_true",
                     help="also write registry.yaml: a tier-3 entry of the DP Deployments Registry (OpenDP) for "
-                         "this run, status Draft (DP runs only)")
+                         "this run, status Draft (DP runs only; default: off)")
     ap.add_argument("--curator", default="", metavar="NAME",
                     help="the entry's data curator (default: the federation's parties, the key holders)")
     ap.add_argument("--region", default="", metavar="TEXT",
@@ -50,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """``carbonfed report``: exit code 0 (audit passed), 1 (audit failed) or 2 (user error)."""
     args = _parser().parse_args(argv)
-    run = Path(args.dir)
     try:
+        run = existing_run(args.dir, "server.json")
         cfg = RunConfig.from_flower(json.loads((run / "server.json").read_text())["config"])
         if args.registry and not cfg.dp:
             raise ValueError(f"--registry: a registry entry describes a DP deployment; this run has "

@@ -369,8 +369,9 @@ def round_progress(cfg: RunConfig):
 def print_summary(report: dict, out: Path) -> None:
     """Accuracy, ε, HE cost, floored features, time and file paths of a finished run."""
     m, p, h = report["metrics"], report["privacy"], report["he"]
+    parties = "clients" if report.get("dataset") == CSV else "countries"     # a CSV's parties are no countries
     print(f"held-out accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-          f"({report['clients']['test']} test countries, {report['clients']['train']} training)")
+          f"({report['clients']['test']} test {parties}, {report['clients']['train']} training)")
     if p:
         print(f"privacy: ε_max={p['epsilon_max']:.4f} (target {p['epsilon_target']}) at δ={p['delta']}, accountant {p['accountant']}")
     if h:

@@ -16,6 +16,8 @@ Guarantees
 * :func:`check_results_keys` raises before anything is decrypted if an HE run's keys are not
   this run's, or are gone; for keys made for the run and deleted at its end, it says so and what
   can still be done, instead of advising ``keygen`` (new keys cannot decrypt old ciphertexts).
+* :func:`existing_run` raises a one-line ``ValueError`` for a path that does not exist, is not a
+  folder, or holds no run (``report``, ``verify``, ``audit-attack`` on the wrong folder).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from carbonfed.privacy.key_match import KeysMissing, check_run_keys
 from carbonfed.privacy.ledger import read_ledger
 
 CHECKPOINT = "checkpoint.json"
+RUN_MARKERS = ("server.json", "ledger.jsonl")         # a run folder holds at least one of them
 PATH_SETTINGS = ("data_dir", "data", "keys_dir")      # compared as resolved paths
 
 
@@ -161,3 +164,18 @@ def _were_temporary(run_dir: Path, keys_dir: str) -> bool:
     except (OSError, ValueError):
         pass
     return bool(keys_dir) and Path(keys_dir).parent.name.startswith(("carbonfed-keys-", "carbonfed-deploy-"))
+
+
+def existing_run(path: str | Path, needs: str | None = None) -> Path:
+    """``path`` if it is a run folder (holding ``needs``, else one of :data:`RUN_MARKERS`);
+    otherwise a one-line ``ValueError`` that says what was found instead."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(f"{folder}: no such folder (give the folder of a run, e.g. the --out of `carbonfed run`)")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a run folder")
+    wanted = (needs,) if needs else RUN_MARKERS
+    if not any((folder / name).is_file() for name in wanted):
+        raise ValueError(f"{folder} holds no run ({' or '.join(wanted)} missing): give the folder of a run, "
+                         "e.g. the --out of `carbonfed run`")
+    return folder

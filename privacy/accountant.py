@@ -12,6 +12,8 @@ Guarantees
   multiplier whose planned total ε stays at or below the target.
 * A release of unsubsampled statistics (the Gaussian mechanism) is one more triple with sample
   rate 1 and one step, composed with DP-SGD by the same accountant.
+* ε of a history is computed once per process, and so is each RDP term of Opacus's domain bound
+  (:func:`_memoise_opacus_rdp`): pure functions memoised, the same floats as without.
 """
 
 from __future__ import annotations
@@ -22,9 +24,29 @@ import warnings
 from dataclasses import dataclass, field
 
 from opacus.accountants import PRVAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+from opacus.accountants.analysis.prv import prvs as opacus_prvs
 
 ACCOUNTANT_NAME = "opacus.prv"
 EPS_ERROR = 0.01  # PRV's numerical error bound on ε, as Opacus's PRVAccountant default
+
+
+def _memoise_opacus_rdp() -> None:
+    """Memoise Opacus's ``rdp._compute_rdp(q, σ, α)`` in this process (Opacus 1.6.0 checked).
+
+    The PRV accountant bounds its domain with RDP (``compute_safe_domain_size``), which
+    recomputes that pure function of three numbers for every RDP order at every ε: nine tenths of
+    a round's ε, the same (q, σ) pairs every round. Memoised, every value is the very same float
+    and a round's ε costs a few tenths of a second less. Without that private function (another
+    Opacus), nothing is memoised and ε is computed as before."""
+    compute = getattr(opacus_rdp, "_compute_rdp", None)
+    if callable(compute) and not hasattr(compute, "cache_info"):
+        opacus_rdp._compute_rdp = functools.lru_cache(maxsize=1 << 16)(compute)
+        if getattr(opacus_prvs, "_compute_rdp", None) is compute:     # its own import of the same function
+            opacus_prvs._compute_rdp = opacus_rdp._compute_rdp
+
+
+_memoise_opacus_rdp()
 
 
 @dataclass

@@ -42,6 +42,7 @@ Guarantees
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -80,8 +81,12 @@ def tag_key(charter_sha256: str, secret: bytes | None) -> bytes:
     return hashlib.sha256(TAG_DOMAIN + charter_sha256.encode() + b"\0" + (secret or b"")).digest()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def slot_tag(key: bytes, client: str, kind: str, rnd: int, modulus: int) -> int:
-    """``client``'s check-slot value for its ``kind`` contribution of round ``rnd``: 1..⌊t/2⌋."""
+    """``client``'s check-slot value for its ``kind`` contribution of round ``rnd``: 1..⌊t/2⌋.
+
+    Memoised (a pure function of its arguments): every client checks the tags of every
+    contributor to each aggregate it receives, the same few thousand values all run long."""
     if kind not in KINDS:
         raise ValueError(f"unknown aggregate kind {kind!r} (one of {KINDS})")
     mac = hmac.new(key, canonical({"client": client, "kind": kind, "round": int(rnd)}), hashlib.sha256).digest()
@@ -99,6 +104,12 @@ def tag_checks(vec: np.ndarray, tag: int) -> np.ndarray:
 
 def expected_check(key: bytes, parts: Sequence[Part], modulus: int) -> int:
     """The check-slot value (mod t) of an honest sum of ``parts``."""
+    return _expected_check(key, tuple((str(kind), int(rnd), tuple(clients)) for kind, rnd, clients in parts), modulus)
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected_check(key: bytes, parts: tuple[Part, ...], modulus: int) -> int:
+    # memoised: the same aggregate (statistics stages, global model) is checked by every client
     return sum(slot_tag(key, c, kind, rnd, modulus) for kind, rnd, clients in parts for c in clients) % modulus
 
 

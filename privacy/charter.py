@@ -51,7 +51,7 @@ from carbonfed.privacy.signing import digest, is_public_hex, public_hex, sign, s
 CHARTER_FILE = "charter.json"
 CHARTER_TYPE = "carbonfed.charter.v1"
 ENDORSEMENT_TYPE = "carbonfed.charter-endorsement.v1"
-PRIVACY_MODES = ("none", "dp", "he", "dp+he")
+PRIVACY_MODES = ("none", "dp", "he", "dp+he", "ddp+he")
 ROLES = ("train", "test")
 # Run-config keys that name local places or waits, not what the run computes: left out (``charter``:
 # the path of the sealed charter itself).
@@ -82,7 +82,7 @@ def _config_problems(cfg: dict) -> list[str]:
         return errors
     if cfg["privacy"] not in PRIVACY_MODES:
         errors.append(f"config privacy={cfg['privacy']!r} is not one of {PRIVACY_MODES}")
-    if cfg["privacy"] in ("dp", "dp+he") and not cfg["epsilon"] > 0:
+    if cfg["privacy"] in ("dp", "dp+he", "ddp+he") and not cfg["epsilon"] > 0:
         errors.append(f"config epsilon={cfg['epsilon']!r}: a DP run needs a positive ε budget")
     if not 0 < cfg["delta"] < 1:
         errors.append(f"config delta={cfg['delta']!r} is not in (0, 1)")
@@ -151,11 +151,11 @@ class Charter:
 
     @property
     def dp(self) -> bool:
-        return self.config["privacy"] in ("dp", "dp+he")
+        return self.config["privacy"] in ("dp", "dp+he", "ddp+he")
 
     @property
     def he(self) -> bool:
-        return self.config["privacy"] in ("he", "dp+he")
+        return self.config["privacy"] in ("he", "dp+he", "ddp+he")
 
     @property
     def keys(self) -> dict[str, str]:

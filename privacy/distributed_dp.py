@@ -45,6 +45,7 @@ from carbonfed.privacy.quantize import (DEFAULT_BETA, conditional_round, l1_boun
 from carbonfed.privacy.randomness import NoiseSource
 from carbonfed.privacy.skellam import Release, calibrate_multiplier, epsilon_of, skellam_share
 
+HISTORY_KEYS = ("variance", "l2", "l1", "sample_rate", "steps")   # one entry of a ddp accountant history
 WRAP_TARGET = 1e-12      # wrap probability of a whole run that :func:`plan` accepts
 PLAUSIBLE_TAIL = 1e-12   # :func:`release` rejects entries an honest sum reaches with less probability
 
@@ -199,7 +200,8 @@ def contribution(plan_: DDPPlan, grads: np.ndarray, source: NoiseSource) -> np.n
     return total
 
 
-def _centred(v: np.ndarray, t: int) -> np.ndarray:
+def centred(v: np.ndarray, t: int) -> np.ndarray:
+    """Integers modulo ``t`` as their representatives in the centred range (−t/2, t/2]."""
     v = np.mod(np.asarray(v, dtype=np.int64), t)
     return np.where(v > t // 2, v - t, v)
 
@@ -226,7 +228,7 @@ def release(plan_: DDPPlan, aggregate: np.ndarray, contributors: int) -> np.ndar
                               "the round carries less noise than calibrated and is not released")
     if contributors > plan_.max_clients:
         raise WrapError(f"{contributors} contributors exceed the {plan_.max_clients} the scale was chosen for")
-    z = _centred(aggregate, plan_.plain_modulus)
+    z = centred(aggregate, plan_.plain_modulus)
     worst = int(np.abs(z).max(initial=0))
     if worst > plausible_bound(plan_, contributors):
         raise WrapError(f"aggregate entry {worst} is beyond what {contributors} honest uploads reach: "
@@ -253,3 +255,42 @@ def skellam_release(sensitivity: float, dim: int, scale: float, noise_multiplier
     ``sensitivity``, scaled by ``scale``, rounded, with central noise std ``noise_multiplier·Δ₂``."""
     l2 = rounded_l2_bound(sensitivity * scale, dim, beta)
     return Release((noise_multiplier * l2) ** 2, l2, l1_bound(l2, dim), 1.0, 1)
+
+
+@dataclass
+class DDPAccountant:
+    """A client's history of Skellam releases (statistics shares, then one per training round,
+    each at the noise floor its share was calibrated for), kept in the client's durable state.
+
+    Guarantees: :attr:`history` is plain JSON, one list ``[variance, l2, l1, sample_rate, steps]``
+    per release (:data:`HISTORY_KEYS`; a signed statement keeps each entry as a list); :meth:`state_dict`
+    has a ``steps`` list, so the client state's step count (``accountant_steps``) grows with it."""
+
+    releases: list[Release] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[list]:
+        return [[getattr(r, k) for k in HISTORY_KEYS] for r in self.releases]
+
+    def add(self, release: Release) -> None:
+        self.releases.append(release)
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_of(self.releases, delta)
+
+    def epsilon_after(self, release: Release, delta: float) -> float:
+        """ε this client would have spent after one more release."""
+        return epsilon_of(self.releases + [release], delta)
+
+    def total_steps(self) -> int:
+        return sum(r.steps for r in self.releases)
+
+    def state_dict(self) -> dict[str, list]:
+        return {k: [getattr(r, k) for r in self.releases] for k in HISTORY_KEYS}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "DDPAccountant":
+        cols = [list(state.get(k, [])) for k in HISTORY_KEYS]
+        if len({len(c) for c in cols}) > 1:
+            raise ValueError("corrupt ddp accountant state: lists of different lengths")
+        return cls([Release(float(v), float(a), float(b), float(q), int(s)) for v, a, b, q, s in zip(*cols)])

@@ -60,8 +60,9 @@ from flwr.clientapp import ClientApp
 from carbonfed.data import split_countries
 from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag
 from carbonfed.federation.client.signer import RequestRefused, Signer, parse_parts
-from carbonfed.federation.client.state import (PersistentState, accountant_steps, load_state,  # noqa: F401
-                                               merge_states, recall, remember, request_key, save_state, state_file)
+from carbonfed.federation.client.state import (PersistentState, accountant_steps, config_digest,  # noqa: F401
+                                               load_state, merge_states, recall, remember, request_key, save_state,
+                                               state_file)
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.enrolment import load_charter, signing_dir
 from carbonfed.federation.run_data import load_run_data
@@ -80,6 +81,20 @@ app = ClientApp()
 @functools.lru_cache(maxsize=4)
 def _dataset(cfg: RunConfig, data_dir: str):
     return load_run_data(cfg, data_dir or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _run_config(items: tuple) -> RunConfig:
+    """The RunConfig of a run config's (sorted) items: one frozen object per run config."""
+    return RunConfig.from_flower(dict(items))
+
+
+def _config_of(context: Context) -> RunConfig:
+    items = tuple(sorted(dict(context.run_config).items()))
+    try:
+        return _run_config(items)
+    except TypeError:                   # an unhashable value: parsed (and refused) as it is
+        return RunConfig.from_flower(dict(items))
 
 
 @functools.lru_cache(maxsize=4)
@@ -117,7 +132,7 @@ def _signer(cfg: RunConfig, node: dict, country: str, secret: bytes | None) -> S
 
 
 def _participant(context: Context) -> Participant:
-    cfg = RunConfig.from_flower(dict(context.run_config))
+    cfg = _config_of(context)
     node = dict(context.node_config)
     data_dir = str(node.get("data-dir", cfg.data_dir))
     ds = _dataset(cfg, data_dir)
@@ -228,7 +243,7 @@ def _release_facts(p: Participant, out: dict) -> dict:
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    key = request_key("setup", 0, p.cfg.digest())
+    key = request_key("setup", 0, config_digest(p.cfg))
     cached = recall(p.state, "setup", key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, stats = cached
@@ -255,7 +270,7 @@ def refine(msg: Message, context: Context) -> Message:
     stats = _stats(msg, p)
     name = stage_key(len(stats) + 1)
     kind = "refine" if name == "stats2" else f"refine-{name}"
-    key = request_key(kind, 0, *[x for pair in stats for x in pair], p.cfg.digest())
+    key = request_key(kind, 0, *[x for pair in stats for x in pair], config_digest(p.cfg))
     cached = recall(p.state, kind, key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, data = cached
@@ -310,7 +325,8 @@ def _train(msg: Message, context: Context, p: Participant, rnd: int, model, mode
 
 
 def _train_key(p: Participant, rnd: int, model, model_terms: int, stats) -> str:
-    return request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair], p.cfg.digest())
+    return request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair],
+                       config_digest(p.cfg))
 
 
 @app.train()
@@ -353,7 +369,7 @@ def close(msg: Message, context: Context) -> Message:
     which it signs nothing); asked again, the same statement."""
     p = _participant(context)
     rnd = int(msg.content.config_records["config"]["server-round"])
-    key = request_key("close", rnd, p.cfg.digest())
+    key = request_key("close", rnd, config_digest(p.cfg))
     cached = recall(p.state, "close", key)
     if cached is not None:
         return _reply(msg, context, p, cached[0], {})

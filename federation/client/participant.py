@@ -16,6 +16,8 @@ Guarantees
 * Each statistics release (stage 1 at the setup; stages 2 and 3, :meth:`Participant.refine`, in
   DP runs with more stages) happens at most once per run per client, and is charged before it is made.
 * Every upload is an encrypted integer vector (HE on) carrying the sample count inside it.
+* ``ddp+he`` (distributed DP-FedSGD) only changes what the layouts are and what a round does:
+  :mod:`~carbonfed.federation.client.ddp_layout` (Skellam shares), :func:`~carbonfed.federation.client.ddp.train_round`.
 * With a :class:`~carbonfed.federation.client.signer.Signer` (every run of the ClientApp), every
   upload carries this client's tag of its kind and round in its check slots, every aggregate it
   receives is decrypted only if its check slots carry the tags of the contributions the server
@@ -35,6 +37,8 @@ import torch
 from carbonfed.data.dataset import FederatedDataset
 from carbonfed.data.partition import Partition
 from carbonfed.privacy.stats_release import AsinhLayout, RefineLayout, StatsLayout
+from carbonfed.federation.client import ddp, ddp_layout, scaler_cache
+from carbonfed.federation.client.errors import BudgetExceeded
 from carbonfed.federation.client.signer import Part, Signer
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.faults import corrupt, nan_params, parse_drill
@@ -42,6 +46,7 @@ from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params, load_flat_params, num_params
 from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise
+from carbonfed.privacy.distributed_dp import DDPAccountant, DDPPlan
 from carbonfed.privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
 from carbonfed.privacy.fixed_point import FixedPointCodec
 from carbonfed.privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context, params_of
@@ -51,10 +56,7 @@ from carbonfed.privacy.secure_sum import PlainCipher
 from carbonfed.privacy.statements import chain_after
 
 PLAIN_FINGERPRINT = "plaintext"
-
-
-class BudgetExceeded(RuntimeError):
-    """The requested round would take the client past its (ε, δ) budget."""
+__all__ = ["BudgetExceeded", "Layouts", "Participant", "make_cipher", "released_flag", "PLAIN_FINGERPRINT"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,13 @@ class Layouts:
 
     @classmethod
     @functools.lru_cache(maxsize=16)   # pure in its (frozen) arguments; asked for on every message
-    def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int) -> "Layouts":
+    def for_run(cls, cfg: RunConfig, n_features: int, n_classes: int, n_train: int = 0) -> "Layouts":
+        """``n_train`` (training clients) sizes the noise shares of ``ddp+he`` (0: lengths only)."""
+        if cfg.ddp:
+            stages = ddp_layout.share_stages(cfg, n_features, n_classes, n_train)
+            return cls(update=ddp_layout.update_layout(cfg, n_features, n_classes), stats=stages[0],
+                       metrics=CountLayout(n_classes * n_classes), refine=(stages[1:2] or [None])[0],
+                       asinh=(stages[2:3] or [None])[0])
         t = HEParams().plain_modulus
         n_params = num_params(build_model(n_features, n_classes, cfg.hidden_sizes, cfg.seed))
         # headroom for the server's sum of the last ``average-last`` global models, each a sum of
@@ -138,7 +146,8 @@ class Participant:
         if self.fault == "foreign-key" and self.cfg.he:
             self.ctx, self.fingerprint = new_secret_context(params_of(self.ctx)), ""   # the run's ring, another key
         self.x, self.y = self.dataset.client_arrays(self.country)
-        self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes))
+        self.layouts = Layouts.for_run(self.cfg, len(self.dataset.features), len(self.dataset.classes),
+                                       len(self.partition.train) if self.cfg.ddp else 0)
         if not self.cfg.he:
             self.fingerprint = PLAIN_FINGERPRINT
         elif not self.fingerprint:
@@ -169,8 +178,14 @@ class Participant:
 
     # -- privacy state ---------------------------------------------------------------------
     @property
-    def accountant(self) -> ClientAccountant:
-        return ClientAccountant.from_state(self.state.get("accountant", {}))
+    def accountant(self) -> ClientAccountant | DDPAccountant:
+        kind = DDPAccountant if self.cfg.ddp else ClientAccountant
+        return kind.from_state(self.state.get("accountant", {}))
+
+    def ddp_plan(self) -> DDPPlan:
+        """The run's public ``ddp+he`` plan (:func:`~carbonfed.federation.client.ddp_layout.ddp_plan`)."""
+        return ddp_layout.ddp_plan(self.cfg, len(self.dataset.features), len(self.dataset.classes),
+                                   len(self.partition.train))
 
     def _save_accountant(self, acc: ClientAccountant) -> None:
         self.state["accountant"] = acc.state_dict()
@@ -197,12 +212,17 @@ class Participant:
             self.noise_multiplier()
             acc = self.accountant
             plan = self.stats_mechanism()
-            if stage <= len(plan):
+            if self.cfg.ddp and self.cfg.stats_sigma > 0:
+                acc.add(self.layouts.stages[stage - 1].release)   # its share's central mechanism
+            elif stage <= len(plan) and not self.cfg.ddp:
                 acc.add(*plan[stage - 1])
             self._save_accountant(acc)
 
     def noise_multiplier(self) -> float:
-        """Calibrated once for the whole planned run, then kept in the state."""
+        """Calibrated once for the whole planned run, then kept in the state (``ddp+he``: the
+        plan's central noise multiplier)."""
+        if self.cfg.ddp:
+            return float(self.ddp_plan().noise_multiplier)
         if "noise_multiplier" not in self.state:
             q, steps = planned_mechanism(self.settings)
             self.state["noise_multiplier"] = calibrate_noise(
@@ -252,6 +272,15 @@ class Participant:
         self.state[released_flag(stage)] = True
         return {stage_key(stage): data, "noise_multiplier": self.noise_multiplier()}
 
+    def opened_model(self, model_bytes: bytes, model_terms: int, parts: dict | None) -> np.ndarray:
+        """The decrypted model aggregate, checked against ``parts["model"]``."""
+        vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
+        return self._opened("the global model", vec, (parts or {}).get("model"), model_terms)
+
+    def seal(self, vec: np.ndarray, kind: str, rnd: int) -> bytes:
+        """``vec`` tagged as this client's ``kind`` of round ``rnd`` and encrypted."""
+        return make_cipher(self.cfg, self.ctx, len(vec)).encrypt(self._tagged(vec, kind, rnd))
+
     def _global_model(self, model_bytes: bytes | None, model_terms: int, scaler, parts: dict | None = None):
         """The decrypted global model (checked against ``parts["model"]``), or before round 1 the
         public initial model: the run's seed, the output bias at the log class frequencies that
@@ -259,24 +288,22 @@ class Participant:
         model = build_model(len(self.dataset.features), len(self.dataset.classes), self.cfg.hidden_sizes, self.cfg.seed,
                             class_counts=scaler.class_counts)
         if model_bytes is not None:
-            vec = make_cipher(self.cfg, self.ctx, self.layouts.update.length).decrypt(model_bytes)
-            vec = self._opened("the global model", vec, (parts or {}).get("model"), model_terms)
-            params, _ = self.layouts.update.unpack_sum(vec, model_terms)
+            params, _ = self.layouts.update.unpack_sum(self.opened_model(model_bytes, model_terms, parts), model_terms)
             load_flat_params(model, params)
         return model
 
     def _standardizer(self, stats: list[tuple[bytes, int]], parts: dict | None = None):
         """The scaler from the statistics aggregates ``[(stage 1, terms), (stage 2, terms), ...]``:
         all the run's stages, or (:meth:`refine`) the stages before the one being released; each
-        checked against its contributions in ``parts["stats"]``."""
+        checked against its contributions in ``parts["stats"]`` (once per process: :mod:`.scaler_cache`)."""
         lays = self.layouts.stages
         if len(stats) > len(lays):
             raise ValueError(f"{len(stats)} statistics aggregates came with the request; this run makes {len(lays)}")
         named = list((parts or {}).get("stats") or [None] * len(stats))
-        return self.layouts.scaler([
+        return scaler_cache.scaler(scaler_cache.scaler_key(self, stats, named), lambda: self.layouts.scaler([
             (self._opened(f"the stage-{k} statistics", make_cipher(self.cfg, self.ctx, lay.length).decrypt(data),
                           [named[k - 1]] if k <= len(named) and named[k - 1] else None, terms), terms)
-            for k, (lay, (data, terms)) in enumerate(zip(lays, stats), 1)])
+            for k, (lay, (data, terms)) in enumerate(zip(lays, stats), 1)]))
 
     def _scaler(self, stats: list[tuple[bytes, int]], parts: dict | None = None):
         """The run's final scaler: every stage's aggregate must have come with the request."""
@@ -300,6 +327,8 @@ class Participant:
         With DP on, the round's mechanism is charged to the accountant (in ``state``) *before*
         training starts: whatever fails afterwards, the spend is never forgotten.
         """
+        if self.cfg.ddp:
+            return ddp.train_round(self, server_round, model_bytes, model_terms, stats, parts)
         torch.set_num_threads(1)
         self._check_terms(model_terms if model_bytes is not None else None, stats)
         # the aggregates received are opened (and checked) before anything is charged
@@ -345,10 +374,12 @@ class Participant:
     def _check_terms(self, model_terms: int | None, stats: list[tuple[bytes, int]]) -> None:
         """An aggregate of fewer than min-train-clients terms could be one client's own data."""
         counts = [("model", model_terms)] + [("statistics", t) for _, t in stats]
-        low = [(k, v) for k, v in counts if v is not None and v < self.cfg.min_train_clients]
+        floor = self.cfg.release_floor(len(self.partition.train))
+        low = [(k, v) for k, v in counts if v is not None and v < floor]
         if low:
+            what = "min-noise-clients" if self.cfg.ddp else "min-train-clients"
             raise ValueError(f"refusing an aggregate of {low[0][1]} {low[0][0]} contributions "
-                             f"(< min-train-clients={self.cfg.min_train_clients}): it could expose single clients")
+                             f"(< {what}={floor}): it could expose single clients")
 
     def evaluate(self, model_bytes: bytes | None, model_terms: int, stats: list[tuple[bytes, int]],
                  rnd: int = 0, parts: dict | None = None) -> bytes:

@@ -7,8 +7,9 @@ in ``context.state`` and, with a ``state-dir``, in a file that survives restarts
 Guarantees
 ----------
 * :class:`PersistentState` writes itself (atomically: temporary file, fsync, ``os.replace``) to
-  ``state-dir/<country>-<config digest>.json`` every time a key is set: the charge of a round is
-  on disk before local training starts.
+  ``state-dir/<country>-<config digest>.json`` every time a key is set (and :func:`save_state`
+  before every reply), unless the file already holds those very bytes: the charge of a round is
+  on disk before local training starts, and a reply is sent only once the state it leaves is.
 * :func:`merge_states` keeps the state with the most accountant steps and, among those, the one
   further along its signed chain (a later snapshot of one client's timeline has at least as
   many of both); a statistics stage counts as released if any state says so. ε never goes
@@ -20,6 +21,7 @@ Guarantees
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -61,11 +63,16 @@ class PersistentState(dict):
     """A participant's state that writes itself to ``path`` whenever a key is set.
 
     :class:`~carbonfed.federation.client.participant.Participant` sets ``state["accountant"]`` when it charges a
-    mechanism, before it trains: with this dict that charge is on disk at that moment."""
+    mechanism, before it trains: with this dict that charge is on disk at that moment.
 
-    def __init__(self, data: dict, path: Path | None):
+    :meth:`flush` writes only what the file does not already hold (``written``: the bytes this
+    object last wrote, or read from ``path``): a message that changed nothing writes nothing,
+    and one that changed the state writes it once per change, never the same bytes twice."""
+
+    def __init__(self, data: dict, path: Path | None, written: bytes | None = None):
         super().__init__(data)
         self.path = path
+        self.written = written
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -73,20 +80,33 @@ class PersistentState(dict):
 
     def flush(self) -> None:
         if self.path is not None:
-            atomic_write(self.path, json.dumps(dict(self), sort_keys=True).encode())
+            data = _encode(self)
+            if data != self.written:
+                atomic_write(self.path, data)
+                self.written = data
+
+
+def _encode(state: dict) -> bytes:
+    return json.dumps(dict(state), sort_keys=True).encode()
+
+
+@functools.lru_cache(maxsize=16)
+def config_digest(cfg: RunConfig) -> str:
+    """``cfg.digest()``, memoised (a frozen config, asked for several times per message)."""
+    return cfg.digest()
 
 
 def state_file(state_dir: str | os.PathLike, country: str, cfg: RunConfig) -> Path:
     """``state-dir/<country>-<config digest>.json``: one accountant per country and job."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", country).strip("_") or "country"
-    return Path(state_dir) / f"{slug}-{cfg.digest()[:16]}.json"
+    return Path(state_dir) / f"{slug}-{config_digest(cfg)[:16]}.json"
 
 
 def load_state(context: Context, path: Path | None) -> PersistentState:
     records = context.state.config_records
     ctx_state = json.loads(records[STATE_KEY]["json"]) if STATE_KEY in records else {}
-    disk = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    return PersistentState(merge_states(ctx_state, disk), path)
+    disk = json.loads(path.read_text()) if path is not None and path.exists() else None
+    return PersistentState(merge_states(ctx_state, disk or {}), path, _encode(disk) if disk is not None else None)
 
 
 def save_state(context: Context, state: dict) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import tomli_w
 
-from carbonfed.data import load_dataset, split_countries
+from carbonfed.data import split_countries
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.deploy.certs import make_node_key, make_tls, split_he_keys, write_private
 from carbonfed.federation.deploy.flower_cli import (FlowerCLI, node_config_arg, superlink_argv, supernode_argv,
@@ -45,13 +45,14 @@ from carbonfed.federation.deploy.flower_cli import (FlowerCLI, node_config_arg, 
 from carbonfed.federation.deploy.processes import CWD_ENV, DeployError, Processes, free_port, signals_raise
 from carbonfed.federation.enrolment import publish, seal_with_keys
 from carbonfed.federation.keys import keygen_for
+from carbonfed.federation.run_data import load_run_data
 from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE
 from carbonfed.privacy.signing import load_signing_key, new_signing_key, save_signing_key
 
 
 def roles(cfg: RunConfig) -> dict[str, str]:
     """Country → ``"train"`` or ``"test"`` (held out), by the run's partition."""
-    part = split_countries(load_dataset(cfg.dataset, cfg.data_dir or None).countries(), cfg.holdout_offset)
+    part = split_countries(load_run_data(cfg).countries(), cfg.holdout_offset)
     return {**{c: "train" for c in part.train}, **{c: "test" for c in part.test}}
 
 
@@ -59,7 +60,7 @@ def choose_countries(cfg: RunConfig, n: int) -> list[str]:
     """``n`` countries of the partition, at least one held out and ``max(2, min-train-clients)``
     training: the first training and the first held-out countries in sorted order, about one
     held out in five (as the partition itself)."""
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     need_train = max(2, cfg.min_train_clients)
     n_test = max(1, round(n / 5))
@@ -67,7 +68,7 @@ def choose_countries(cfg: RunConfig, n: int) -> list[str]:
         raise ValueError(f"--clients {n}: need at least {need_train + 1} SuperNodes "
                          f"({need_train} training for min-train-clients={cfg.min_train_clients}, 1 held out)")
     if n - n_test > len(part.train) or n_test > len(part.test):
-        raise ValueError(f"--clients {n}: the {cfg.dataset} data set has only {len(part.countries)} countries")
+        raise ValueError(f"--clients {n}: the {cfg.dataset} data set has only {len(part.countries)} parties")
     return sorted(part.train[:n - n_test] + part.test[:n_test])
 
 

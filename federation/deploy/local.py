@@ -1,7 +1,8 @@
 """Run a federation on Flower's deployment engine, on this machine, as it would run across many.
 
 ``carbonfed deploy local --clients N --out DIR [every option of carbonfed run]`` (and
-:func:`deploy_local`) starts, on the loopback interface only:
+:func:`deploy_local`; with ``--data FILE.csv --client-col C --label-col L``, N of the table's
+parties, the table checked whole before anything starts) starts, on the loopback interface only:
 
 * one **SuperLink** with TLS (a fresh CA and a server certificate for 127.0.0.1/localhost) and
   SuperNode authentication (``--enable-supernode-auth``), its state in an SQLite file so that a
@@ -43,7 +44,6 @@ Guarantees
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -53,12 +53,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from carbonfed.data import resolve_data_dir
+from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.deploy.deployment import Deployment, choose_countries, local_deployment
 from carbonfed.federation.deploy.drills import Drills, round_lines, say, show_rounds
 from carbonfed.federation.deploy.flower_cli import write_app
 from carbonfed.federation.deploy.processes import DeployError
 from carbonfed.federation.run import RunFolder, add_run_options, default_out, settings_from, write_results
+from carbonfed.federation.run_data import with_data_schema
 
 STATUS_EVERY_S = 30.0                   # `flwr ls` of the run (between, the ledger shows progress)
 
@@ -75,7 +77,9 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
     folder = RunFolder.at(out_dir)
     folder.check_new()
     out = folder.path
-    cfg = replace(cfg, data_dir=str(resolve_data_dir(cfg.data_dir or None)), out_dir=str(out))
+    if not cfg.data:                    # a bundled data set's folder; a CSV run reads its file (checked whole)
+        cfg = replace(cfg, data_dir=str(resolve_data_dir(cfg.data_dir or None)))
+    cfg = replace(with_data_schema(cfg), out_dir=str(out))
     countries = choose_countries(cfg, n_clients)
     drills = Drills(kill_client_in_round, restart_server_after_round, emit=on_event or (lambda name, info: None))
     drills.check(cfg.rounds)
@@ -139,19 +143,22 @@ def _follow(dep: Deployment, run_id: int, app_dir: Path, drills: Drills, timeout
 
 # -- command line --------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="carbonfed deploy",
+def _parser() -> Parser:
+    ap = Parser(prog="carbonfed deploy",
                                  description="Run a federation on Flower's deployment engine (SuperLink + SuperNodes).")
-    sub = ap.add_subparsers(dest="where", required=True)
+    sub = ap.add_subparsers(dest="where", required=True, metavar="WHERE", help="where the roles run: local")
     p = sub.add_parser("local", help="every role on this machine, on 127.0.0.1, with TLS and node authentication")
-    p.add_argument("--clients", type=int, required=True, help="number of SuperNodes (countries), at least 3")
+    p.add_argument("--clients", type=int, required=True, help="number of SuperNodes (parties: countries, or a CSV's clients), at least 3 "
+                                                                  "(required)")
     add_run_options(p, out_prefix="deploy-")
     p.add_argument("--verbose", action="store_true", help="debug logging of this command (Flower's logs are "
-                                                           "always in OUT/deploy-logs)")
+                                                           "always in OUT/deploy-logs; default: warnings only)")
     p.add_argument("--kill-client-in-round", type=int, default=None,
-                   help="fault drill: SIGKILL one training SuperNode during this round (it restarts after it)")
+                   help="fault drill: SIGKILL one training SuperNode during this round (it restarts after it; "
+                        "default: none)")
     p.add_argument("--restart-server-after-round", type=int, default=None,
-                   help="fault drill: kill the SuperLink and ServerApp after this round, restart, resume")
+                   help="fault drill: kill the SuperLink and ServerApp after this round, restart, resume "
+                        "(default: none)")
     return ap
 
 

@@ -7,13 +7,13 @@ Two attacks, both black-box on the *final* decrypted model (what every key holde
    random label, unique years ``5000 + i``) are assigned to random *training* countries; each is
    included independently with probability 1/2 by a secret coin (numpy ``Generator`` seeded from
    OS entropy). The run's own config is re-run through Flower's simulation on a copy of the seed
-   CSV plus the included canaries (fresh BFV keys when HE is on), and the final model is decrypted.
-   The attacker scores each canary by its negative cross-entropy under that model (after the
-   run's standardiser), guesses "included" for the ``k`` highest and "excluded" for the ``k``
-   lowest scores and abstains on the rest, for ``k`` in :data:`K_FRACTIONS` × m (Bonferroni over
-   the 4 tests). With ``r`` guesses of which ``v`` are right, the bound is the largest ε for
-   which the test of the paper's Theorem 3.1 (approximate DP, the run's δ) rejects "the run is
-   (ε, δ)-DP" at the requested confidence:
+   CSV (or of a CSV run's own table) plus the included canaries (fresh BFV keys when HE is on),
+   and the final model is decrypted. The attacker scores each canary by its negative
+   cross-entropy under that model (after the run's standardiser), guesses "included" for the
+   ``k`` highest and "excluded" for the ``k`` lowest scores and abstains on the rest, for ``k``
+   in :data:`K_FRACTIONS` × m (Bonferroni over the 4 tests). With ``r`` guesses of which ``v``
+   are right, the bound is the largest ε for which the test of the paper's Theorem 3.1
+   (approximate DP, the run's δ) rejects "the run is (ε, δ)-DP" at the requested confidence:
 
        P[W ≥ v] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2·m·δ·α,
        α = max_{1≤i≤v} (1/i)·P[v > Binomial(r, e^ε/(1+e^ε)) ≥ v − i]
@@ -59,7 +59,6 @@ Guarantees
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -73,14 +72,17 @@ from pathlib import Path
 
 import numpy as np
 
-from carbonfed.data import load_dataset, resolve_data_dir, split_countries
+from carbonfed.data import resolve_data_dir, split_countries
 from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
+from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.canaries import (CANARY_RADIUS, load_final_model, losses, make_canaries,
                                                         write_canary_data)
 from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
 from carbonfed.federation.run import round_progress
+from carbonfed.federation.run_data import CSV, load_run_data
+from carbonfed.federation.run_guard import existing_run
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.audit.empirical import AuditFailure, canary_bound, check_claim, mia_metrics
 from carbonfed.privacy.ledger import read_ledger
@@ -107,12 +109,23 @@ def claimed_epsilon(run_dir: Path, cfg) -> float | None:
     return max(last.values()) if last else None
 
 
+def with_canaries(cfg: RunConfig, ds, canaries: dict, folder: Path) -> RunConfig:
+    """``cfg`` reading a copy of its data in ``folder`` plus the included canaries: the seed CSV,
+    or the run's own table (a CSV run: canaries in its party and label columns)."""
+    if cfg.dataset == CSV:
+        dst = write_canary_data(Path(cfg.data), folder, canaries, ds.features, cfg.label_col,
+                                party_column=cfg.client_col, label_names=ds.classes)
+        return replace(cfg, data=str(dst))
+    src = resolve_data_dir(cfg.data_dir or None) / SEED_FILENAME
+    write_canary_data(src, folder, canaries, ds.features, SEED_LABEL_SOURCE)
+    return replace(cfg, data_dir=str(folder))
+
+
 def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
     """Run the federation again with the included canaries; returns canaries, their losses, the run's claim."""
-    if cfg.dataset != "seed":
-        raise ValueError(f"audit-attack supports the seed data set only, this run used {cfg.dataset!r}")
-    src = resolve_data_dir(cfg.data_dir or None) / SEED_FILENAME
-    ds = load_dataset(cfg.dataset, src.parent)
+    if cfg.dataset not in ("seed", CSV):
+        raise ValueError(f"audit-attack supports the seed data set and CSV runs, this run used {cfg.dataset!r}")
+    ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     canaries = make_canaries(ds, part.train, m, rng)
     out = run_dir / "audit" / "run"
@@ -120,8 +133,8 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
         shutil.rmtree(out)                      # a previous audit's canary run (audit/ is ours)
     with tempfile.TemporaryDirectory(prefix="carbonfed-audit-") as tmp:
         tmp = Path(tmp)
-        write_canary_data(src, tmp / "data", canaries, ds.features, SEED_LABEL_SOURCE)
-        audit_ds = load_dataset(cfg.dataset, tmp / "data")
+        audit_cfg = with_canaries(cfg, ds, canaries, tmp / "data")
+        audit_ds = load_run_data(audit_cfg)
         if audit_ds.countries() != ds.countries() or len(audit_ds.frame) != len(ds.frame) + int(canaries["included"].sum()):
             raise RuntimeError("the canary data set does not hold exactly the original rows plus the included canaries")
         too_many = [c for c in part.train if len(audit_ds.client_arrays(c)[1]) > cfg.max_client_samples]
@@ -131,7 +144,7 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
         if cfg.he:
             keys = str(tmp / "keys")
             keygen_for(cfg, keys)
-        audit_cfg = replace(cfg, data_dir=str(tmp / "data"), keys_dir=keys, out_dir=str(out), state_dir="", charter="")
+        audit_cfg = replace(audit_cfg, keys_dir=keys, out_dir=str(out), state_dir="", charter="")
         logging.getLogger("flwr").setLevel(logging.ERROR)
         t0 = time.time()
         display, on_round = round_progress(audit_cfg)      # a bar on a terminal, else one line per round
@@ -150,15 +163,12 @@ def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
 
 def _open_run(run_dir, canaries: int, confidence: float) -> tuple[Path, RunConfig]:
     """(resolved run dir, its RunConfig from ``server.json``), after checking the audit's settings."""
-    run = Path(run_dir).resolve()
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if canaries < 2:
         raise ValueError(f"need at least 2 canaries, got {canaries}")
-    server = run / "server.json"
-    if not server.is_file():
-        raise ValueError(f"{run} holds no run (server.json missing)")
-    return run, RunConfig.from_flower(json.loads(server.read_text())["config"])
+    run = existing_run(run_dir, "server.json").resolve()
+    return run, RunConfig.from_flower(json.loads((run / "server.json").read_text())["config"])
 
 
 def membership_inference(run: Path, cfg: RunConfig, keys_dir=None) -> dict:
@@ -166,7 +176,7 @@ def membership_inference(run: Path, cfg: RunConfig, keys_dir=None) -> dict:
     if not (run / "model.pt").is_file():
         build_report(run, keys_dir)
     model, scaler = load_final_model(run / "model.pt")
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     xm, ym = ds.all_arrays(part.train)
     xn, yn = ds.all_arrays(part.test)
@@ -267,14 +277,15 @@ def _stdout_to_stderr():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="carbonfed audit-attack",
-                                 description="Empirical privacy audit of a run: one-run canary ε lower bound "
-                                             "(re-runs the federation with canaries) and loss-based membership inference.")
+    ap = Parser(prog="carbonfed audit-attack",
+                description="Empirical privacy audit of a run: one-run canary ε lower bound "
+                            "(re-runs the federation with canaries) and loss-based membership inference.")
     ap.add_argument("run_dir", metavar="DIR", help="run directory (server.json, ledger.jsonl, model.pt)")
     ap.add_argument("--canaries", type=int, default=200, help="number of canaries m (default 200)")
     ap.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
-    ap.add_argument("--keys", default=None, help="secret context folder, only if DIR/model.pt must be rebuilt (HE runs)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--keys", default=None, help="secret context folder, only if DIR/model.pt must be rebuilt "
+                                                 "(HE runs; default: the run config's keys-dir)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: a summary)")
     args = ap.parse_args(argv)
     failure = None
     try:

@@ -75,6 +75,7 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
+from carbonfed.federation.cli import Parser
 from carbonfed.federation.experiments.bench_he_schemes import SCHEMES
 from carbonfed.federation.experiments.bench_he_server import aggregate, write_reply
 
@@ -314,14 +315,15 @@ def format_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--params", type=int, default=1_000_000, help="parameters per update (default 1,000,000)")
     parser.add_argument("--clients", type=int, default=100, help="clients per aggregation (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random updates (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table (default: a table)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress display on stderr (default: one, on stderr)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
+    parser = add_arguments(Parser(
         prog="carbonfed bench he", description="Compare carbonfed's BFV secure sum (seeded ciphertexts under the "
         "run's ring; under the default ring; and TenSEAL's public-key upload of before) with NVIDIA FLARE's default "
         "CKKS aggregation (size, speed, server memory, error, security)."))

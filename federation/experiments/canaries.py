@@ -12,7 +12,8 @@ Guarantees
   ``rng`` it is given; the canaries' transformed values stay inside the transform's range
   (clipped at :data:`CANARY_T_CLIP`), so the raw values are finite.
 * :func:`write_canary_data` writes the source CSV byte for byte, then one row per *included*
-  canary (same header; the other columns empty); the source file is not touched.
+  canary (same header; the other columns empty); the source file is not touched. It writes the
+  bundled seed CSV and a user's federated CSV (its own party and label columns) alike.
 * :func:`losses` is the per-row cross-entropy of the model on raw features, standardised exactly
   as in training (the saved :class:`~carbonfed.data.features.Standardizer`).
 """
@@ -73,16 +74,22 @@ def make_canaries(ds, train_countries, m: int, rng: np.random.Generator) -> dict
             "included": rng.random(m) < 0.5}
 
 
-def write_canary_data(src_csv: Path, dst_dir: Path, canaries: dict, features, label_column: str) -> Path:
-    """Copy ``src_csv`` into ``dst_dir`` and append the *included* canaries as rows."""
+def write_canary_data(src_csv: Path, dst_dir: Path, canaries: dict, features, label_column: str,
+                      party_column: str = "country", label_names=None) -> Path:
+    """Copy ``src_csv`` into ``dst_dir`` and append the *included* canaries as rows: the party in
+    ``party_column``, the label in ``label_column`` (its index, or its name in ``label_names``),
+    the year in a ``year`` column if the file has one (a user's table needs none)."""
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / src_csv.name
     raw = src_csv.read_bytes()
-    header = next(csv.reader(io.StringIO(raw.decode("utf-8-sig").splitlines()[0])))
+    header = [c.strip() for c in next(csv.reader(io.StringIO(raw.decode("utf-8-sig").splitlines()[0])))]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
     for i in np.flatnonzero(canaries["included"]):
-        row = {"country": canaries["country"][i], "year": canaries["year"][i], label_column: int(canaries["label"][i])}
+        label = int(canaries["label"][i])
+        row = {party_column: canaries["country"][i], label_column: label_names[label] if label_names else label}
+        if "year" in header:
+            row["year"] = canaries["year"][i]
         row.update({f: repr(float(v)) for f, v in zip(features, canaries["x"][i])})
         writer.writerow(row)
     with open(dst, "wb") as fh:

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from carbonfed.data import load_dataset, sha256_file, split_countries
+from carbonfed.data import sha256_file, split_countries
 from carbonfed.data.features import STD_FLOOR, Standardizer
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.sweep_plan import CENTRALIZED
 from carbonfed.federation.report.build import scores
+from carbonfed.federation.run_data import CSV, load_run_data
 from carbonfed.models.mlp import build_model
 from carbonfed.privacy.dp_sgd import TrainSettings, train_local
 from carbonfed.privacy.randomness import NoiseSource
@@ -34,12 +35,16 @@ from carbonfed.privacy.randomness import NoiseSource
 
 def centralized_settings(cfg: RunConfig) -> dict:
     """Everything that determines the centralized result (its config hash is over this)."""
-    return {"trainer": CENTRALIZED, "dataset": cfg.dataset, "holdout_offset": cfg.holdout_offset,
-            "seed": cfg.seed, "hidden": cfg.hidden, "lr": cfg.lr, "momentum": cfg.momentum,
-            "epochs": cfg.rounds * cfg.local_epochs, "batches_per_epoch": cfg.batches_per_epoch,
-            "class_weight_power": cfg.class_weight_power, "std_floor": STD_FLOOR,
-            "standardization": "exact pooled mean/std of carbonfed.data.features.transform(x) over training rows"
-                               + (", then of asinh(x / c), c from them (Standardizer.exact)" if cfg.stats_stages == 3 else "")}
+    settings = {"trainer": CENTRALIZED, "dataset": cfg.dataset, "holdout_offset": cfg.holdout_offset,
+                "seed": cfg.seed, "hidden": cfg.hidden, "lr": cfg.lr, "momentum": cfg.momentum,
+                "epochs": cfg.rounds * cfg.local_epochs, "batches_per_epoch": cfg.batches_per_epoch,
+                "class_weight_power": cfg.class_weight_power, "std_floor": STD_FLOOR,
+                "standardization": "exact pooled mean/std of carbonfed.data.features.transform(x) over training rows"
+                                   + (", then of asinh(x / c), c from them (Standardizer.exact)"
+                                      if cfg.stats_stages == 3 else "")}
+    if cfg.dataset == CSV:           # a user's table: which file, which columns (a bundled set is its name)
+        settings.update(data=cfg.data, client_col=cfg.client_col, label_col=cfg.label_col, features=cfg.features)
+    return settings
 
 
 def train_centralized(cfg: RunConfig) -> dict:
@@ -56,7 +61,7 @@ def train_centralized(cfg: RunConfig) -> dict:
     import torch
 
     t0 = time.time()
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     x, y = ds.all_arrays(part.train)
     scaler = Standardizer.exact(x, y, len(ds.classes), asinh=cfg.stats_stages == 3)

@@ -2,6 +2,7 @@
 
     carbonfed sweep --epsilons inf,8,3,1 --seeds 0,1,2 --out DIR [--modes dp+he] [--rounds R]
                     [--dataset seed|owid] [--data-dir D] [--hidden linear --lr 0.4 ...]
+    carbonfed sweep ... --data FILE.csv --client-col C --label-col L [--features A,B]   (your own table)
     python -m carbonfed.federation.experiments.sweep ...   (same options)
 
 What it runs, for every seed:
@@ -37,21 +38,22 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from carbonfed.data import resolve_data_dir
+from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.centralized import centralized_settings, run_centralized, settings_digest
-from carbonfed.federation.experiments.sweep_plan import (CENTRALIZED, CSV_COLUMNS, SWEEP_OWN, Job, add_arguments,
+from carbonfed.federation.experiments.sweep_plan import (CENTRALIZED, CSV_COLUMNS, ENCRYPTED, SWEEP_OWN, Job, add_arguments,
                                                          parse_epsilons, parse_ints, parse_modes, plan, run_config)
 from carbonfed.federation.experiments.tradeoff import write_outputs
 from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
+from carbonfed.federation.run_data import CSV, with_data_schema
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.he import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE
 
-__all__ = ["add_arguments", "cmd_sweep", "main", "run_sweep"]
+__all__ = ["add_arguments", "cmd_sweep", "main", "run_sweep", "sweep_base"]
 
 
 def expected_digest(job: Job, cfg: RunConfig) -> str:
@@ -86,7 +88,7 @@ def _progress_display(enabled: bool):
 def _sweep_keys(out: Path, jobs: list[Job], base: RunConfig) -> Path | None:
     """``out/keys`` when a job needs HE (made once, reused by a rerun), else None; one key pair
     for every HE job, so of the ring of their largest requirement."""
-    he_jobs = [j for j in jobs if j.mode in ("he", "dp+he")]
+    he_jobs = [j for j in jobs if j.mode in ENCRYPTED]
     if not he_jobs:
         return None
     keys = out / "keys"
@@ -154,7 +156,20 @@ def _run_jobs(jobs: list[Job], base: RunConfig, out: Path, keys: Path | None, pr
     return rows, ran, skipped
 
 
-def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed", data_dir=None,
+def sweep_base(dataset: str | None, data_dir=None, rounds=None, settings=None) -> RunConfig:
+    """The settings every run of the sweep shares: ``dataset`` (None: ``csv`` when ``settings``
+    name a CSV file, ``data``, else the default), ``rounds`` and the other RunConfig ``settings``;
+    a CSV is read and checked whole (:func:`carbonfed.federation.run_data.with_data_schema`), so a
+    bad table or setting fails before the sweep makes anything (ValueError, one line)."""
+    settings = dict(settings or {})
+    dataset = dataset or (CSV if settings.get("data") else RunConfig.dataset)
+    folder = "" if dataset == CSV else str(resolve_data_dir(data_dir))      # a CSV run reads its file only
+    if rounds is not None:
+        settings["rounds"] = int(rounds)
+    return with_data_schema(RunConfig(dataset=dataset, data_dir=folder, **settings))
+
+
+def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset=None, data_dir=None,
               progress=True, settings=None):
     """Run (or resume) the sweep into ``out``; returns the table written to ``out/sweep.csv``.
 
@@ -166,16 +181,14 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset="seed
 
     epsilons, seeds, modes = parse_epsilons(epsilons), parse_ints(seeds), parse_modes(modes)
     out = Path(out).resolve()
-    base = RunConfig(dataset=dataset, data_dir=str(resolve_data_dir(data_dir)), **(settings or {}))
-    if rounds is not None:
-        base = replace(base, rounds=int(rounds))
+    base = sweep_base(dataset, data_dir, rounds, settings)
     jobs = plan(epsilons, seeds, modes)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     keys = _sweep_keys(out, jobs, base)
     rows, ran, skipped = _run_jobs(jobs, base, out, keys, progress)
     df = pd.DataFrame(rows, columns=CSV_COLUMNS)
     write_outputs(df, out, jobs, dict(epsilons=epsilons, seeds=seeds, modes=modes, rounds=base.rounds,
-                                      dataset=dataset, model=base.hidden, overrides=dict(settings or {})))
+                                      dataset=base.dataset, model=base.hidden, overrides=dict(settings or {})))
     df.attrs.update(ran=ran, skipped=skipped)
     return df
 
@@ -196,8 +209,8 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="carbonfed sweep", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_arguments(Parser(prog="carbonfed sweep", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     try:
         return cmd_sweep(args)

@@ -22,15 +22,21 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from carbonfed.federation.config import PRIVACY_MODES, RunConfig
+from carbonfed.data import DATASET_NAMES
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.run_data import CSV
+from carbonfed.federation.presets import AUTO, DDP_AUTO, resolve
 
 CSV_COLUMNS = ["mode", "epsilon", "seed", "accuracy", "macro_f1", "epsilon_max", "seconds"]
 CENTRALIZED = "centralized"
-DP_OF = {"none": "dp", "dp": "dp", "he": "dp+he", "dp+he": "dp+he"}
-PLAIN_OF = {"none": "none", "dp": "none", "he": "he", "dp+he": "he"}
+DP_OF = {"none": "dp", "dp": "dp", "he": "dp+he", "dp+he": "dp+he", "ddp+he": "ddp+he"}
+ENCRYPTED = ("he", "dp+he", "ddp+he")     # the modes whose runs need HE keys
+PLAIN_OF = {"none": "none", "dp": "none", "he": "he", "dp+he": "he", "ddp+he": "he"}
 INF = float("inf")
 # settings the sweep sets per run, or takes under its own options
-SWEEP_OWN = ("dataset", "data_dir", "privacy", "epsilon", "seed", "rounds", "keys_dir", "out_dir", "state_dir")
+# (a CSV's classes are read from the file; a charter is sealed by `carbonfed run` and `deploy`, not here)
+SWEEP_OWN = ("dataset", "data_dir", "privacy", "epsilon", "seed", "rounds", "keys_dir", "out_dir", "state_dir",
+             "classes", "charter")
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,9 @@ def parse_ints(text) -> list[int]:
 def parse_modes(text) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     modes = [str(m).strip() for m in items if str(m).strip()]
-    bad = [m for m in modes if m not in PRIVACY_MODES]
+    bad = [m for m in modes if m not in DP_OF]         # the modes a sweep knows how to pair (DP_OF, PLAIN_OF)
     if bad or not modes:
-        raise ValueError(f"modes must be among {PRIVACY_MODES}, got {bad or modes}")
+        raise ValueError(f"modes must be among {tuple(DP_OF)}, got {bad or modes}")
     return modes
 
 
@@ -95,11 +101,20 @@ def plan(epsilons, seeds, modes) -> list[Job]:
     return jobs
 
 
+def _preset_settings_reset(base: RunConfig) -> dict:
+    """The preset-governed settings of ``base`` that hold its own preset's value, set back to
+    "auto": a ``ddp+he`` job of a sweep then takes the ddp preset, a ``dp+he`` job the local one
+    (:mod:`carbonfed.federation.presets`); a value the user gave that differs from it stays."""
+    auto = {**AUTO, **DDP_AUTO}
+    preset = resolve(base.dataset, auto, base.ddp)
+    return {name: value for name, value in auto.items() if name in preset and getattr(base, name) == preset[name]}
+
+
 def run_config(job: Job, base: RunConfig, out: Path, keys: Path | None) -> RunConfig:
     """The RunConfig of a federated job (RunConfig defaults apart from mode, ε, seed, rounds, data)."""
     privacy = "none" if job.mode == CENTRALIZED else job.mode    # centralized reads only the training settings
     cfg = replace(base, privacy=privacy, seed=job.seed, out_dir=str(out / "runs" / job.name),
-                  keys_dir=str(keys) if job.mode in ("he", "dp+he") else "")
+                  keys_dir=str(keys) if job.mode in ENCRYPTED else "", **_preset_settings_reset(base))
     if not math.isinf(job.epsilon):
         cfg = replace(cfg, epsilon=job.epsilon)
     return cfg
@@ -107,13 +122,16 @@ def run_config(job: Job, base: RunConfig, out: Path, keys: Path | None) -> RunCo
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``carbonfed sweep`` options (every ``carbonfed run`` setting the sweep does not set itself)."""
-    p.add_argument("--epsilons", required=True, help="comma-separated ε values; inf = no DP (e.g. inf,8,3,1)")
-    p.add_argument("--seeds", required=True, help="comma-separated seeds (e.g. 0,1,2)")
-    p.add_argument("--out", required=True, help="sweep folder (runs/, keys/, sweep.csv, tradeoff.png/.md)")
-    p.add_argument("--modes", default="dp+he", help=f"comma-separated, among {PRIVACY_MODES} (default dp+he)")
+    p.add_argument("--epsilons", required=True, help="comma-separated ε values; inf = no DP (e.g. inf,8,3,1; required)")
+    p.add_argument("--seeds", required=True, help="comma-separated seeds (e.g. 0,1,2; required)")
+    p.add_argument("--out", required=True, help="sweep folder (runs/, keys/, sweep.csv, tradeoff.png/.md; required)")
+    p.add_argument("--modes", default="dp+he", help=f"comma-separated, among {tuple(DP_OF)} (default dp+he)")
     p.add_argument("--rounds", type=int, default=None, help=f"rounds per run (default {RunConfig.rounds})")
-    p.add_argument("--dataset", choices=("seed", "owid"), default="seed")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--dataset", choices=(*DATASET_NAMES, CSV), default=None,
+                   help=f"the data set (default {RunConfig.dataset}; {CSV} with --data FILE.csv)")
+    p.add_argument("--data-dir", default=None, help="folder with the bundled data sets' CSV files "
+                                                    "(default $CARBONFED_DATA_DIR, else ../shared/data)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (default: bars on a terminal, else one line per run on stderr)")
     RunConfig.add_options(p, skip=SWEEP_OWN)
     return p

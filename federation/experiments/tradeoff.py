@@ -63,7 +63,7 @@ def plot_tradeoff(df, path: Path) -> None:
     pos, labels = _x_positions(fed["epsilon"].tolist() or [INF])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    dp_modes = [m for m in dict.fromkeys(fed["mode"]) if m in ("dp", "dp+he")]
+    dp_modes = [m for m in dict.fromkeys(fed["mode"]) if m in ("dp", "dp+he", "ddp+he")]
     plain_modes = [m for m in dict.fromkeys(fed["mode"]) if m in ("none", "he")]
     for ax, metric, title in ((axes[0], "acc", "accuracy"), (axes[1], "f1", "macro-F1")):
         for i, mode in enumerate(dp_modes):

@@ -29,6 +29,7 @@ from carbonfed.federation.config import RunConfig
 from carbonfed.federation.presets import AUTO, preset_record
 from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.client.participant import Layouts, make_cipher
+from carbonfed.federation.report.ddp_privacy import ddp_privacy
 from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter, signed_epsilons
 from carbonfed.federation.wire import stage_key
 from carbonfed.models.mlp import build_model, describe
@@ -98,7 +99,8 @@ class _RunInputs:
         cfg = RunConfig.from_flower(server["config"])
         ledger = read_ledger(run / "ledger.jsonl")
         ds = load_run_data(cfg)
-        layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes))
+        n_train = len(split_countries(ds.countries(), cfg.holdout_offset).train) if cfg.ddp else 0
+        layouts = Layouts.for_run(cfg, len(ds.features), len(ds.classes), n_train)   # ddp+he: the clients' shares
         ctx = load_secret_context(Path(keys_dir or cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.he else None
         charter = load_run_charter(run)
         key = tag_key(charter.sha256, secret_key_bytes(ctx) if ctx is not None else None)
@@ -166,9 +168,12 @@ def _stats_release(ledger: list[dict]) -> tuple[object, bool, int]:
     """The statistics releases as charged (the unsubsampled steps of the stats lines' histories):
     their noise multiplier (one value or a range; None when none was charged), whether they are
     inside ε, and how many were charged (the longest run of them a stats line carries)."""
-    stats_sigma = _one_or_range(h[0] for l in ledger if l.get("kind") == "stats"
-                                for h in (l.get("history") or []) if float(h[1]) >= 1.0)
-    stats_releases = max((sum(1 for h in (l.get("history") or []) if float(h[1]) >= 1.0)
+    # ddp+he histories are [variance, l2, l1, q, steps] (privacy.distributed_dp.HISTORY_KEYS): σ = √variance / l2
+    sig = lambda h: h[0] if len(h) == 3 else float(h[0]) ** 0.5 / float(h[1])  # noqa: E731
+    rate = lambda h: float(h[1] if len(h) == 3 else h[3])                     # noqa: E731
+    stats_sigma = _one_or_range(sig(h) for l in ledger if l.get("kind") == "stats"
+                                for h in (l.get("history") or []) if rate(h) >= 1.0)
+    stats_releases = max((sum(1 for h in (l.get("history") or []) if rate(h) >= 1.0)
                           for l in ledger if l.get("kind") == "stats"), default=0)
     return stats_sigma, stats_sigma is not None, stats_releases
 
@@ -186,7 +191,9 @@ def _privacy(cfg: RunConfig, ledger: list[dict], charter: Charter, stats_sigma, 
             "max_grad_norm": cfg.max_grad_norm,
             "sample_rate": _one_or_range(l["sample_rate"] for l in train_lines),
             "stats_noise_multiplier": stats_sigma,
-            "stats_release_covered": covered}
+            "stats_release_covered": covered,
+            **({"ddp": ddp_privacy(cfg, ledger), "max_grad_norm": cfg.ddp_clip,
+                "accountant": "skellam-rdp"} if cfg.ddp else {})}
 
 
 def _he(inp: _RunInputs) -> dict | None:

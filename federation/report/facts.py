@@ -135,12 +135,12 @@ def _per_client(ledger: list[dict], v: dict) -> dict[str, dict]:
     for who, c in sorted(_client_lines(ledger).items()):
         last = c["last"]
         hist = last.get("history") if last else None
-        mu = clt_mu(hist) if hist else None
+        mu = clt_mu(hist) if hist and len(hist[0]) == 3 else None   # ddp+he histories: Skellam, no GDP view
         vc = v.get("per_client", {}).get(who, {})
         per_client[who] = {
             "epsilon": float(last["epsilon"]) if last else None, "line": c["last_line"],
             "recomputed": vc.get("recomputed"), "history": hist, "mu": mu,
-            "total_steps": sum(int(h[2]) for h in hist) if hist else 0,
+            "total_steps": sum(int(h[-1]) for h in hist) if hist else 0,
             "accepted_rounds": c["accepted_rounds"], "refused": c["refused"], "rejected": c["rejected"],
             "sigmas": sorted(c["sigmas"]), "series": c["series"]}
     return per_client
@@ -181,7 +181,8 @@ def _mechanism_facts(ledger: list[dict], cfg) -> dict:
     stats_lines = [l for l in ledger if l.get("kind") == "stats"]
     trained = [l for l in train if l.get("status") == "accepted"]
     # the statistics releases of the longest history a stats line carries (stage 1, stage 2)
-    stats_hist = max(([tuple(h) for h in (l.get("history") or []) if float(h[1]) >= 1.0] for l in stats_lines),
+    stats_hist = max(([tuple(h) for h in (l.get("history") or []) if len(h) == 3 and float(h[1]) >= 1.0]
+                      for l in stats_lines),
                      key=len, default=[])
     sensitivity, sensitivity_src = _stats_sensitivity(cfg)
     upload = [int(l["bytes"]) for l in trained if isinstance(l.get("bytes"), int)]

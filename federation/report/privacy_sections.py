@@ -23,10 +23,11 @@ def _summary(f: dict) -> Section:
              f"planned rounds completed, {rep['clients']['train']} training and {rep['clients']['test']} held-out "
              "clients (one per country)."]
     if cfg.dp:
-        items.append(f"**ε_max = {fmt_f4(f['epsilon_max'])}** (Opacus PRV; exact ledger value {f['epsilon_max']!r}) "
+        acc, again = ("Skellam RDP", "ddp_epsilon") if cfg.ddp else ("Opacus PRV", "dp-accounting PLD")
+        items.append(f"**ε_max = {fmt_f4(f['epsilon_max'])}** ({acc}; exact ledger value {f['epsilon_max']!r}) "
                      f"against the target ε = {fmt_g(cfg.epsilon)}, at **δ = {fmt_g(f['delta'])}**, per training client, "
                      "for adding or removing one row of that client's data.")
-        items.append(f"Independent recomputation (dp-accounting PLD): ε_max = {fmt_f4(v.get('epsilon_max_recomputed'))}.")
+        items.append(f"Independent recomputation ({again}): ε_max = {fmt_f4(v.get('epsilon_max_recomputed'))}.")
         if f["mu_max"] is not None:
             items.append(f"Gaussian-DP view (central-limit approximation, not a bound): μ ≈ {fmt_f4(f['mu_max'])}.")
     else:
@@ -71,13 +72,14 @@ def _guarantee(f: dict) -> Section:
             s.blocks.append(f"**Discrepancy:** report.json's ε per client differs from the ledger for "
                             f"{', '.join(f['report_mismatch'][:10])}. The ledger values are shown.")
         mu_eps = f["mu_epsilon"]
-        s.blocks.append(
-            "The same guarantee as μ-Gaussian DP, by the central-limit approximation of Bu, Dong, Long and Su "
-            "(2020): each DP-SGD round is T Poisson-subsampled Gaussian steps with μ = q·sqrt(T·(e^{1/σ²} − 1)); the "
-            "unsubsampled statistics release (one per stage) with noise multiplier σ_s is (1/σ_s)-GDP; they compose as "
-            f"sqrt(μ₁² + μ₂² + …). **μ_max ≈ {fmt_f4(f['mu_max'])}**, which as (ε, δ) at δ = {fmt_g(f['delta'])} reads "
-            f"ε ≈ {fmt_f4(mu_eps)}. This is the CLT approximation, **not a bound** (it can understate the privacy loss "
-            "at few steps); the PRV ε above is the figure of record.")
+        if f["mu_max"] is not None:        # ddp+he: Skellam histories, no Gaussian-DP view
+            s.blocks.append(
+                "The same guarantee as μ-Gaussian DP, by the central-limit approximation of Bu, Dong, Long and Su "
+                "(2020): each DP-SGD round is T Poisson-subsampled Gaussian steps with μ = q·sqrt(T·(e^{1/σ²} − 1)); the "
+                "unsubsampled statistics release (one per stage) with noise multiplier σ_s is (1/σ_s)-GDP; they compose as "
+                f"sqrt(μ₁² + μ₂² + …). **μ_max ≈ {fmt_f4(f['mu_max'])}**, which as (ε, δ) at δ = {fmt_g(f['delta'])} reads "
+                f"ε ≈ {fmt_f4(mu_eps)}. This is the CLT approximation, **not a bound** (it can understate the privacy loss "
+                "at few steps); the PRV ε above is the figure of record.")
     rows = []
     for who, p in f["per_client"].items():
         rows.append([who, fmt_f4(p["epsilon"]) if cfg.dp else "— (no DP)", fmt_f4(p["recomputed"]),
@@ -91,7 +93,14 @@ def _guarantee(f: dict) -> Section:
 def _accounting(f: dict) -> Section:
     cfg, v, libs = f["cfg"], f["verify"], f["libraries"]
     s = Section("accounting", "Accounting")
-    if cfg.dp:
+    if cfg.ddp:
+        s.blocks.append(
+            "Each client accounts its own history of Skellam releases (its statistics shares and one release per "
+            "round at the noise floor) with the **Skellam RDP accountant** (`privacy/skellam.py`: Agarwal, Kairouz "
+            "and Liu 2021, Theorem 3.5; Zhu and Wang 2019, Theorem 5; RDP to (ε, δ) by Balle et al. 2020), which also "
+            "calibrated the shares. The independent recomputation below is `privacy/audit/ddp_epsilon.py` (the same "
+            "theorems in 60-digit mpmath, converted by dp_accounting), which shares no code with it.")
+    elif cfg.dp:
         s.blocks.append(
             f"Each client accounts its own history with the **Opacus PRV accountant** (`{f['accountant']}`, Gopi, "
             f"Lee and Wutschitz 2021; opacus {libs['opacus']} in the environment that generated this statement; the "
@@ -234,7 +243,34 @@ def _coverage(f: dict) -> tuple[Section, Section]:
     return covered, not_cov
 
 
+def _distributed(f: dict) -> Section:
+    """``ddp+he``: the central guarantee, the per-upload one and the trust assumption (issue 19)."""
+    d = ((f["report"] or {}).get("privacy") or {}).get("ddp") or {}
+    wrap = d.get("wrap_probability")
+    v = (f["verify"] or {}).get("ddp") or {}
+    return Section("distributed", "Distributed DP: whom the guarantee holds against", [
+        f"Mechanism: {d.get('mechanism', 'distributed DP-FedSGD')}. Each round every training client Poisson-samples "
+        f"its rows at q = {fmt_g(d.get('sample_rate'))}, clips each row's gradient to C = {fmt_g(d.get('clip'))}, "
+        f"scales by {fmt_g(d.get('scale'))} and rounds each row (conditional randomized rounding), sums them and adds "
+        f"a Skellam share of variance {fmt_g(d.get('share_variance'), 4)}, calibrated so that "
+        f"min-noise-clients = {d.get('min_noise_clients', '?')} shares carry the central noise; the server sums "
+        "the encrypted integers exactly and a round with fewer contributors is not released. Accounting: "
+        f"{d.get('theorem', 'Skellam RDP')}; the wrap probability modulo t over the run is ≤ "
+        f"{fmt_g(wrap, 2) if wrap else '1e-300 (it underflows)'}.",
+        f"**Central guarantee** (against anyone who sees only aggregates): ε = {fmt_f4(d.get('epsilon_central'))} "
+        f"at δ = {fmt_g(d.get('delta'))} for {d.get('rounds_released', '?')} released round(s) "
+        f"({fmt_f4(d.get('epsilon_planned'))} planned at the floor, what each client charged); recomputed from the "
+        f"signed contributors with no key: ε = {fmt_f4(v.get('epsilon'))}.",
+        f"**Per-upload guarantee** (against a party that decrypts one client's ciphertexts: today the server "
+        f"together with any one key holder): ε = {fmt_f4(d.get('epsilon_per_upload'))}, each upload carrying only "
+        "that client's own share. Clients are assumed honest-but-curious: a client that skips its share weakens "
+        "the sum for everyone.",
+    ])
+
+
 def privacy_sections(f: dict) -> list[Section]:
-    """Summary, unit, guarantee, accounting, mechanism, budget, covered, not covered (in this order)."""
+    """Summary, unit, guarantee, accounting, mechanism, budget, covered, not covered (in this order);
+    ``ddp+he`` adds the distributed-DP section after the guarantee."""
     covered, not_cov = _coverage(f)
-    return [_summary(f), _unit(f), _guarantee(f), _accounting(f), _mechanism(f), _budget(f), covered, not_cov]
+    ddp = [_distributed(f)] if f["cfg"].ddp else []
+    return [_summary(f), _unit(f), _guarantee(f), *ddp, _accounting(f), _mechanism(f), _budget(f), covered, not_cov]

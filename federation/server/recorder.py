@@ -19,7 +19,9 @@ Guarantees
   ``missing`` line once the wait is over (an absence: no data, no budget spent on the server's side).
 * After every round one ``round`` line sums up its lines, with the rounds the evaluated model
   averages (``model_rounds``) and the SHA-256 of each aggregate file the round wrote
-  (``aggregates``). After the last round every client's closing statement is a ``close`` line.
+  (``aggregates``); with ``ddp+he`` also its contributors and noise (``ddp``:
+  :func:`carbonfed.federation.server.ddp.round_record`). After the last round every client's
+  closing statement is a ``close`` line.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ class LedgerRecorder(StrategyWrapper):
                    "model_terms": state.model_terms,
                    # the rounds whose global models the evaluated model averages (average-last)
                    "model_rounds": state.tail_rounds(), "aggregates": self._manifest(rnd)}
+        if self.strategy.cfg.ddp:   # the round's contributors and the noise its sum carries
+            summary["ddp"], self.strategy.ddp_round = self.strategy.ddp_round, None
         self.ledger.append(summary)
         return summary
 

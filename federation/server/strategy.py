@@ -15,7 +15,10 @@ Guarantees
   it is made. A reply that is an error, a refusal, made under a different key or context,
   beyond the encoding's headroom (more than ``max-clients-per-round``), malformed or of the
   wrong length is rejected *for that client alone* and the round goes on with the rest. A
-  round with fewer than ``min_train_clients`` accepted updates keeps the previous global model.
+  round with fewer than ``min_train_clients`` accepted updates (``ddp+he``: fewer than
+  ``min-noise-clients``, :meth:`EncryptedFedAvg.release_floor`) keeps the previous global model:
+  its aggregate is sent to no key holder. With ``ddp+he`` every round's contributors and noise
+  are kept in :attr:`EncryptedFedAvg.ddp_round` for the ledger (:mod:`carbonfed.federation.server.ddp`).
 * The run's model is the sample-weighted mean of the global models of the last
   ``average-last`` rounds (1: the final round's): the server adds those rounds' aggregates as
   ciphertexts (post-processing of what the clients released), the held-out clients evaluate it
@@ -45,6 +48,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.durable import atomic_write
+from carbonfed.federation.server import ddp
 from carbonfed.federation.server.checkpoint import ServerState
 from carbonfed.federation.server.strategy_utils import add_reply, refuse_start
 from carbonfed.federation.wire import bytes_record, stage_key
@@ -86,6 +90,7 @@ class EncryptedFedAvg(Strategy):
         self.charter = None       # the run's charter (carbonfed.privacy.charter.Charter), if it has one
         # why a reply that would be added must not be (its signed statement); the recorder sets it
         self.screen: Callable[[Message, dict], str | None] = lambda msg, meta: None
+        self.ddp_round: dict | None = None   # ddp+he: the last round's contributors and noise (ledger)
 
     def summary(self) -> None:
         """Log the settings that shape the aggregation."""
@@ -130,6 +135,10 @@ class EncryptedFedAvg(Strategy):
             content["model"] = bytes_record(data, self.cipher_for("update").stype)
             cfg["model-parts"] = json.dumps(self.state.model_parts(average))
         return RecordDict(content)
+
+    def release_floor(self) -> int:
+        """The fewest accepted updates a round's aggregate needs to be sent on (config ``release_floor``)."""
+        return self.cfg.release_floor(len(self.nodes("train")))
 
     def nodes(self, role: str) -> list[int]:
         """The node ids of the clients of ``role`` ("train" or "test"), in order."""
@@ -188,9 +197,11 @@ class EncryptedFedAvg(Strategy):
         contributors: list[str] = []
         total = self.accumulate(replies, "update", contributors)
         metrics = MetricRecord({"accepted": total.terms})
-        if total.terms < self.cfg.min_train_clients:
-            log.warning("round %d: %d accepted updates < min-train-clients=%d; keeping the previous model",
-                        server_round, total.terms, self.cfg.min_train_clients)
+        if self.cfg.ddp:
+            self.ddp_round = ddp.round_record(self.cfg, len(self.nodes("train")), total.terms)
+        if total.terms < self.release_floor():
+            log.warning("round %d: %d accepted updates < %d (min-train-clients%s); keeping the previous model",
+                        server_round, total.terms, self.release_floor(), ", min-noise-clients" if self.cfg.ddp else "")
             return None, metrics
         self.state.model, self.state.model_terms = total.serialize(), total.terms
         self.state.tail = [*self.state.tail, (server_round, self.state.model, total.terms)][-self.cfg.average_last:]

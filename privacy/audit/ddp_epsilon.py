@@ -18,6 +18,8 @@ form is an upper bound, used by the tests.
 
 from __future__ import annotations
 
+import functools
+
 import mpmath
 import numpy as np
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
@@ -33,6 +35,7 @@ def _paper_bound(alpha: int, mu, d2, d1):
     return a * d2 ** 2 / (4 * mu) + min(((2 * a - 1) * d2 ** 2 + 6 * d1) / (16 * mu ** 2), 3 * d1 / (4 * mu))
 
 
+@functools.lru_cache(maxsize=1024)   # every client of a run shares its mechanisms: compute each once
 def _mechanism_rdp(variance: float, l2: float, l1: float, q: float) -> list[float]:
     with mpmath.workdps(DIGITS):
         return _mechanism_rdp_mp(variance, l2, l1, q)

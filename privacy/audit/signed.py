@@ -160,7 +160,9 @@ def _inputs_problems(where: str, st: dict, minimum: int) -> list[str]:
 
 def check_plan(charter: Charter, chains: dict[str, Chain], problems: list[str]) -> None:
     """Roles, rounds, stages, δ, the DP-SGD plan and min-train-clients, as the charter fixes them."""
-    q_plan, steps_plan = charter.plan
+    # ddp+he: one clipped gradient sum per round, rows Poisson-sampled at ddp-sample-rate
+    q_plan, steps_plan = ((charter.config.get("ddp-sample-rate"), 1) if charter.config["privacy"] == "ddp+he"
+                          else charter.plan)
     for who, chain in sorted(chains.items()):
         role = charter.roles[who]
         for n, st in chain:

@@ -38,7 +38,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from carbonfed.privacy.audit import claims, files, server_lines, signed
+from carbonfed.privacy.audit import claims, ddp_verify, files, server_lines, signed
 from carbonfed.privacy.audit.histories import account_client, budget_problems
 from carbonfed.privacy.audit.pld import ACCOUNTANT_NAME, VALUE_DISCRETIZATION_INTERVAL, accountant_version, pld_epsilon
 from carbonfed.privacy.charter import CHARTER_FILE, Charter, check_charter
@@ -68,6 +68,7 @@ class VerifyResult:
     statements_checked: int = 0           # ledger lines whose client signature verified
     files_matched: int = 0                # aggregate files matched to a hash the clients signed
     documents_checked: list[str] = field(default_factory=list)
+    ddp: dict | None = None               # ddp+he: the central ε from the signed contributors of each round
     checked: list[str] = field(default_factory=list)       # what the verdict rests on
     not_checked: list[str] = field(default_factory=list)   # what it could not check, and why
 
@@ -152,11 +153,29 @@ def _proven(res: VerifyResult, charter: Charter | None) -> dict:
     return out
 
 
-def _account(charter: Charter, chains: dict, res: VerifyResult, epsilon_budget, delta, rel_tol) -> None:
+def _account_ddp(charter: Charter, chains: dict, res: VerifyResult, rel_tol, records, valid) -> None:
+    """3 (``ddp+he``): each client's Skellam history and the central ε of the signed rounds."""
+    res.accountant = "ddp_epsilon (Skellam RDP in mpmath, dp_accounting conversion)"
+    res.per_client, priors = ddp_verify.account_clients(chains, res.delta, rel_tol, res.problems)
+    res.ddp = ddp_verify.central_epsilon(charter, records, chains, priors, valid, res.delta, res.problems)
+    if res.ddp["epsilon"] > res.epsilon_budget:
+        res.problems.append(f"central ε={res.ddp['epsilon']:.6g} of the signed rounds exceeds the budget "
+                            f"ε={res.epsilon_budget:g} at δ={res.delta:g}")
+    res.checked.append(f"central ε={res.ddp['epsilon']:.4f} recomputed with ddp_epsilon from {res.ddp['released_rounds']} "
+                       f"released round(s), each at its signed contributors (floor {res.ddp['min_noise_clients']})")
+
+
+def _account(charter: Charter, chains: dict, res: VerifyResult, epsilon_budget, delta, rel_tol,
+             records=(), valid=frozenset()) -> None:
     """3. Each client from its own signed history; the budget of the charter (and --epsilon)."""
     res.delta = float(delta) if delta is not None else charter.delta
     if not charter.dp:
         res.notes.append(f"the charter's privacy mode is {charter.privacy!r}: no DP, no ε to re-account")
+        return
+    if charter.config["privacy"] == "ddp+he":
+        res.epsilon_budget = min(charter.epsilon, epsilon_budget or math.inf)
+        _account_ddp(charter, chains, res, rel_tol, records, valid)
+        res.problems.extend(budget_problems(res.per_client, res.epsilon_budget, res.delta, "the budget"))
         return
     for who, chain in sorted(chains.items()):
         entry = account_client(who, signed.claims_of(who, chain), res.delta, charter.delta, rel_tol, res.problems)
@@ -191,9 +210,9 @@ def _audit_signed(folder: Path, records: list[dict], doc: dict, server: dict, re
     res.statements_checked = counted[0]
     signed.check_complete(charter, chains, records, res.problems)
     signed.check_plan(charter, chains, res.problems)
-    _account(charter, chains, res, epsilon_budget, delta, rel_tol)
-    _extremes(res)
     valid = {n for items in per.values() for n, _ in items}
+    _account(charter, chains, res, epsilon_budget, delta, rel_tol, records, valid)
+    _extremes(res)
     server_lines.check_summaries(records, valid, res.problems, res.notes)
     last = max((st["round"] for c in chains.values() for _, st in c if st["kind"] != "close"), default=0)
     server_lines.check_server_json(server, charter, last, res.problems)

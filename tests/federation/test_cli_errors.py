@@ -214,22 +214,7 @@ def test_report_with_another_runs_keys(capsys, tmp_path):
     assert snapshot(run) == before
 
 
-# -- --help --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("command", ["run", "keygen"])
-def test_help_gives_every_option_a_meaning_and_a_default(capsys, command):
-    code, out, _ = cli(capsys, command, "--help")
-    assert code == 0
-    blocks, name = {}, None
-    for line in out.split("options:", 1)[1].splitlines():
-        if line.startswith("  -"):
-            name = line.split()[0].rstrip(",")
-            blocks[name] = line
-        elif name:
-            blocks[name] += " " + line.strip()
-    assert len(blocks) > 20
-    missing = [n for n, text in blocks.items() if n != "-h" and "default" not in text and "--out" not in n]
-    assert missing == []
+# (--help of every command: test_cli_help.py)
 
 
 # -- a run stopped by a signal (subprocess, Linux /proc) -----------------------------------------

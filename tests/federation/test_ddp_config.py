@@ -1,0 +1,67 @@
+"""The ``ddp+he`` mode in the run config and the presets (federation/config.py, presets.py):
+``ddp`` alone is refused in one line, each data set has its ddp preset (bench/ddp_twin.py's
+validation choices), the noise floor defaults to ⌈0.8 · training clients⌉, and the configs of
+the other modes keep their digests."""
+
+from __future__ import annotations
+
+import pytest
+
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.presets import DDP_PRESETS
+
+
+def test_ddp_without_he_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^invalid run config: privacy 'ddp' is refused: distributed DP needs HE "
+                                         r"\(a plaintext sum would expose each client's noise share\); use 'ddp\+he'$"):
+        RunConfig(privacy="ddp")
+
+
+def test_each_data_set_has_its_ddp_preset_and_an_explicit_value_wins():
+    seed = RunConfig(privacy="ddp+he")
+    assert (seed.server_opt, seed.lr, seed.ddp_clip, seed.stats_sigma, seed.stats_stages, seed.average_last) == \
+        ("adam", 0.1, 2.0, 20.0, 3, 5)
+    owid = RunConfig(privacy="ddp+he", dataset="owid")
+    assert (owid.server_opt, owid.lr, owid.ddp_clip, owid.stats_sigma, owid.stats_stages) == ("momentum", 2.0, 2.0, 10.0, 2)
+    assert set(DDP_PRESETS) == {"seed", "owid", "csv"}
+    mine = RunConfig(privacy="ddp+he", lr=0.3, server_opt="momentum", ddp_clip=1.0, ddp_stats_sigma=5.0)
+    assert (mine.lr, mine.server_opt, mine.ddp_clip, mine.stats_sigma) == (0.3, "momentum", 1.0, 5.0)
+    assert RunConfig().lr == 0.1 and RunConfig(dataset="owid").lr == 0.1      # the other modes: unchanged
+    assert RunConfig(privacy="ddp+he").dp and RunConfig(privacy="ddp+he").he and RunConfig(privacy="ddp+he").ddp
+    with pytest.raises(ValueError, match="server-opt must be adam or momentum"):
+        RunConfig(privacy="ddp+he", server_opt="sgd")
+    with pytest.raises(ValueError, match=r"ddp-sample-rate must be in \(0, 1\]"):
+        RunConfig(privacy="ddp+he", ddp_sample_rate=0.0)
+
+
+def test_noise_floor_and_release_floor():
+    cfg = RunConfig(privacy="ddp+he")
+    assert cfg.noise_floor(105) == 84 and cfg.noise_floor(100) == 80 and cfg.noise_floor(1) == 1
+    assert RunConfig(privacy="ddp+he", min_noise_clients=50).noise_floor(105) == 50
+    assert RunConfig(privacy="ddp+he", min_train_clients=90).release_floor(105) == 90
+    assert RunConfig(privacy="dp+he").release_floor(105) == 2         # min-train-clients only
+
+
+def test_other_modes_keep_their_digest():
+    """The ddp-only settings are outside the digest of every other mode (state files, run.json)."""
+    assert RunConfig(min_noise_clients=7, ddp_clip=3.0).digest() == RunConfig().digest()
+    assert RunConfig(privacy="ddp+he", min_noise_clients=7).digest() != RunConfig(privacy="ddp+he").digest()
+
+
+def test_a_sweep_gives_each_mode_its_own_preset():
+    """`carbonfed sweep --modes dp+he,ddp+he`: the ddp+he jobs take the ddp preset (owid: momentum,
+    lr 2, mean of 5), the dp+he jobs the local one (lr 0.1, mean of 10), ε = inf the plain `he`;
+    a value the user set stays in both."""
+    from pathlib import Path
+
+    from carbonfed.federation.experiments.sweep_plan import parse_epsilons, plan, run_config
+
+    jobs = plan(parse_epsilons("3,inf"), [0], ["dp+he", "ddp+he"])
+    assert [j.mode for j in jobs] == ["centralized", "dp+he", "ddp+he", "he"]
+    for base in (RunConfig(dataset="owid"), RunConfig(dataset="owid", privacy="ddp+he")):
+        cfgs = {j.mode: run_config(j, base, Path("/tmp/sweep"), Path("/tmp/keys")) for j in jobs[1:]}
+        assert (cfgs["ddp+he"].server_opt, cfgs["ddp+he"].lr, cfgs["ddp+he"].average_last) == ("momentum", 2.0, 5)
+        assert (cfgs["dp+he"].lr, cfgs["dp+he"].average_last) == (0.1, 10) and cfgs["he"].lr == 0.1
+        assert all(c.keys_dir == "/tmp/keys" for c in cfgs.values())
+    mine = {j.mode: run_config(j, RunConfig(dataset="owid", lr=0.5), Path("/tmp/s"), None) for j in jobs[1:]}
+    assert mine["ddp+he"].lr == mine["dp+he"].lr == 0.5
