@@ -226,7 +226,7 @@ def test_env_var_honoured(tmp_path, monkeypatch, data_dir):
     assert resolve_data_dir(None) == tmp_path.resolve()
     small = load_dataset("seed")
     assert len(small.frame) == 146 and len(small.countries()) == 2
-    assert resolve_data_dir(data_dir) == data_dir  # explicit argument wins over the env var
+    assert resolve_data_dir(data_dir) == data_dir.resolve()  # explicit argument wins over the env var
     monkeypatch.setenv("CARBONFED_DATA_DIR", str(tmp_path / "absent"))
     with pytest.raises(DataError, match="CARBONFED_DATA_DIR"):
         resolve_data_dir(None)
