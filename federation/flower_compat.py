@@ -29,7 +29,8 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
 The simulation engine is imported only when :func:`simulate` runs (it takes seconds and is not
 needed by a SuperNode's ClientApp), so that this module stays cheap to import.
 
-Guarantees: Ray is shut down when :func:`simulate` returns or raises. If a Flower upgrade moves
+Guarantees: Ray is shut down when :func:`simulate` returns or raises, and no process of the Ray it
+started is left running (each carries a marker in its environment and is stopped by PID). If a Flower upgrade moves
 or changes these internals, this module fails (at import or in the call), and nothing else in
 carbonfed needs to change but this file.
 """
@@ -37,6 +38,7 @@ carbonfed needs to change but this file.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -50,7 +52,10 @@ from flwr.serverapp import ServerApp
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
+from .deploy.processes import stop_marked
+
 FLOWER_VERSION_CHECKED = "1.42.0"
+RAY_MARKER_ENV = "CARBONFED_RAY_MARKER"   # in the environment of every process of a Ray we started
 
 
 def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: dict,
@@ -103,6 +108,7 @@ def _start_ray(init_args: dict) -> None:
 
     if ray.is_initialized():
         return
+    os.environ[RAY_MARKER_ENV] = f"ray-{os.getpid()}-{secrets.token_hex(4)}"   # inherited by all of Ray's processes
     handlers = {s: signal.getsignal(s) for s in _SIGNALS} if threading.current_thread() is threading.main_thread() else {}
     pythonpath = os.pathsep.join(sys.path)        # as Flower: the workers import what this driver imports
     if os.environ.get("PYTHONPATH"):
@@ -117,10 +123,18 @@ def _start_ray(init_args: dict) -> None:
 
 
 def _stop_ray() -> None:
+    """Shut Ray down, also when an interruption came while ``ray.init`` was still starting it (Ray is
+    not "initialized" yet, but its node processes run); then stop, by PID, every process that still
+    carries this run's marker: an agent the raylet was still starting when it was stopped does not
+    notice that its raylet is gone (Ray 2.55 agents check their parent only once started)."""
     import ray
+    import ray._private.worker as ray_worker
 
-    if ray.is_initialized():
+    if ray.is_initialized() or getattr(ray_worker, "_global_node", None) is not None:
         ray.shutdown()
+    marker = os.environ.pop(RAY_MARKER_ENV, None)
+    if marker is not None:
+        stop_marked(marker, RAY_MARKER_ENV, grace_s=5.0)
 
 
 def act_as_server_app(run_id: int) -> None:

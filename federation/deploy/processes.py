@@ -41,13 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_marker(pid: int) -> str | None:
+def _proc_marker(pid: int, env_name: str = MARKER_ENV) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             env = fh.read().split(b"\0")
     except OSError:
         return None
-    prefix = MARKER_ENV.encode() + b"="
+    prefix = env_name.encode() + b"="
     for item in env:
         if item.startswith(prefix):
             return item[len(prefix):].decode(errors="replace")
@@ -64,16 +64,44 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def marked_pids(marker: str) -> list[int]:
-    """PIDs of the live processes whose environment carries ``marker`` (exactly, or as
-    ``marker/<role>``): every process a deployment started, including grandchildren."""
+def marked_pids(marker: str, env_name: str = MARKER_ENV) -> list[int]:
+    """PIDs of the live processes (this one excepted) whose environment carries ``env_name=marker``
+    (exactly, or as ``marker/<role>``): every process a deployment started, including grandchildren."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
-            m = _proc_marker(int(entry))
+            m = _proc_marker(int(entry), env_name)
             if m is not None and (m == marker or m.startswith(marker + "/")) and _alive(int(entry)):
                 out.append(int(entry))
     return sorted(out)
+
+
+def stop_pids(find, sig: int = signal.SIGTERM, grace: float = 5.0, reap=lambda: None) -> None:
+    """Send ``sig`` to every PID ``find()`` returns, by PID, until it returns none; what is still
+    alive ``grace`` seconds later gets SIGKILL. ``reap`` collects exited children of this process.
+    Raises :class:`DeployError` if a process survives SIGKILL for 10 s."""
+    deadline = time.monotonic() + grace
+    sent: set[int] = set()
+    while pids := find():
+        late = time.monotonic() > deadline
+        for pid in pids:
+            if late or pid not in sent:
+                try:
+                    os.kill(pid, signal.SIGKILL if late else sig)
+                except ProcessLookupError:
+                    pass
+                sent.add(pid)
+        reap()
+        time.sleep(0.2)
+        if time.monotonic() > deadline + 10:
+            raise DeployError(f"processes {pids} survive SIGKILL")
+    reap()
+
+
+def stop_marked(marker: str, env_name: str, grace_s: float = 5.0) -> None:
+    """Stop (SIGTERM, then SIGKILL after ``grace_s``) every live process whose environment carries
+    ``env_name=marker``; waits until none is left."""
+    stop_pids(lambda: marked_pids(marker, env_name), signal.SIGTERM, grace_s)
 
 
 class Processes:
@@ -132,22 +160,7 @@ class Processes:
     def kill(self, role: str | None = None, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
         """Send ``sig`` to every live process of ``role`` (all roles if None), by PID; what is
         still alive ``grace`` seconds later gets SIGKILL. Reaps the direct children."""
-        deadline = time.monotonic() + grace
-        sent: set[int] = set()
-        while pids := self.pids(role):
-            late = time.monotonic() > deadline
-            for pid in pids:
-                if late or pid not in sent:
-                    try:
-                        os.kill(pid, signal.SIGKILL if late else sig)
-                    except ProcessLookupError:
-                        pass
-                    sent.add(pid)
-            self._reap()
-            time.sleep(0.2)
-            if time.monotonic() > deadline + 10:
-                raise DeployError(f"processes {pids} survive SIGKILL")
-        self._reap()
+        stop_pids(lambda: self.pids(role), sig, grace, self._reap)
 
     def _reap(self) -> None:
         with self._lock:
