@@ -52,7 +52,7 @@ from flwr.serverapp import ServerApp
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from .deploy.processes import stop_marked
+from .deploy.processes import marked_tree, stop_marked
 
 FLOWER_VERSION_CHECKED = "1.42.0"
 RAY_MARKER_ENV = "CARBONFED_RAY_MARKER"   # in the environment of every process of a Ray we started
@@ -125,16 +125,21 @@ def _start_ray(init_args: dict) -> None:
 def _stop_ray() -> None:
     """Shut Ray down, also when an interruption came while ``ray.init`` was still starting it (Ray is
     not "initialized" yet, but its node processes run); then stop, by PID, every process that still
-    carries this run's marker: an agent the raylet was still starting when it was stopped does not
+    carries this run's marker or descends from one that did (taken before the shutdown, since the
+    shutdown orphans them): an agent the raylet was still starting when it was stopped does not
     notice that its raylet is gone (Ray 2.55 agents check their parent only once started)."""
     import ray
     import ray._private.worker as ray_worker
 
-    if ray.is_initialized() or getattr(ray_worker, "_global_node", None) is not None:
-        ray.shutdown()
-    marker = os.environ.pop(RAY_MARKER_ENV, None)
-    if marker is not None:
-        stop_marked(marker, RAY_MARKER_ENV, grace_s=5.0)
+    marker = os.environ.get(RAY_MARKER_ENV)
+    ours = marked_tree(marker, RAY_MARKER_ENV) if marker else {}
+    try:
+        if ray.is_initialized() or getattr(ray_worker, "_global_node", None) is not None:
+            ray.shutdown()
+    finally:
+        os.environ.pop(RAY_MARKER_ENV, None)
+        if marker:
+            stop_marked(marker, RAY_MARKER_ENV, grace_s=5.0, known=ours)
 
 
 def act_as_server_app(run_id: int) -> None:

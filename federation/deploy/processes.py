@@ -98,10 +98,50 @@ def stop_pids(find, sig: int = signal.SIGTERM, grace: float = 5.0, reap=lambda: 
     reap()
 
 
-def stop_marked(marker: str, env_name: str, grace_s: float = 5.0) -> None:
-    """Stop (SIGTERM, then SIGKILL after ``grace_s``) every live process whose environment carries
-    ``env_name=marker``; waits until none is left."""
-    stop_pids(lambda: marked_pids(marker, env_name), signal.SIGTERM, grace_s)
+def _start_times() -> dict[int, tuple[int, int]]:
+    """``pid -> (parent pid, start time in clock ticks)`` of every live process (zombies excepted)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def marked_tree(marker: str, env_name: str) -> dict[int, int]:
+    """``pid -> start time`` of the processes whose environment carries ``env_name=marker`` and of all
+    their descendants. A descendant may no longer show the marker: a process that sets its title
+    (``setproctitle``, as Ray's agents and workers do) overwrites the memory ``/proc/PID/environ`` reads."""
+    table = _start_times()
+    found = {pid: table[pid][1] for pid in marked_pids(marker, env_name) if pid in table}
+    frontier = list(found)
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def stop_marked(marker: str, env_name: str, grace_s: float = 5.0, known: dict[int, int] | None = None) -> None:
+    """Stop (SIGTERM, then SIGKILL after ``grace_s``) every live process of :func:`marked_tree`, and those
+    of ``known`` (an earlier :func:`marked_tree`: children orphaned since) that still run with the same
+    start time (so a reused PID is never signalled); waits until none is left."""
+    known = dict(known or {})
+
+    def find() -> list[int]:
+        known.update(marked_tree(marker, env_name))
+        table = _start_times()
+        return sorted(pid for pid, start in known.items() if pid in table and table[pid][1] == start
+                      and pid != os.getpid())
+
+    stop_pids(find, signal.SIGTERM, grace_s)
 
 
 class Processes:
