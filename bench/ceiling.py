@@ -19,10 +19,17 @@
    accountant and the statistics code.
 
 Usage: python bench/ceiling.py [--data-dir DIR]   (about a minute on 2 cores)
+
+``--owid '{"log_bound": 10}' '{"log_bound": 14}' ...`` instead scores the OWID preset's ``dp+he``
+job (log features of two DP statistics stages, the same twin) with each JSON object of RunConfig
+overrides, on the training countries' validation folds 0–4 (``--val-seeds`` draws each; the
+held-out countries are not used; ``--heldout``: on them, seeds 0 to ``--val-seeds`` − 1, for
+figures printed after a choice): how ``carbonfed.data.owid.OWID_LOG_BOUND`` was checked for ``dp+he``.
 """
 
 import argparse
 import functools
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -61,7 +68,7 @@ def dp_stats_features(cfg, x, y, country, train, rng, noise=True, stage_sigmas=N
     def noisy(i, layout, v):
         return v + rng.normal(0, sigmas[i] * layout.sensitivity, v.shape) if noise else v
     scaler = Standardizer.from_sums(sum(noisy(0, stages[0], stages[0].local_sums(x[country == c], y[country == c]))
-                                          for c in train), x.shape[1], k)
+                                          for c in train), x.shape[1], k, stages[0].log_bound)
     for i, lay in enumerate(stages[1:], 1):
         scaler = lay.scaler_from_sums(sum(noisy(i, lay, lay.local_sums(x[country == c], scaler)) for c in train), scaler,
                                       len(train))
@@ -135,9 +142,9 @@ def log_loss(z, y, w, mask):
     return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(mask.sum()), y[mask]]))
 
 
-def seed_arrays(data_dir):
-    """(x, y, country of each row, holdout-offset-0 partition) of the seed data set."""
-    ds = load_dataset("seed", data_dir)
+def seed_arrays(data_dir, name="seed"):
+    """(x, y, country of each row, holdout-offset-0 partition) of the seed (or ``name``) data set."""
+    ds = load_dataset(name, data_dir)
     countries = ds.countries()
     rows = [ds.client_arrays(c) for c in countries]
     x = np.concatenate([r[0] for r in rows]).astype(np.float64)
@@ -146,10 +153,38 @@ def seed_arrays(data_dir):
     return x, y, country, split_countries(countries, 0)
 
 
+def owid_settings(data_dir, specs, val_seeds, heldout=False):
+    """Validation (or held-out) accuracy / macro-F1 of the OWID ``dp+he`` preset in the twin with
+    each JSON object of RunConfig overrides."""
+    x, y, country, part = seed_arrays(data_dir, "owid")
+    for spec in specs:
+        cfg = RunConfig(dataset="owid", **json.loads(spec))
+        q, steps = planned_mechanism(settings(cfg))
+        sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, steps * cfg.rounds,
+                                prior=[(cfg.stats_sigma, 1.0, 1)] * cfg.stats_releases)
+        accs, f1s = [], []
+        for fold in [None] if heldout else range(5):
+            p = part if fold is None else split_countries(part.train, fold)
+            for seed in range(val_seeds):
+                rng = np.random.default_rng([seed, 0 if fold is None else fold + 1])
+                z, counts = dp_stats_features(cfg, x, y, country, p.train, rng, counts=True)
+                w = dp_fedavg(cfg, z, y, country, p.train, rng, sigma, init=prior_init(z.shape[1], counts))
+                a, f = score(z, y, w, np.isin(country, p.test))
+                accs.append(a)
+                f1s.append(f)
+        print(f"owid dp+he preset {spec}, σ = {sigma:.2f}: {'held-out' if heldout else 'validation'} accuracy {np.mean(accs):.4f} "
+              f"± {np.std(accs) / np.sqrt(len(accs)):.4f}, macro-F1 {np.mean(f1s):.4f} ({len(accs)} runs)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--owid", nargs="+", default=[], help="JSON RunConfig overrides: the OWID dp+he check instead")
+    ap.add_argument("--val-seeds", type=int, default=4)
+    ap.add_argument("--heldout", action="store_true", help="with --owid: score the held-out countries")
     args = ap.parse_args()
+    if args.owid:
+        return owid_settings(args.data_dir, args.owid, args.val_seeds, args.heldout)
     x, y, country, part = seed_arrays(args.data_dir)
     tr, te = np.isin(country, part.train), np.isin(country, part.test)
 

@@ -1,7 +1,7 @@
 """Issue 19's acceptance figures from real runs: ``ddp+he`` (and, side by side, ``dp+he``) through
 Flower's simulation engine, one run per seed, held-out offset 0; prints one JSON object.
 
-Usage: python bench/ddp_accuracy.py [--dataset seed] [--epsilon 3] [--seeds 0,1,2] [--rounds 100]
+Usage: python bench/ddp_accuracy.py [--dataset seed] [--epsilon 3] [--seeds 0,1,2] [--rounds N]
        [--compare dp+he] [--out DIR]
 
 Per run: held-out accuracy and macro-F1 (``report.json``), ε_max that the clients charged, the
@@ -11,7 +11,7 @@ the whole run (keys to report). ``--compare MODE`` runs MODE with its own defaul
 30 rounds) for the same seeds, one after the other, so that the wall-time ratio is measured on the
 same machine in one invocation. Means are over the seeds. Settings come from the data set's ddp
 preset (:data:`carbonfed.federation.presets.DDP_PRESETS`, chosen on validation folds by
-``bench/ddp_twin.py``); nothing here is tuned.
+``bench/ddp_twin.py``; its rounds too unless ``--rounds`` is given); nothing here is tuned.
 """
 
 import argparse
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="seed", help="seed or owid (default seed)")
     ap.add_argument("--epsilon", type=float, default=3.0, help="target ε (default 3)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--rounds", type=int, default=100, help="rounds of the ddp+he runs (default 100)")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of the ddp+he runs (default 0: the ddp preset's)")
     ap.add_argument("--compare", default="", help="a mode to run beside it with its own defaults (e.g. dp+he)")
     ap.add_argument("--out", default="", help="folder for the runs (default: a temporary one)")
     args = ap.parse_args(argv)

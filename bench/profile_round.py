@@ -1,7 +1,7 @@
 """CPU profile of one carbonfed round, clients and server apart, in one process (no Ray).
 
-Usage: python bench/profile_round.py [--mode none|dp|he|dp+he] [--rounds 3] [--profile-round 2] [--top 25]
-       [--out DIR]
+Usage: python bench/profile_round.py [--mode none|dp|he|dp+he] [--masks] [--rounds 3] [--profile-round 2]
+       [--top 25] [--out DIR]
 
 The seed main job (``--hidden linear --stats-stages 3 --average-last 10``, as
 ``bench/round_time.py``) runs with carbonfed's own ServerApp pieces (setup, then
@@ -16,6 +16,11 @@ other load on a shared machine does not change), one profile for the ClientApp c
 the server's own work (the profiler's overhead inflates that round's figures: compare the round
 before it), with the pickled sizes of a message and a node context (what Ray would carry per
 message).
+
+With ``--masks`` (HE modes) the run is masked (issue 22): after the setup the server's
+:class:`~carbonfed.federation.server.masking.ServerMasks` collects the adverts and the first
+bundles (as ``ResumableRun.start`` does), and every round carries its ``query.masks`` exchanges,
+timed and profiled like the rest.
 
 Prints the top functions of both profiles by own time and by cumulative time.
 """
@@ -47,6 +52,7 @@ from carbonfed.federation.flower_compat import act_as_server_app
 from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.server.app import build_strategy
+from carbonfed.federation.server.masking import ServerMasks
 from carbonfed.federation.server.setup import setup
 
 MAIN_JOB = {"hidden": "linear", "stats_stages": 3, "average_last": 10}
@@ -141,12 +147,12 @@ def _top(prof: cProfile.Profile, sort: str, n: int) -> str:
     return "\n".join(lines[start - 3:])
 
 
-def profile(mode: str, rounds: int, profiled: int, out: Path, top: int) -> str:
+def profile(mode: str, rounds: int, profiled: int, out: Path, top: int, masks: bool = False) -> str:
     data_dir = str(resolve_data_dir(None))
     keys = out / "keys"
     cfg = RunConfig(privacy=mode, rounds=rounds, data_dir=data_dir, out_dir=str(out / "run"),
                     state_dir=str(out / "run" / ".client-state"), keys_dir=str(keys), reproducible_noise=True,
-                    **MAIN_JOB)
+                    masks=masks, **MAIN_JOB)
     keygen_for([cfg], keys)
     num_nodes = len(load_run_data(cfg).countries())
     with sealed_simulation(replace(cfg, min_nodes=num_nodes)) as cfg:
@@ -157,7 +163,11 @@ def profile(mode: str, rounds: int, profiled: int, out: Path, top: int) -> str:
         t0 = time.perf_counter()
         setup(grid, run.courier, run.recorder)
         run.checkpoint()
-        report = [f"mode {mode}: setup {time.perf_counter() - t0:.2f} s wall"]
+        run.fedavg.masks = ServerMasks.for_run(run.fedavg, run.recorder, grid, run.courier)
+        if run.fedavg.masks is not None:
+            run.fedavg.masks.begin(1)           # adverts, then round 1's bundles (as ResumableRun.start)
+        report = [f"mode {mode}{' masked' if masks else ''}: setup {time.perf_counter() - t0:.2f} s wall"]
+        report += _per_kind(grid)
         for rnd in range(1, rounds + 1):
             grid.times.clear()
             if rnd == profiled:
@@ -186,6 +196,7 @@ def profile(mode: str, rounds: int, profiled: int, out: Path, top: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", default="none", choices=("none", "dp", "he", "dp+he"))
+    ap.add_argument("--masks", action="store_true", help="mask the run (issue 22; HE modes only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile-round", type=int, default=2,
                     help="the round to profile (default 2: warm caches; the last round's ε was computed by the "
@@ -196,7 +207,7 @@ def main() -> None:
     if not 1 <= args.profile_round <= args.rounds:
         ap.error("--profile-round must be one of the rounds run")
     out = Path(args.out or tempfile.mkdtemp(prefix="profile-round-"))
-    print(profile(args.mode, args.rounds, args.profile_round, out, args.top))
+    print(profile(args.mode, args.rounds, args.profile_round, out, args.top, args.masks))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ part), ``lr_final`` (cosine decay of the local lr to lr·lr_final by the last ro
 process: ``activation: "tanh"``, ``weight_decay: w`` (local SGD's L2 decay), ``per_layer: true``
 (Opacus per-layer clipping, equal split), ``clamp: k`` (standardised inputs clipped to ±k),
 ``scale: "mean" | z`` (std from |DP mean| where the DP variance is not z noise standard deviations
-above 0), ``log_unit: c`` / ``log_bound: b`` (transform ``clip(sign(x)·log1p(|x|/c), ±b)/b``
-instead of c = 1, b = 10), ``prior_bias: k`` (output bias initialised to k·log of the seed data's
+above 0), ``log_unit: c`` / ``log_unit_bound: b`` (transform ``clip(sign(x)·log1p(|x|/c), ±b)/b``
+instead of c = 1; ``log_bound``, the range with c = 1, is a RunConfig setting), ``prior_bias: k`` (output bias initialised to k·log of the seed data's
 class shares), ``refine_clip: r`` (second-stage statistics clip instead of 20), ``server_adam: lr`` / ``server_tau`` (FedAdam on the decrypted aggregate).
 """
 
@@ -67,9 +67,9 @@ def _apply_hacks(h: dict) -> None:
         S.Standardizer.from_sums = classmethod(from_sums)
     if h.get("log_unit"):
         import carbonfed.data.features as S
-        c, b = float(h["log_unit"]), float(h.get("log_bound", 16.0))
+        c, b = float(h["log_unit"]), float(h.get("log_unit_bound", 16.0))
 
-        def transform(x):
+        def transform(x, log_bound=None):
             x = np.asarray(x, dtype=np.float64)
             return np.clip(np.sign(x) * np.log1p(np.abs(x) / c), -b, b) / b
         S.transform = transform
@@ -92,7 +92,8 @@ def _apply_hacks(h: dict) -> None:
         Standardizer.apply = lambda self, x: np.clip(apply(self, x), -k, k)
 
 
-HACKS = ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_bound", "prior_bias", "refine_clip")
+HACKS = ("weight_decay", "activation", "per_layer", "clamp", "scale", "log_unit", "log_unit_bound", "prior_bias",
+         "refine_clip")
 
 
 def _extras(kw: dict) -> tuple[dict, dict]:

@@ -14,11 +14,13 @@ and the deployment write for Flower, the same as ``pyproject.toml``'s.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from carbonfed.data.features import LOG_BOUND
 from carbonfed.federation.faults import parse_drill
 from carbonfed.federation.presets import AUTO, DDP_AUTO, preset_help, resolve
 from carbonfed.privacy.accountant import stats_noise_floor
@@ -52,6 +54,8 @@ _MEANINGS = {
     "stats_noise_multiplier": "noise multiplier of the DP statistics releases (0: exact statistics, outside the "
                               "guarantee); ",
     "stats_stages": "statistics releases before training: 1, 2 (a refinement) or 3 (then the asinh features); ",
+    "log_bound": "range of the signed-log feature transform: |log1p(x)| is clipped to it (the log of a public bound of "
+                 "the variables' magnitude); ",
     "max_client_samples": "the most rows one client may hold (a public bound: it sizes the encodings); ",
     "param_clip": "each model parameter is clipped to ±param-clip before it is encoded; ",
     "max_clients_per_round": "the most updates one round sums (sizes the encoding's headroom); ",
@@ -60,6 +64,10 @@ _MEANINGS = {
     "round_timeout": "seconds the server waits for the replies of one round; ",
     "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
     "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
+    "masks": "HE modes: pairwise masks inside the encrypted uploads, so that no key holder with the server sees one "
+             "client's update (opt-in while a masked round costs 1.7x an unmasked one); ",
+    "mask_neighbours": "masks: each client's neighbours (0: every other training client; an even k: k of them on a "
+                       "public ring, fewer bytes per round, a threshold of k - floor(k/3)); ",
     "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
     "min_noise_clients": "ddp+he: each client's noise share is calibrated for this many contributors, and a round "
                          "with fewer is not released (0: ⌈0.8 · training clients⌉); ",
@@ -97,12 +105,14 @@ def _range_errors(cfg: "RunConfig") -> list[str]:
               "max_grad_norm": (_positive, "a finite number > 0"), "class_weight_power": (_nonneg, "finite and >= 0"),
               "average_last": (lambda v: v >= 1, ">= 1 (1: the final round's model)"),
               "stats_noise_multiplier": (_nonneg, "finite and >= 0"), "stats_stages": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+              "log_bound": (_positive, "a finite number > 0"),
               "max_client_samples": (lambda v: v >= 1, ">= 1"), "param_clip": (_positive, "a finite number > 0"),
               "max_clients_per_round": (lambda v: v >= 1, ">= 1"), "min_train_clients": (lambda v: v >= 1, ">= 1"),
               "min_nodes": (lambda v: v >= 0, ">= 0"), "round_timeout": (_positive, "a finite number of seconds > 0"),
               "min_noise_clients": (lambda v: v >= 0, ">= 0 (0: ⌈0.8 · training clients⌉)"),
               "ddp_sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"), "ddp_clip": (_nonneg, "finite and >= 0"),
-              "ddp_stats_sigma": (_nonneg, "finite and >= 0")}
+              "ddp_stats_sigma": (_nonneg, "finite and >= 0"),
+              "mask_neighbours": (lambda v: v == 0 or (v >= 2 and v % 2 == 0), "0 or an even number >= 2")}
     errors = [f"{name.replace('_', '-')} must be {text}, got {getattr(cfg, name)!r}"
               for name, (ok, text) in checks.items() if not ok(getattr(cfg, name))]
     if cfg.ddp and cfg.server_opt not in ("adam", "momentum"):
@@ -131,7 +141,7 @@ class RunConfig:
     privacy: str = "dp+he"
     epsilon: float = 3.0
     delta: float = 1e-5
-    rounds: int = 30
+    rounds: int = 0                 # 0: the data set's preset (30; ddp+he presets choose their own)
     seed: int = 0
     holdout_offset: int = 0
     local_epochs: int = 2
@@ -144,6 +154,7 @@ class RunConfig:
     average_last: int = 0
     stats_noise_multiplier: float = 4.0
     stats_stages: int = 0
+    log_bound: float = 0.0          # range of the log transform (data/features.py); 0: the preset's
     max_client_samples: int = 512
     param_clip: float = 8.0
     max_clients_per_round: int = 256
@@ -155,6 +166,10 @@ class RunConfig:
     state_dir: str = ""      # clients' state folder where the node config names none (carbonfed run)
     fault_drill: str = ""
     reproducible_noise: bool = False
+    # pairwise masks inside the BFV plaintext (issue 22): HE modes only; opt-in until a masked round costs
+    # at most 1.5x an unmasked one (measured 1.7x: bench/mask_cost.py)
+    masks: bool = False
+    mask_neighbours: int = 0     # 0: every other training client; k (even): a circulant neighbourhood of k
     # the sealed charter this run's clients endorsed (charter.json; carbonfed.privacy.charter): a local
     # path, so outside the digest and the charter itself
     charter: str = ""
@@ -269,6 +284,11 @@ class RunConfig:
         return self.privacy in ("he", "dp+he", "ddp+he")
 
     @property
+    def masked(self) -> bool:
+        """Pairwise masks on the uploads (issue 22): on (``masks``) in an HE mode."""
+        return self.he and self.masks
+
+    @property
     def hidden_sizes(self) -> tuple[int, ...]:
         text = str(self.hidden).strip().lower()
         if text in ("linear", "none", "0"):
@@ -308,7 +328,8 @@ class RunConfig:
         for f in fields(cls):
             if f.name not in skip:
                 default = getattr(defaults, f.name)
-                kind = {"action": "store_true"} if isinstance(default, bool) else {"type": type(default)}
+                kind = ({"action": argparse.BooleanOptionalAction if default else "store_true"}
+                        if isinstance(default, bool) else {"type": type(default)})
                 parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
                                     help=_HELP.get(f.name, "") + (preset_help(f.name) or f"default {default!r}"))
 
@@ -323,6 +344,10 @@ class RunConfig:
         d = asdict(self)
         for k in ("data_dir", "keys_dir", "out_dir", "min_nodes", "charter") + (() if self.ddp else DDP_ONLY):
             d.pop(k)     # a run of another mode keeps the digest it had before ddp+he existed
+        if not self.masked:
+            d.pop("masks"), d.pop("mask_neighbours")   # unmasked runs keep the digest they had before masks existed
+        if d["log_bound"] == LOG_BOUND:
+            d.pop("log_bound")   # the range every run had before it was a setting: those runs keep their digest
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

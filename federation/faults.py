@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-FAULTS = ("corrupt", "wrong-length", "foreign-key", "nan")
+FAULTS = ("corrupt", "wrong-length", "foreign-key", "nan",
+          "mask-impostor", "mask-bad-key", "mask-replay")   # the last three: carbonfed.federation.client.masking
 
 
 def parse_drill(spec: str) -> dict[str, str]:

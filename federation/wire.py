@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from carbonfed.federation.flower_compat import node_unavailable
 from carbonfed.privacy.he import CiphertextError
+from carbonfed.privacy.masks import MaskPlan, plan_masks
 
 # The message types of carbonfed's own requests (the ClientApp registers them as
 # ``@app.query("setup")`` and so on); training and evaluation use Flower's MessageType.
@@ -26,6 +27,18 @@ SETUP = "query.setup"     # round 0: role, country, key fingerprint and the stag
 REFINE = "query.refine"   # round 0: statistics stage 2 or 3 (DP runs of more stages)
 ROLE = "query.role"       # a resumed server asks a node who it is (no data, no budget)
 CLOSE = "query.close"     # after the last round: each client signs its final history (carbonfed.privacy.statements)
+MASKS = "query.masks"     # the mask protocol's steps (issue 22): config "mask-step" = advert, share, seeds, unmask
+MASK_STEPS = ("advert", "share", "seeds", "unmask")
+
+
+def mask_roster(charter) -> list[str]:
+    """The clients of the mask protocol: the charter's training clients, sorted (both sides)."""
+    return sorted(c for c, role in charter.roles.items() if role == "train")
+
+
+def mask_plan(cfg, charter) -> MaskPlan:
+    """The run's mask plan (both sides): the charter's training clients, ``mask-neighbours`` each."""
+    return plan_masks(len(mask_roster(charter)), cfg.mask_neighbours or None)
 
 
 def bytes_record(data: bytes, stype: str) -> ArrayRecord:

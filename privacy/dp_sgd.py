@@ -16,6 +16,11 @@ Guarantees (DP on)
   unless the run asked for reproducible noise, never from torch's Mersenne Twister; the noise is
   hardened against floating-point attacks as Opacus's ``secure_mode`` is (which itself needs the
   unmaintained ``torchcsprng``): :class:`HardenedNoiseDPOptimizer`.
+* Audit hook: with ``canaries`` (:func:`carbonfed.privacy.canary_grad.audit_canaries`, only while
+  ``carbonfed audit-attack`` runs its own canary federation) the included gradient canaries are
+  Poisson-sampled at ``q`` into each step's clipped sum before the noise. Without them
+  (:data:`~carbonfed.privacy.canary_grad.NO_CANARIES`, the default) nothing changes: the same
+  draws from ``noise`` in the same order, the same model.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import Sampler
 
+from carbonfed.privacy.canary_grad import NO_CANARIES, audit_canaries  # noqa: F401  (the participant's hook)
 from carbonfed.privacy.randomness import NoiseSource
 
 
@@ -86,23 +92,27 @@ class HardenedNoiseDPOptimizer(DPOptimizer):
     max_grad_norm`` on the clipped sum) with the noise drawn from a :class:`NoiseSource`
     (ChaCha20, sum-of-four hardening) instead of torch's generator."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, **kwargs):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, canaries=NO_CANARIES, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.noise = noise
+        self.canaries = canaries
 
     def add_noise(self):
-        std = self.noise_multiplier * self.max_grad_norm
+        # the audit's fault drill may scale the noise actually drawn (1 outside it)
+        std = self.noise_multiplier * self.max_grad_norm * self.canaries.noise_scale
+        extra = self.canaries.step_gradients(self.params, self.max_grad_norm) if self.canaries else {}
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             draw = self.noise.normal(std, tuple(p.summed_grad.shape))
-            p.grad = (p.summed_grad + torch.from_numpy(draw).to(p.summed_grad.dtype)).view_as(p)
+            grad = p.summed_grad + torch.from_numpy(draw).to(p.summed_grad.dtype)
+            p.grad = (grad + extra[id(p)] if id(p) in extra else grad).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings,
-                noise: NoiseSource) -> TrainOutcome:
+                noise: NoiseSource, canaries=NO_CANARIES) -> TrainOutcome:
     """Train ``model`` in place on ``(x, y)``, every random draw from ``noise``; returns what the
-    accountant needs."""
+    accountant needs. ``canaries``: the audit's gradient canaries (DP on only)."""
     xs, ys = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
     n_rows = len(ys)
     sample_rate, planned_steps = planned_mechanism(settings)
@@ -111,6 +121,10 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     batches = PoissonBatches(n_rows, sample_rate, settings.batches_per_epoch, noise)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     module, accountant = model, None
+    if canaries:
+        if settings.noise_multiplier is None:
+            raise ValueError("gradient canaries audit DP-SGD: this client trains without DP")
+        canaries.start(model, sample_rate)
     if settings.noise_multiplier is not None:
         # What PrivacyEngine.make_private assembles, with the noise from ``noise``.
         ModuleValidator.validate(model, strict=True)
@@ -120,7 +134,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
         module.forbid_grad_accumulation()
         # Opacus averages by the expected batch n·q (at least 1 for a client with fewer rows than batches).
         optimizer = HardenedNoiseDPOptimizer(
-            optimizer, noise=noise, noise_multiplier=settings.noise_multiplier,
+            optimizer, noise=noise, canaries=canaries, noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm, expected_batch_size=max(1.0, n_rows * sample_rate))
         accountant = PRVAccountant()
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

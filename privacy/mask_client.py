@@ -19,33 +19,65 @@ Guarantees
 * Never both for one neighbour in one round: the pair seed (seeds step) and the key of the share
   it dealt this client (keys step). The seeds step is refused once keys were revealed, a key is
   withheld for a neighbour whose seed was revealed, and ``S`` may only shrink between requests.
+* With a ``root`` (:func:`mask_root`, derived from the client's Ed25519 key; a deployed client keeps
+  nothing in memory between messages) the agreement key and every round's self-mask secret and
+  dealing are derived from it: a bundle asked again is the same bytes, and
+  :meth:`MaskingClient.round_state` / :meth:`MaskingClient.restore` carry what the rule above needs
+  (the lists it was told, the seeds and keys it revealed) through the client's durable state.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carbonfed.privacy import shamir
 from carbonfed.privacy.mask_wire import MaskRejection, Rejection, bitmap, names_digest, open_message, seal
-from carbonfed.privacy.masks import (MaskPlan, PairRound, agreement_public, commit, mask_sum,
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from carbonfed.privacy.masks import (DOMAIN, MaskPlan, PairRound, agreement_public, commit, mask_sum,
                                      mask_vector, neighbourhoods, new_agreement_key, pair_key, pair_round,
                                      self_seed)
+from carbonfed.privacy.signing import canonical
 
 NONCE = b"\0" * 12        # every share key encrypts exactly one share
+
+
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=DOMAIN + info).derive(key)
+
+
+def mask_root(signing_key: Ed25519PrivateKey, run: str, name: str) -> bytes:
+    """The per-run root of a client's mask secrets: HKDF-SHA256 of its Ed25519 key's seed, bound
+    to the run and the client (key separation: nothing derived from it is a signing key)."""
+    seed = signing_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+    return _hkdf(seed, b"root/" + canonical([run, name]))
 
 
 class MaskRefusal(RuntimeError):
     """A request this client will not answer (it would weaken its own or a neighbour's mask)."""
 
 
+def _field(text: str | bytes) -> bytes:
+    data = text if isinstance(text, bytes) else text.encode()
+    return len(data).to_bytes(4, "little") + data
+
+
+@functools.lru_cache(maxsize=64)
+def _aad_head(run: str, rnd: int) -> bytes:
+    return _field(b"carbonfed-mask-share") + _field(run) + _field(str(int(rnd)))
+
+
 def share_aad(run: str, rnd: int, dealer: str, holder: str) -> bytes:
     """What a share's AES-GCM tag binds: run, round, dealer and holder (length-prefixed)."""
-    parts = [b"carbonfed-mask-share", run.encode(), str(int(rnd)).encode(), dealer.encode(), holder.encode()]
-    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+    return _aad_head(run, int(rnd)) + _field(dealer) + _field(holder)
 
 
 def check_agreement_key(public: bytes) -> None:
@@ -96,13 +128,15 @@ class _Round:
 
 class MaskingClient:
     def __init__(self, name: str, signing_key: Ed25519PrivateKey, run: str, roster: list[str],
-                 plan: MaskPlan, modulus: int):
+                 plan: MaskPlan, modulus: int, root: bytes | None = None):
         self.name, self.run, self.plan = name, run, plan
         self.modulus = int(modulus)
         self._signing = signing_key
+        self._root = root
         self.neighbours = neighbourhoods(roster, plan, run)[name]
         self._xs = {c: i + 1 for i, c in enumerate(sorted(roster))}
-        self._agreement = new_agreement_key()
+        self._agreement = (new_agreement_key() if root is None
+                           else X25519PrivateKey.from_private_bytes(_hkdf(root, b"agreement")))
         self._pair_keys: dict[str, bytes] = {}
         self._round: _Round | None = None
         self._last_round = 0
@@ -123,6 +157,18 @@ class MaskingClient:
                     rejected.append(Rejection(peer, "key", f"unusable X25519 key: {exc}"))
         return rejected
 
+    def use_peer_keys(self, keys: dict[str, bytes]) -> dict[str, bytes]:
+        """Derive the pair keys from neighbours' X25519 keys checked before (:func:`read_adverts`);
+        returns them (a caller may keep them for :meth:`use_pair_keys`)."""
+        for peer, public in keys.items():
+            if peer in self.neighbours:
+                self._pair_keys[peer] = pair_key(self._agreement, public, self.run, self.name, peer)
+        return dict(self._pair_keys)
+
+    def use_pair_keys(self, pair_keys: dict[str, bytes]) -> None:
+        """Pair keys :meth:`use_peer_keys` derived for this very client before."""
+        self._pair_keys.update({p: k for p, k in pair_keys.items() if p in self.neighbours})
+
     @property
     def holders(self) -> list[str]:
         return [c for c in self.neighbours if c in self._pair_keys]
@@ -131,14 +177,16 @@ class MaskingClient:
 
     def share(self, rnd: int) -> bytes:
         """Step 1: the bundle (see the module docstring)."""
-        if rnd <= self._last_round:
+        again = self._root is not None and rnd == self._last_round     # derived: the very same bundle
+        if rnd <= self._last_round and not again:
             raise MaskRefusal(f"round {rnd} does not follow round {self._last_round}")
         holders = self.holders
         if len(holders) < self.plan.threshold:
             raise MaskRefusal(f"only {len(holders)} neighbours with keys, the threshold is {self.plan.threshold}")
-        secret = shamir.new_secret()
+        draw = None if self._root is None else self._draw(rnd)
+        secret = shamir.new_secret(draw)
         own = self_seed(shamir.secret_bytes(secret))
-        shares = shamir.split(secret, self.plan.threshold, [self._xs[h] for h in holders])
+        shares = shamir.split(secret, self.plan.threshold, [self._xs[h] for h in holders], draw)
         pairs = {h: pair_round(self._pair_keys[h], rnd) for h in holders}
         body = [commit(b"self", own), bitmap([c in pairs for c in self.neighbours])]
         for h, share in zip(holders, shares):
@@ -146,8 +194,35 @@ class MaskingClient:
             body.append(AESGCM(key).encrypt(NONCE, shamir.share_to_bytes(share),
                                             share_aad(self.run, rnd, self.name, h)))
             body.append(commit(b"pair", pairs[h].seed))
-        self._round, self._last_round = _Round(rnd, own, pairs), rnd
+        if not (again and self._round is not None and self._round.rnd == rnd):
+            self._round = _Round(rnd, own, pairs)
+        self._last_round = rnd
         return seal(self._signing, "bundle", self.run, rnd, self.name, b"".join(body))
+
+    def _draw(self, rnd: int):
+        return shamir.keyed_uniform(_hkdf(self._root, b"self/%d" % int(rnd)))
+
+    def round_state(self) -> dict:
+        """What this client must remember of its latest round (JSON): see :meth:`restore`."""
+        st = self._round
+        if st is None:
+            return {"last": self._last_round}
+        return {"last": self._last_round, "round": st.rnd, "shared": sorted(st.shared),
+                "seeds": sorted(st.seeds_revealed), "keys": st.keys_revealed,
+                "summed": None if st.summed is None else sorted(st.summed)}
+
+    def restore(self, saved: dict) -> None:
+        """Take up the round :meth:`round_state` described (a client with a ``root`` and its pair keys)."""
+        if self._root is None:
+            raise MaskRefusal("only a client with a derived root can restore a round")
+        if saved.get("round") is not None:
+            rnd = int(saved["round"])
+            own = self_seed(shamir.secret_bytes(shamir.new_secret(self._draw(rnd))))      # as share() drew it
+            self._round = st = _Round(rnd, own, {h: pair_round(self._pair_keys[h], rnd) for h in self.holders})
+            st.shared, st.seeds_revealed = set(saved["shared"]), set(saved["seeds"])
+            st.keys_revealed = bool(saved["keys"])
+            st.summed = None if saved["summed"] is None else set(saved["summed"])
+        self._last_round = int(saved.get("last", 0))
 
     def _state(self, rnd: int) -> _Round:
         if self._round is None or self._round.rnd != rnd:
@@ -157,6 +232,14 @@ class MaskingClient:
     def mask(self, rnd: int, vector: np.ndarray, shared: list[str], purpose: int = 0) -> np.ndarray:
         """Step 2: ``vector`` plus the self mask and the pair masks with neighbours in ``shared``;
         every vector of the round (model update, counts, statistics) has its own ``purpose``."""
+        st, peers = self._state(rnd), self.agree(rnd, shared)
+        total = mask_sum(len(vector), self.modulus, st.own_seed, {h: st.pairs[h].seed for h in peers}, self.name,
+                         purpose)
+        return mask_vector(vector, total, self.modulus)
+
+    def agree(self, rnd: int, shared: list[str]) -> list[str]:
+        """The checks and the record of :meth:`mask` without the masks (a client refuses a round
+        before anything is charged): the neighbours it masks against; refuses as :meth:`mask` does."""
         st = self._state(rnd)
         shared_set = set(shared)
         if st.shared and st.shared != shared_set:
@@ -165,9 +248,7 @@ class MaskingClient:
         if self.name not in shared or len(peers) < self.plan.threshold:
             raise MaskRefusal(f"{len(peers)} neighbours shared this round, the threshold is {self.plan.threshold}")
         st.shared = shared_set
-        total = mask_sum(len(vector), self.modulus, st.own_seed, {h: st.pairs[h].seed for h in peers}, self.name,
-                         purpose)
-        return mask_vector(vector, total, self.modulus)
+        return peers
 
     def _check_summed(self, st: _Round, summed: list[str]) -> set[str]:
         s = set(summed)

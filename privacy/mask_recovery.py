@@ -82,7 +82,7 @@ class RoundRecovery:
         self._shares: dict[str, dict[int, np.ndarray]] = {}
         self._key_replies: set[str] = set()
         self._confirmed: set[str] = set()
-        self._phase = "bundles"
+        self._phase, self._liveness = "bundles", True
         self._abandoned: str | None = None
         self._unmasking: tuple[dict, dict] | None = None
 
@@ -143,11 +143,14 @@ class RoundRecovery:
     def dropped(self) -> list[str]:
         return sorted(set(self.bundles) - (self._summed or set()))
 
-    def start_recovery(self, uploaded) -> None:
-        """``S``: the clients that shared and whose ciphertexts arrived."""
+    def start_recovery(self, uploaded, liveness: bool = True) -> None:
+        """``S``: the clients that shared and whose ciphertexts arrived. ``liveness=False``: the
+        seeds step goes only to summed clients with a dropped neighbour (they have seeds to
+        reveal); with nobody dropped the keys step follows at once, and a client that uploaded and
+        then vanished stays summed (its self mask comes from its holders' keys)."""
         if self._phase != "bundles":
             raise RuntimeError("recovery already started")
-        self._phase = "seeds"
+        self._phase, self._liveness = "seeds", liveness
         self._summed = set(self.bundles) & set(uploaded)
         for c in sorted(set(uploaded) - set(self.bundles)):
             self._reject(c, "upload", "uploaded without an accepted bundle: its ciphertext must not be summed")
@@ -172,7 +175,11 @@ class RoundRecovery:
         """Summed clients that have not answered the seeds step for the current ``summed()``: each
         reveals its pair seeds with dropped neighbours (none if nobody dropped) and so shows it
         is still up; a client that does not answer is :meth:`drop`-ped."""
-        return [j for j in self.summed() if j not in self._confirmed] if self._phase == "seeds" else []
+        if self._phase != "seeds":
+            return []
+        out = set(self.dropped())
+        return [j for j in self.summed() if j not in self._confirmed
+                and (self._liveness or any(l in out for l in self.graph[j]))]
 
     def drop(self, client: str, reason: str = "did not answer") -> None:
         """Move a summed client to the dropped ones (its ciphertext must leave the sum)."""

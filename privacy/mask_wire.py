@@ -94,6 +94,13 @@ def _parse(data: bytes, step: str, sender: str | None) -> tuple[dict, bytes, byt
     return header, bytes(data[2 + n:-SIGNATURE_BYTES]), bytes(data[-SIGNATURE_BYTES:])
 
 
+def read_unchecked(data: bytes) -> Message:
+    """A message's header and payload, *not* checked (its sender re-sealing its own message in a drill)."""
+    header, payload, _ = _parse(bytes(data), "?", None)
+    return Message(header["type"].removeprefix("carbonfed-mask-"), header["run"], header["round"], header["client"],
+                   header["answers"], payload)
+
+
 def open_message(data: bytes, kind: str, run: str, rnd: int, public_keys: dict[str, str],
                  sender: str | None = None, answers: str = "") -> Message:
     """Check ``data`` (see the module docstring) and return its content."""

@@ -90,6 +90,7 @@ Guarantees
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -205,6 +206,21 @@ class MaskPlan:
                 "max_dropped": self.max_dropped, "collusion_bound": self.collusion_bound,
                 "graph": "complete" if self.degree == self.clients - 1 else "circulant"}
 
+    def who_learns_what(self) -> dict[str, str]:
+        """Which coalitions learn what (the module docstring's table, with this plan's numbers)."""
+        t, c = self.threshold, self.collusion_bound
+        return {
+            "server_alone": "ciphertexts only: no single update and not even the aggregate (it holds no key)",
+            "server_with_fewer_than_t_clients": (
+                f"aggregates only: with at most {c} colluding clients (key holders) even if it lies about who "
+                f"dropped; with {c + 1} to {t - 1} only while it sends every client the true lists"
+                if c >= 0 else f"aggregates only with fewer than {t} colluding clients while it sends every "
+                "client the true lists (no bound holds against an equivocating server for this plan)"),
+            "t_or_more_clients": (f"{t} or more colluding clients with the server can unmask any single client's "
+                                  "update: against them only the DP noise that client added itself protects it "
+                                  "(ddp+he: its per-upload ε)"),
+        }
+
 
 def plan_masks(clients: int, degree: int | None = None, max_dropped: int | None = None) -> MaskPlan:
     """Complete graph (``degree=None``) or a ``degree``-regular circulant one; the threshold leaves
@@ -222,8 +238,13 @@ def plan_masks(clients: int, degree: int | None = None, max_dropped: int | None 
 
 def neighbourhoods(roster: list[str], plan: MaskPlan, run: str) -> dict[str, tuple[str, ...]]:
     """Each client's neighbours: everyone else, or the ``degree`` nearest on a circle ordered by
-    SHA-256 of (run, name), a public order nobody chooses."""
-    names = sorted(roster)
+    SHA-256 of (run, name), a public order nobody chooses. Memoised per process (a client rebuilds
+    its masking client at every message: the complete graph is ``n^2`` names); a fresh dict."""
+    return dict(_neighbourhoods(tuple(sorted(roster)), plan, run))
+
+
+@functools.lru_cache(maxsize=16)
+def _neighbourhoods(names: tuple[str, ...], plan: MaskPlan, run: str) -> dict[str, tuple[str, ...]]:
     if len(names) != plan.clients or len(set(names)) != len(names):
         raise ValueError("the roster must list plan.clients distinct names")
     if plan.degree == len(names) - 1:
@@ -268,6 +289,7 @@ class PairRound:
         return self.key_low if dealer_first else self.key_high
 
 
+@functools.lru_cache(maxsize=1 << 16)     # pure; asked for again at every message of the round (and the next)
 def pair_round(k_ij: bytes, rnd: int) -> PairRound:
     nonce = b"\0" * 4 + _ROUND_TAG + int(rnd).to_bytes(8, "little")
     block = Cipher(algorithms.ChaCha20(k_ij, nonce), mode=None).encryptor().update(bytes(64))

@@ -18,6 +18,9 @@ Guarantees
 * :func:`combine` returns the secret from any ``threshold`` (or more) shares of one dealing,
   by Lagrange interpolation at 0; x-coordinates must be distinct and in ``1 .. P - 1``.
 * :func:`share_from_bytes` refuses a share of the wrong length or with a limb outside the field.
+* With ``draw`` (:func:`keyed_uniform`: the ChaCha20 keystream of a 32-byte key) a secret and its
+  dealing are a deterministic function of that key, so a client that keeps nothing in memory
+  re-derives the very same shares (never a second dealing of one secret); without it, the OS CSPRNG.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import secrets
 from functools import lru_cache
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 P = 2 ** 31 - 1          # Mersenne prime: products of two elements fit int64
 LIMBS = 5                # 5 x 31 = 155 bits of secret
@@ -41,9 +45,25 @@ def _uniform(shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
-def new_secret() -> np.ndarray:
-    """A uniformly random secret: :data:`LIMBS` field elements."""
-    return _uniform((LIMBS,))
+def keyed_uniform(key: bytes):
+    """``draw(shape)``: uniform field elements from the ChaCha20 keystream of ``key`` (32 bytes),
+    31-bit words with the one value P redrawn; successive calls continue the stream."""
+    stream = Cipher(algorithms.ChaCha20(key, b"\0" * 8 + b"shamir\0\0"), mode=None).encryptor()
+
+    def words(n: int) -> np.ndarray:
+        return np.frombuffer(stream.update(bytes(4 * n)), dtype="<u4").astype(np.int64) & P
+
+    def draw(shape: tuple[int, ...]) -> np.ndarray:
+        out = words(int(np.prod(shape)))
+        while (bad := np.flatnonzero(out == P)).size:
+            out[bad] = words(bad.size)
+        return out.reshape(shape)
+    return draw
+
+
+def new_secret(draw=None) -> np.ndarray:
+    """A uniformly random secret: :data:`LIMBS` field elements (from ``draw`` if given)."""
+    return (draw or _uniform)((LIMBS,))
 
 
 def secret_bytes(secret: np.ndarray) -> bytes:
@@ -57,16 +77,16 @@ def _xs(xs) -> np.ndarray:
     return x
 
 
-def split(secret: np.ndarray, threshold: int, xs) -> np.ndarray:
+def split(secret: np.ndarray, threshold: int, xs, draw=None) -> np.ndarray:
     """Shares (one row of :data:`LIMBS` elements per x-coordinate) of ``secret``; any
-    ``threshold`` of them rebuild it, fewer reveal nothing."""
+    ``threshold`` of them rebuild it, fewer reveal nothing (coefficients from ``draw`` if given)."""
     x = _xs(xs)
     s = np.asarray(secret, dtype=np.int64)
     if s.shape != (LIMBS,) or (s < 0).any() or (s >= P).any():
         raise ValueError(f"a secret is {LIMBS} field elements")
     if not 1 <= threshold <= x.size:
         raise ValueError(f"threshold {threshold} outside 1..{x.size} (the number of shares)")
-    coeffs = np.vstack([s[None, :], _uniform((threshold - 1, LIMBS))])
+    coeffs = np.vstack([s[None, :], (draw or _uniform)((threshold - 1, LIMBS))])
     acc = np.zeros((x.size, LIMBS), dtype=np.int64)
     for c in coeffs[::-1]:                         # Horner: every value stays below P
         acc = (acc * x[:, None] + c) % P

@@ -8,7 +8,8 @@ server only sums ciphertexts, and the key holders decrypt the sum and derive the
 Guarantees
 ----------
 * Features first pass a fixed, data-independent transform: signed ``log1p`` clipped to
-  ``±LOG_BOUND`` and divided by it, so every transformed value lies in [-1, 1].
+  ``±log_bound`` (:attr:`StatsLayout.log_bound`, the data set's public range) and divided by it,
+  so every transformed value lies in [-1, 1].
 * Each record contributes ``r = (x̃, a·x̃²)`` (a = ``SECOND_MOMENT_WEIGHT``) clipped to L2 norm ``CONTRIB_CLIP`` (as DP-SGD clips
   gradients; real rows are rarely clipped since |x̃| is small), plus 1 to the count of its class.
   One record therefore changes a client's statistics vector ``(counts, Σr)`` by at most
@@ -93,6 +94,7 @@ class StatsLayout:
     noise_multiplier: float
     plain_modulus: int
     max_terms: int
+    log_bound: float = F.LOG_BOUND   # range of the log transform (carbonfed.data.features.transform)
 
     @property
     def length(self) -> int:
@@ -110,7 +112,7 @@ class StatsLayout:
         return FixedPointCodec(self.plain_modulus, clip=bound + tail + 1, max_terms=self.max_terms)
 
     def local_sums(self, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:
-        xt = F.transform(x_raw)
+        xt = F.transform(x_raw, self.log_bound)
         if len(xt) > self.max_client_samples:
             raise ValueError(f"{len(xt)} rows exceed max-client-samples={self.max_client_samples}")
         r = np.concatenate([xt, F.SECOND_MOMENT_WEIGHT * xt ** 2], axis=1)
@@ -126,7 +128,7 @@ class StatsLayout:
     def unpack_sum(self, vec: np.ndarray, terms: int) -> "Standardizer":
         payload = strip_checks(vec, terms, "statistics aggregate")
         self.codec.check_sum(payload, terms)
-        return Standardizer.from_sums(self.codec.decode(payload), self.n_features, self.n_classes)
+        return Standardizer.from_sums(self.codec.decode(payload), self.n_features, self.n_classes, self.log_bound)
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ class RefineLayout(_MomentStage):
     z_bound = F.REFINE_Z_BOUND
 
     def _z(self, x_raw, prev):
-        return (F.transform(x_raw) - prev.mean) / prev.unit
+        return (prev.features(x_raw) - prev.mean) / prev.unit   # the log transform at prev's (stage 1's) range
 
     def scaler_from_sums(self, sums, prev, terms):
         return prev.refined(sums)

@@ -45,7 +45,7 @@ Guarantees with ``state-dir`` (deployment)
   same aggregates it replays the same bytes (with ``state-dir``), otherwise a second release of
   stage k is refused.
 * ``query.role`` answers role, country and key fingerprint only (no data, no budget): a resumed
-  server uses it to learn which node is which country.
+  server uses it to learn which node is which country. ``query.masks``: :mod:`.masking` (issue 22).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from carbonfed.data import split_countries
+from carbonfed.federation.client import masking
 from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag
 from carbonfed.federation.client.signer import RequestRefused, Signer, parse_parts
 from carbonfed.federation.client.state import (PersistentState, accountant_steps, config_digest,  # noqa: F401
@@ -159,7 +160,7 @@ def _participant(context: Context) -> Participant:
     if state_dir:
         path = state_file(str(state_dir), country, cfg)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Participant(cfg, ds, part, country, ctx, load_state(context, path), fingerprint, signer=signer)
+    return Participant(cfg, ds, part, country, ctx, load_state(context, path, fingerprint), fingerprint, signer=signer)
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ def role(msg: Message, context: Context) -> Message:
     return _reply(msg, context, p, meta, {})
 
 
-def _train(msg: Message, context: Context, p: Participant, rnd: int, model, model_terms: int, stats) -> Message:
+def _train(msg: Message, context: Context, p: Participant, rnd: int, model, model_terms: int, stats,
+           shared: str = "") -> Message:
     """Train round ``rnd``: refused (signed) under the charter or the budget; an error after the
     round was charged is signed with the history it leaves (status ``error``)."""
     before = accountant_steps(p.state)
@@ -320,20 +322,24 @@ def _train(msg: Message, context: Context, p: Participant, rnd: int, model, mode
     facts = {**out["facts"], **({"history": p.accountant.history, "delta": p.signer.charter.delta} if p.cfg.dp else {})}
     meta = {"status": "ok", "fingerprint": p.fingerprint,
             **_signed(p, "train", rnd, facts, inputs=received(model, model_terms, stats), output=out["update"])}
-    remember(p.state, "train", _train_key(p, rnd, model, model_terms, stats), meta, out["update"])
+    remember(p.state, "train", _train_key(p, rnd, model, model_terms, stats, shared), meta, out["update"])
     return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
 
 
-def _train_key(p: Participant, rnd: int, model, model_terms: int, stats) -> str:
+def _train_key(p: Participant, rnd: int, model, model_terms: int, stats, shared: str = "") -> str:
     return request_key("train", rnd, model or b"", model_terms, *[x for pair in stats for x in pair],
-                       config_digest(p.cfg))
+                       config_digest(p.cfg), *([shared] if shared else []))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     p = _participant(context)
     rnd, model, model_terms, stats = _inputs(msg, p)
-    cached = recall(p.state, "train", _train_key(p, rnd, model, model_terms, stats))
+    try:                                # masks (issue 22): refused before anything is charged
+        shared = masking.arm(p, dict(msg.content.config_records["config"]), rnd)
+    except masking.MaskRefusal as exc:
+        return _refused(msg, context, p, str(exc), "train", rnd)
+    cached = recall(p.state, "train", _train_key(p, rnd, model, model_terms, stats, shared))
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached
         return _reply(msg, context, p, meta, {"update": bytes_record(update, _stype(p))})
@@ -344,7 +350,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, context, p, f"{p.country}: no record of this client's statistics release: its "
                                          "accountant state was lost (restart without node config state-dir?); "
                                          "refusing to train rather than under-state ε", "train", rnd)
-    return _train(msg, context, p, rnd, model, model_terms, stats)
+    return _train(msg, context, p, rnd, model, model_terms, stats, shared)
 
 
 @app.evaluate()
@@ -361,6 +367,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     meta = {"status": "ok", "fingerprint": p.fingerprint,
             **_signed(p, "evaluate", rnd, {}, inputs=received(model, model_terms, stats), output=metrics)}
     return _reply(msg, context, p, meta, {"metrics": bytes_record(metrics, _stype(p))})
+
+
+@app.query("masks")
+def masks(msg: Message, context: Context) -> Message:
+    """A step of the mask protocol (:mod:`.masking`): no data touched, no budget spent."""
+    p = _participant(context)
+    config = dict(msg.content.config_records["config"])
+    why = _refusal(p, int(config["server-round"]))
+    if why:
+        raise RuntimeError(f"{p.country} takes no part in the masks: {why}")
+    return _reply(msg, context, p, masking.answer(p, config), {})
 
 
 @app.query("close")

@@ -119,7 +119,7 @@ class ShareStage:
             raise WrapError(f"{what}: an entry beyond what {terms} honest uploads reach (a wrap or a dishonest term)")
         sums = payload.astype(np.float64) / self.scale
         if isinstance(self.base, StatsLayout):
-            return Standardizer.from_sums(sums, self.base.n_features, self.base.n_classes)
+            return Standardizer.from_sums(sums, self.base.n_features, self.base.n_classes, self.base.log_bound)
         return self.base.scaler_from_sums(sums, prev, terms)
 
 
@@ -170,7 +170,8 @@ class DDPUpdateLayout:
 def stage_bases(cfg: RunConfig, n_features: int, n_classes: int, share_sigma: float) -> list:
     """The run's statistics stage layouts (noise multiplier: each share's, σ_s / √n_min)."""
     t = HEParams().plain_modulus
-    stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, share_sigma, t, cfg.max_clients_per_round)
+    stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, share_sigma, t, cfg.max_clients_per_round,
+                        cfg.log_bound)
     return [stats, RefineLayout(stats), AsinhLayout(stats)][:cfg.stats_releases]
 
 

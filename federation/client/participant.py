@@ -47,7 +47,7 @@ from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params, load_flat_params, num_params
 from carbonfed.privacy.accountant import ClientAccountant, calibrate_noise
 from carbonfed.privacy.distributed_dp import DDPAccountant, DDPPlan
-from carbonfed.privacy.dp_sgd import TrainSettings, planned_mechanism, train_local
+from carbonfed.privacy.dp_sgd import TrainSettings, audit_canaries, planned_mechanism, train_local
 from carbonfed.privacy.fixed_point import FixedPointCodec
 from carbonfed.privacy.he import BFVCipher, HEParams, key_fingerprint, new_secret_context, params_of
 from carbonfed.privacy.packing import CountLayout, UpdateLayout
@@ -104,7 +104,8 @@ class Layouts:
         # headroom for the server's sum of the last ``average-last`` global models, each a sum of
         # at most max-clients-per-round updates
         codec = FixedPointCodec(t, clip=cfg.param_clip, max_terms=cfg.max_clients_per_round * cfg.average_last)
-        stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round)
+        stats = StatsLayout(n_features, n_classes, cfg.max_client_samples, cfg.stats_sigma, t, cfg.max_clients_per_round,
+                            cfg.log_bound)
         return cls(update=UpdateLayout(n_params, cfg.max_client_samples, codec), stats=stats,
                    metrics=CountLayout(n_classes * n_classes),
                    refine=RefineLayout(stats) if cfg.stats_releases >= 2 else None,
@@ -167,8 +168,9 @@ class Participant:
         dict.__setitem__(self.state, "chain", chain_after(st))
         return st
 
-    def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:
-        return self.signer.tag(vec, kind, rnd) if self.signer is not None else vec
+    def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:   # an update also masked (issue 22)
+        vec = self.signer.tag(vec, kind, rnd) if self.signer is not None else vec
+        return self.masker(vec, rnd) if kind == "update" and getattr(self, "masker", None) else vec
 
     def _opened(self, name: str, vec: np.ndarray, parts: list[Part] | None, terms: int) -> np.ndarray:
         """A decrypted aggregate, checked against the contributions the server names (with a signer)."""
@@ -353,8 +355,8 @@ class Participant:
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)
         settings = settings.with_class_weights(tuple(scaler.class_weights(self.cfg.class_weight_power)))
-        outcome = train_local(model, scaler.apply(self.x), self.y, settings,
-                              self.noise_source("train", self.country, server_round))
+        outcome = train_local(model, scaler.apply(self.x), self.y, settings, self.noise_source("train", self.country,
+                              server_round), canaries := audit_canaries(self.cfg.out_dir, self.country, server_round))
         params = flatten_params(model)
         if self.fault == "nan":
             params = nan_params(params)
@@ -366,7 +368,7 @@ class Participant:
         facts.update(steps=outcome.steps, clipped_params=clipped)
         if self.fault == "wrong-length":
             vec = vec[:-1]
-        update = make_cipher(self.cfg, self.ctx, len(vec)).encrypt(vec)
+        update = canaries.capture(make_cipher(self.cfg, self.ctx, len(vec)).encrypt(vec))
         if self.fault == "corrupt":
             update = corrupt(update)
         return {"update": update, "facts": facts}

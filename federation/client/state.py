@@ -17,6 +17,11 @@ Guarantees
 * :func:`remember` / :func:`recall`: a request answered before (same kind, round and inputs) is
   answered with the very same bytes and the very same signed statement, so re-sending a release
   costs no budget and a verifier counts the replayed statement once.
+* The replay cache is keyed by the key it was made under: a cached reply names the fingerprint
+  of the client's HE key (:attr:`PersistentState.fingerprint`, its file name carries it too) and
+  is replayed only to a client holding that very key. A state folder reused under another key
+  (a second job with fresh keys) never replays the first key's ciphertexts: the request is
+  answered afresh, or refused where answering again would spend budget twice.
 """
 
 from __future__ import annotations
@@ -69,10 +74,11 @@ class PersistentState(dict):
     object last wrote, or read from ``path``): a message that changed nothing writes nothing,
     and one that changed the state writes it once per change, never the same bytes twice."""
 
-    def __init__(self, data: dict, path: Path | None, written: bytes | None = None):
+    def __init__(self, data: dict, path: Path | None, written: bytes | None = None, fingerprint: str = ""):
         super().__init__(data)
         self.path = path
         self.written = written
+        self.fingerprint = fingerprint      # of the HE key the replies are made under ("": none)
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -102,11 +108,14 @@ def state_file(state_dir: str | os.PathLike, country: str, cfg: RunConfig) -> Pa
     return Path(state_dir) / f"{slug}-{config_digest(cfg)[:16]}.json"
 
 
-def load_state(context: Context, path: Path | None) -> PersistentState:
+def load_state(context: Context, path: Path | None, fingerprint: str = "") -> PersistentState:
+    """The state of ``context`` merged with ``path``'s; ``fingerprint``: of the HE key this client's
+    replies are made under (the replay cache's key)."""
     records = context.state.config_records
     ctx_state = json.loads(records[STATE_KEY]["json"]) if STATE_KEY in records else {}
     disk = json.loads(path.read_text()) if path is not None and path.exists() else None
-    return PersistentState(merge_states(ctx_state, disk or {}), path, _encode(disk) if disk is not None else None)
+    return PersistentState(merge_states(ctx_state, disk or {}), path, _encode(disk) if disk is not None else None,
+                           fingerprint)
 
 
 def save_state(context: Context, state: dict) -> None:
@@ -124,9 +133,17 @@ def request_key(kind: str, rnd: int, *parts) -> str:
     return h.hexdigest()
 
 
+def _fingerprint(state: dict) -> str:
+    return getattr(state, "fingerprint", "") or ""
+
+
 def _replay_path(state: dict, kind: str) -> Path | None:
+    """``<state file>.<key fingerprint[:16]>.<kind>.bin`` (without a key: ``<state file>.<kind>.bin``)."""
     path = getattr(state, "path", None)
-    return path.with_name(f"{path.stem}.{kind}.bin") if path is not None else None
+    if path is None:
+        return None
+    fp = _fingerprint(state)
+    return path.with_name(f"{path.stem}.{fp[:16]}.{kind}.bin" if fp else f"{path.stem}.{kind}.bin")
 
 
 def remember(state: dict, kind: str, key: str, meta: dict, payload: bytes) -> None:
@@ -137,7 +154,8 @@ def remember(state: dict, kind: str, key: str, meta: dict, payload: bytes) -> No
         return
     atomic_write(path, payload)
     replay = dict(state.get("replay", {}))
-    replay[kind] = {"key": key, "meta": meta, "sha256": hashlib.sha256(payload).hexdigest()}
+    replay[kind] = {"key": key, "meta": meta, "sha256": hashlib.sha256(payload).hexdigest(),
+                    "fingerprint": _fingerprint(state)}
     state["replay"] = replay
 
 
@@ -146,6 +164,8 @@ def recall(state: dict, kind: str, key: str) -> tuple[dict, bytes] | None:
     path = _replay_path(state, kind)
     if not entry or entry.get("key") != key or path is None or not path.exists():
         return None
+    if entry.get("fingerprint", "") != _fingerprint(state):
+        return None                     # made under another key: never replayed to this one
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         return None

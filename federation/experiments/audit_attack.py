@@ -1,59 +1,43 @@
 """Empirical privacy audit of a run: ``carbonfed audit-attack DIR``.
 
-Two attacks, both black-box on the *final* decrypted model (what every key holder gets):
+Three attacks; the first two re-run the run's own config with canaries and turn the guesses
+about them into an ε lower bound (the one-run audit of Steinke, Nasr, Jagielski 2023, "Privacy
+auditing with one (1) training run", arXiv:2305.08846, Theorem 3.1 at the run's δ; the maths in
+:mod:`carbonfed.privacy.audit.empirical`):
 
-1. **One-run canary audit** (Steinke, Nasr, Jagielski 2023, "Privacy auditing with one (1)
-   training run", arXiv:2305.08846). ``m`` canary rows (random, out-of-distribution features, a
-   random label, unique years ``5000 + i``) are assigned to random *training* countries; each is
-   included independently with probability 1/2 by a secret coin (numpy ``Generator`` seeded from
-   OS entropy). The run's own config is re-run through Flower's simulation on a copy of the seed
-   CSV (or of a CSV run's own table) plus the included canaries (fresh BFV keys when HE is on),
-   and the final model is decrypted. The attacker scores each canary by its negative
-   cross-entropy under that model (after the run's standardiser), guesses "included" for the
-   ``k`` highest and "excluded" for the ``k`` lowest scores and abstains on the rest, for ``k``
-   in :data:`K_FRACTIONS` × m (Bonferroni over the 4 tests). With ``r`` guesses of which ``v``
-   are right, the bound is the largest ε for which the test of the paper's Theorem 3.1
-   (approximate DP, the run's δ) rejects "the run is (ε, δ)-DP" at the requested confidence:
+1. **White-box, all-iterates canary audit** (the verdict's first line, ``dp`` and ``dp+he``):
+   :mod:`carbonfed.federation.experiments.audit_whitebox`. Gradient canaries in the clients'
+   DP-SGD steps, scored from every client's decrypted upload of every round, which is what the
+   key holders can see. Its docstring says what the auditor observes and why.
+2. **Black-box canary audit** (the second line, every mode). ``m`` canary rows (random,
+   out-of-distribution features, a random label, unique years ``5000 + i``) are assigned to
+   random *training* countries, each included by a secret fair coin; the run is re-run on a
+   copy of its data plus the included canaries and the *final* model is decrypted; the attacker
+   scores each canary by its negative cross-entropy under that model, guesses on the ``k``
+   highest and lowest scores (Bonferroni over k). This attacker sees only the last model and
+   each canary is one row among ~9,500 averaged over 131 clients: its bound is weak (often 0)
+   and proves nothing about the claim being tight; it is kept as an independent second line.
+3. **Loss-based membership inference** on the original run's final model (``DIR/model.pt``):
+   members are the rows of the training countries, non-members those of the held-out countries;
+   ROC AUC and TPR at 1% and 0.1% FPR. Descriptive (country-level generalisation as much as row
+   membership), not a DP bound; skipped when the run has no ``model.pt`` (``carbonfed report
+   DIR`` makes it), since the audit writes nothing else into the run.
 
-       P[W ≥ v] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2·m·δ·α,
-       α = max_{1≤i≤v} (1/i)·P[v > Binomial(r, e^ε/(1+e^ε)) ≥ v − i]
-
-   (δ = 0 gives the pure-ε test; both are reported, the (ε, δ) one is ``epsilon_lower_bound`` and
-   is the one compared with the claimed ε). The bound is a *lower* bound on the ε of this
-   mechanism: it holds with probability ≥ ``confidence`` over the coins, so a bound above the
-   accountant's ε means a bug in the accounting or in the implementation (or, with probability at
-   most 1 − confidence, a false alarm). A bound far below the claim is expected and proves
-   nothing about the claim being tight: this attacker sees only the last model, each canary is
-   one row among ~9,500 averaged over 131 clients, and with 21 features the canaries' random
-   directions overlap, so their collective effect on the model (interference) swamps each one's
-   own. (Calibrating the loss by the original run's model, trained without canaries, was tried
-   on a 30-round ``none`` run and separated included from excluded canaries worse than the raw
-   loss, so it is not used.)
-
-   Adjacency: including a canary adds one row to one client, exactly the unit the per-client
-   accountant covers. Side effects that the accountant treats as public (the client's row count,
-   which weights FedAvg) change too; the loss attack does not look at them.
-
-2. **Loss-based membership inference** on the original run (``DIR/model.pt``): members are the rows
-   of the training countries, non-members the rows of the held-out countries; score = −loss.
-   Reports ROC AUC and the TPR at 1% and 0.1% FPR. Non-members are *other countries*, so this
-   measures country-level generalisation as much as row membership (no country has held-out rows
-   of its own); it is descriptive, not a DP bound.
-
-Output: a dict (and ``DIR/audit.json``); ``--json`` prints exactly one JSON object on stdout.
-
-The statistics live in :mod:`carbonfed.privacy.audit.empirical`, the canaries and the attacker's
-loss in :mod:`carbonfed.federation.experiments.canaries`; this module re-runs the federation.
+Verdict: the claimed ε is the run's ``epsilon_max`` (its report, else its ledger) and that of the
+canary runs; ``"claim refuted"`` when a lower bound exceeds the smallest of them (exit code 3,
+:class:`~carbonfed.privacy.audit.empirical.AuditFailure`; a false alarm has probability at most
+1 − confidence), ``"consistent"`` otherwise, ``"no claim"`` without DP. A lower bound far below the
+claim is expected: it shows what this attack could prove, not that the claim is tight.
 
 Guarantees
 ----------
-* The original run is read, never changed, apart from ``DIR/audit.json`` and ``DIR/audit/``
-  (the canary run; a previous one is replaced), and ``DIR/model.pt`` when it has to be rebuilt.
-* The canary run uses the run's own config (``server.json``) on a temporary copy of the data plus
-  exactly the included canaries (checked), fresh keys when HE is on; the coins come from OS
-  entropy, so they are secret from both runs.
-* ``DIR/audit.json`` is written whether the audit passes or fails; a bound above the claim of
-  either run raises :class:`~carbonfed.privacy.audit.empirical.AuditFailure` (exit code 3).
+* The audited folder is read, never changed, apart from ``DIR/audit.json``: each canary run, its
+  fresh keys and client state live in a temporary folder removed when the audit ends or fails
+  (:func:`~carbonfed.federation.experiments.audit_run.isolated_simulation`), so audits can be
+  repeated on one folder and each finds it as the previous one left it.
+* The canary runs use the run's own config (``server.json``) with exactly the included canaries
+  (checked for the black-box line); the coins come from OS entropy, secret from both runs.
+* ``DIR/audit.json`` is written whether the audit passes or fails.
 * ``--json`` prints exactly one JSON object on stdout: whatever the run prints goes to stderr.
 """
 
@@ -61,9 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -74,41 +56,24 @@ import numpy as np
 
 from carbonfed.data import resolve_data_dir, split_countries
 from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
+from carbonfed.data.features import LOG_BOUND
 from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.experiments.audit_run import claimed_epsilon, isolated_config, isolated_simulation
+from carbonfed.federation.experiments.audit_whitebox import DEFAULT_CANARIES, whitebox_audit
 from carbonfed.federation.experiments.canaries import (CANARY_RADIUS, load_final_model, losses, make_canaries,
                                                         write_canary_data)
-from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
-from carbonfed.federation.run import round_progress
 from carbonfed.federation.run_data import CSV, load_run_data
 from carbonfed.federation.run_guard import existing_run
-from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.audit.empirical import AuditFailure, canary_bound, check_claim, mia_metrics
-from carbonfed.privacy.ledger import read_ledger
 
 LABEL = "empirical lower bound"
 METHOD = ("one-run canary audit, Steinke-Nasr-Jagielski 2023 Thm 3.1 ((eps, delta) with the run's delta; "
           "pure-eps also reported), black-box loss attack on the final model, Bonferroni over k")
 
 
-# -- the run -------------------------------------------------------------------------------------
-def claimed_epsilon(run_dir: Path, cfg) -> float | None:
-    """ε max the run claims: report.json's ``privacy.epsilon_max``, else the ledger's; None without DP."""
-    if not cfg.dp:
-        return None
-    report = run_dir / "report.json"
-    if report.is_file():
-        p = json.loads(report.read_text()).get("privacy") or {}
-        if p.get("epsilon_max") is not None:
-            return float(p["epsilon_max"])
-    last = {}
-    for line in read_ledger(run_dir / "ledger.jsonl"):
-        if line.get("kind") in ("stats", "train") and line.get("epsilon") is not None:
-            last[line["country"]] = float(line["epsilon"])
-    return max(last.values()) if last else None
-
-
+# -- the black-box line ---------------------------------------------------------------------------
 def with_canaries(cfg: RunConfig, ds, canaries: dict, folder: Path) -> RunConfig:
     """``cfg`` reading a copy of its data in ``folder`` plus the included canaries: the seed CSV,
     or the run's own table (a CSV run: canaries in its party and label columns)."""
@@ -121,60 +86,55 @@ def with_canaries(cfg: RunConfig, ds, canaries: dict, folder: Path) -> RunConfig
     return replace(cfg, data_dir=str(folder))
 
 
-def _canary_run(run_dir: Path, cfg, m: int, rng: np.random.Generator) -> dict:
-    """Run the federation again with the included canaries; returns canaries, their losses, the run's claim."""
+def _canary_data(cfg, ds, part, canaries: dict, tmp: Path) -> RunConfig:
+    """The run's config on a copy of its data plus exactly the included canaries (checked)."""
+    audit_cfg = with_canaries(cfg, ds, canaries, tmp / "data")
+    audit_ds = load_run_data(audit_cfg)
+    if audit_ds.countries() != ds.countries() or len(audit_ds.frame) != len(ds.frame) + int(canaries["included"].sum()):
+        raise RuntimeError("the canary data set does not hold exactly the original rows plus the included canaries")
+    too_many = [c for c in part.train if len(audit_ds.client_arrays(c)[1]) > cfg.max_client_samples]
+    if too_many:
+        raise ValueError(f"canaries push {too_many[:3]} above max-client-samples; use fewer canaries")
+    return audit_cfg
+
+
+def blackbox_audit(cfg, m: int, confidence: float, rng: np.random.Generator) -> dict:
+    """Re-run the federation with the included canary rows; bound ε from their loss under the final model."""
     if cfg.dataset not in ("seed", CSV):
         raise ValueError(f"audit-attack supports the seed data set and CSV runs, this run used {cfg.dataset!r}")
     ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
-    canaries = make_canaries(ds, part.train, m, rng)
-    out = run_dir / "audit" / "run"
-    if out.exists():
-        shutil.rmtree(out)                      # a previous audit's canary run (audit/ is ours)
-    with tempfile.TemporaryDirectory(prefix="carbonfed-audit-") as tmp:
+    c = make_canaries(ds, part.train, m, rng, cfg.log_bound or LOG_BOUND)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="carbonfed-audit-bb-") as tmp:
         tmp = Path(tmp)
-        audit_cfg = with_canaries(cfg, ds, canaries, tmp / "data")
-        audit_ds = load_run_data(audit_cfg)
-        if audit_ds.countries() != ds.countries() or len(audit_ds.frame) != len(ds.frame) + int(canaries["included"].sum()):
-            raise RuntimeError("the canary data set does not hold exactly the original rows plus the included canaries")
-        too_many = [c for c in part.train if len(audit_ds.client_arrays(c)[1]) > cfg.max_client_samples]
-        if too_many:
-            raise ValueError(f"canaries push {too_many[:3]} above max-client-samples; use fewer canaries")
-        keys = ""
-        if cfg.he:
-            keys = str(tmp / "keys")
-            keygen_for(cfg, keys)
-        audit_cfg = replace(audit_cfg, keys_dir=keys, out_dir=str(out), state_dir="", charter="")
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        t0 = time.time()
-        display, on_round = round_progress(audit_cfg)      # a bar on a terminal, else one line per round
-        with display:
-            run_simulation(audit_cfg, on_round=on_round)
-        report = build_report(out, keys or None)
-        seconds = time.time() - t0
+        run_cfg = isolated_config(_canary_data(cfg, ds, part, c, tmp), tmp)
+        out = isolated_simulation(run_cfg)
+        report = build_report(out, run_cfg.keys_dir or None)
         if not (out / "model.pt").is_file():
-            raise RuntimeError(f"the canary run in {out} produced no final model")
-        model, scaler = load_final_model(out / "model.pt")
-        loss = losses(model, scaler, canaries["x"], canaries["label"])
-    return {"canaries": canaries, "loss": loss, "seconds": seconds,
-            "claimed": (report.get("privacy") or {}).get("epsilon_max"),
-            "accuracy": report["metrics"]["accuracy"]}
+            raise RuntimeError("the canary run produced no final model")
+        loss = losses(*load_final_model(out / "model.pt"), c["x"], c["label"])
+    bound = canary_bound(-loss, c["included"], confidence=confidence, delta=cfg.delta, rng=rng)
+    scores, inc = -loss, c["included"]
+    return {**{k: bound[k] for k in ("epsilon_lower_bound", "epsilon_lower_bound_pure", "guesses", "correct",
+                                     "score", "k_per_side", "tests", "per_test_confidence", "sweep")},
+            "method": METHOD, "confidence": confidence, "delta": cfg.delta, "m": m, "seconds": time.time() - t0,
+            "canary_auc": mia_metrics(scores[inc], scores[~inc])["mia_auc"] if 0 < inc.sum() < m else None,
+            "claimed_epsilon_canary_run": (report.get("privacy") or {}).get("epsilon_max"),
+            "accuracy": report["metrics"]["accuracy"], "included": int(inc.sum()),
+            "design": f"random direction in standardised feature space at {CANARY_RADIUS} std, "
+                      "uniform random label, years 5000+i, random training countries",
+            "inclusion": [int(b) for b in inc], "loss": [float(v) for v in loss],
+            "countries": c["country"], "years": c["year"], "labels": [int(v) for v in c["label"]],
+            "features": [[float(v) for v in row] for row in c["x"]]}
 
 
-def _open_run(run_dir, canaries: int, confidence: float) -> tuple[Path, RunConfig]:
-    """(resolved run dir, its RunConfig from ``server.json``), after checking the audit's settings."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    if canaries < 2:
-        raise ValueError(f"need at least 2 canaries, got {canaries}")
-    run = existing_run(run_dir, "server.json").resolve()
-    return run, RunConfig.from_flower(json.loads((run / "server.json").read_text())["config"])
-
-
-def membership_inference(run: Path, cfg: RunConfig, keys_dir=None) -> dict:
-    """Loss attack on the run's final model: training countries' rows against held-out countries' rows."""
+# -- membership inference -------------------------------------------------------------------------
+def membership_inference(run: Path, cfg: RunConfig) -> dict | None:
+    """Loss attack on the run's final model: training countries' rows against held-out countries'
+    rows (None without ``model.pt``: the audit does not write it into the run)."""
     if not (run / "model.pt").is_file():
-        build_report(run, keys_dir)
+        return None
     model, scaler = load_final_model(run / "model.pt")
     ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
@@ -187,55 +147,67 @@ def membership_inference(run: Path, cfg: RunConfig, keys_dir=None) -> dict:
             "note": "members = rows of training countries, non-members = rows of held-out countries"}
 
 
-def _result(run: Path, cfg: RunConfig, confidence: float, claimed, canary: dict, bound: dict, mia: dict,
-            t0: float) -> dict:
-    """The audit's record (``audit.json``), status ``ok``."""
-    c = canary["canaries"]
-    scores = -canary["loss"]
-    m = len(scores)
-    both = 0 < c["included"].sum() < m
-    canary_auc = mia_metrics(scores[c["included"]], scores[~c["included"]])["mia_auc"] if both else None
+# -- the audit ------------------------------------------------------------------------------------
+def _open_run(run_dir, canaries: int, confidence: float) -> tuple[Path, RunConfig]:
+    """(resolved run dir, its RunConfig from ``server.json``), after checking the audit's settings."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if canaries < 2:
+        raise ValueError(f"need at least 2 canaries, got {canaries}")
+    run = existing_run(run_dir, "server.json").resolve()
+    return run, RunConfig.from_flower(json.loads((run / "server.json").read_text())["config"])
+
+
+def verdict(claim: float | None, lines: dict) -> tuple[str, str | None]:
+    """("consistent" | "claim refuted" | "no claim", the line whose bound exceeds the claim)."""
+    if claim is None:
+        return "no claim", None
+    over = [name for name, res in lines.items() if res and res["epsilon_lower_bound"] > claim]
+    return ("claim refuted", over[0]) if over else ("consistent", None)
+
+
+def _result(run: Path, cfg: RunConfig, confidence: float, lines: dict, mia: dict | None, t0: float) -> dict:
+    """The audit's record (``audit.json``): the headline is the first line that ran."""
+    claimed = claimed_epsilon(run, cfg)
+    claims = [e for e in [claimed] + [r.get("claimed_epsilon_canary_run") for r in lines.values() if r]
+              if e is not None]
+    claim = min(claims) if claims else None
+    head_name = next(name for name, res in lines.items() if res)
+    head = lines[head_name]
+    word, by = verdict(claim, lines)
     return {
-        "label": LABEL, "method": METHOD, "run_dir": str(run), "privacy_mode": cfg.privacy, "rounds": cfg.rounds,
-        "epsilon_lower_bound": bound["epsilon_lower_bound"], "delta": cfg.delta,
-        "epsilon_lower_bound_pure": bound["epsilon_lower_bound_pure"],
-        "confidence": confidence, "claimed_epsilon": claimed,
-        "claimed_epsilon_canary_run": canary["claimed"],
-        "m": m, "guesses": bound["guesses"], "correct": bound["correct"],
-        "score": bound["score"], "k_per_side": bound["k_per_side"], "tests": bound["tests"],
-        "per_test_confidence": bound["per_test_confidence"], "sweep": bound["sweep"],
-        "canary_auc": canary_auc,        # descriptive: ROC AUC of the canary score, included vs excluded
-        "mia_auc": mia["mia_auc"], "tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
-        "tpr_at_0_1pct_fpr": mia["tpr_at_0_1pct_fpr"], "mia": mia,
-        "canary_run": {"dir": str(run / "audit" / "run"), "seconds": canary["seconds"],
-                       "accuracy": canary["accuracy"], "included": int(c["included"].sum()),
-                       "design": f"random direction in standardised feature space at {CANARY_RADIUS} std, "
-                                 "uniform random label, years 5000+i, random training countries",
-                       "inclusion": [int(b) for b in c["included"]],
-                       "loss": [float(v) for v in canary["loss"]],
-                       "countries": c["country"], "years": c["year"], "labels": [int(v) for v in c["label"]],
-                       "features": [[float(v) for v in row] for row in c["x"]]},
+        "label": LABEL, "run_dir": str(run), "privacy_mode": cfg.privacy, "rounds": cfg.rounds,
+        "verdict": word, "refuted_by": by, "claimed_epsilon": claimed, "claim_tested": claim,
+        "epsilon_lower_bound": head["epsilon_lower_bound"],
+        "epsilon_lower_bound_pure": head["epsilon_lower_bound_pure"],
+        "confidence": confidence, "delta": cfg.delta, "headline": head_name, "method": head["method"],
+        **{k: head[k] for k in ("m", "guesses", "correct", "score", "k_per_side", "tests")},
+        "whitebox": lines.get("whitebox"), "blackbox": lines.get("blackbox"),
+        "mia_auc": mia["mia_auc"] if mia else None, "tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"] if mia else None,
+        "tpr_at_0_1pct_fpr": mia["tpr_at_0_1pct_fpr"] if mia else None, "mia": mia,
         "seconds": time.time() - t0, "status": "ok",
     }
 
 
-def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, keys_dir=None) -> dict:
-    """Audit the run in ``run_dir``; writes ``run_dir/audit.json``; raises AuditFailure on a violated claim."""
+def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, whitebox_canaries: int = DEFAULT_CANARIES,
+              blackbox: bool = True, noise_scale: float = 1.0) -> dict:
+    """Audit the run in ``run_dir``; writes ``run_dir/audit.json``; raises AuditFailure on a refuted claim.
+
+    ``noise_scale`` ≠ 1 is the test-only fault drill of the white-box line (its clients secretly
+    draw that fraction of their noise)."""
     run, cfg = _open_run(run_dir, canaries, confidence)
     t0 = time.time()
-    # 2. membership inference on the original run's final model.
-    mia = membership_inference(run, cfg, keys_dir)
-    # 1. one-run canary audit.
-    rng = np.random.default_rng()               # OS entropy: the coins are secret from the run
-    canary = _canary_run(run, cfg, canaries, rng)
-    bound = canary_bound(-canary["loss"], canary["canaries"]["included"], confidence=confidence, delta=cfg.delta,
-                         rng=rng)
-    claimed = claimed_epsilon(run, cfg)
-    result = _result(run, cfg, confidence, claimed, canary, bound, mia, t0)
-    # The bound is about the canary run's mechanism; it must respect the claim of either run.
-    claims = [e for e in (claimed, canary["claimed"]) if e is not None]
+    rng = np.random.default_rng()               # OS entropy: the coins are secret from the runs
+    mia = membership_inference(run, cfg)
+    lines = {"whitebox": None, "blackbox": None}
+    if cfg.dp and not cfg.ddp:
+        lines["whitebox"] = whitebox_audit(cfg, whitebox_canaries, confidence, rng, noise_scale)
+    if blackbox or lines["whitebox"] is None:
+        lines["blackbox"] = blackbox_audit(cfg, canaries, confidence, rng)
+    result = _result(run, cfg, confidence, lines, mia, t0)
     try:
-        check_claim(result["epsilon_lower_bound"], min(claims) if claims else None, confidence, result)
+        if result["verdict"] == "claim refuted":
+            check_claim(lines[result["refuted_by"]]["epsilon_lower_bound"], result["claim_tested"], confidence, result)
     except AuditFailure as exc:
         result.update(status="FAILED", error=str(exc))
         (run / "audit.json").write_text(json.dumps(result, indent=2))
@@ -249,15 +221,25 @@ def _fmt(x) -> str:
     return "null" if x is None else f"{x:.4f}"
 
 
+def _line(name: str, r: dict | None) -> str:
+    if not r:
+        return f"  {name}: not run"
+    return (f"  {name}: ε ≥ {_fmt(r['epsilon_lower_bound'])} at δ={r['delta']:g} (pure ε ≥ "
+            f"{_fmt(r['epsilon_lower_bound_pure'])}), {r['confidence']:.0%} confidence, {r['correct']}/{r['guesses']} "
+            f"guesses correct ({r['score']} score), m={r['m']}, {r['seconds']:.0f} s")
+
+
 def summary_text(res: dict) -> str:
+    mia = res.get("mia")
     return "\n".join([
-        f"audit of {res['run_dir']} ({res['privacy_mode']}, {res['rounds']} rounds)",
-        f"  canaries: ε ≥ {_fmt(res['epsilon_lower_bound'])} at δ={res['delta']:g} "
-        f"(pure ε ≥ {_fmt(res['epsilon_lower_bound_pure'])}), {res['confidence']:.0%} confidence, "
-        f"{res['correct']}/{res['guesses']} guesses correct ({res['score']} score), m={res['m']} [{res['label']}]",
-        f"  claimed ε: {_fmt(res['claimed_epsilon'])}",
-        f"  membership inference: AUC {res['mia_auc']:.4f}, TPR@1%FPR {res['tpr_at_1pct_fpr']:.4f}, "
-        f"TPR@0.1%FPR {res['tpr_at_0_1pct_fpr']:.4f}",
+        f"audit of {res['run_dir']} ({res['privacy_mode']}, {res['rounds']} rounds): {res['verdict'].upper()}"
+        + (f" by the {res['refuted_by']} line" if res.get("refuted_by") else ""),
+        f"  claimed ε: {_fmt(res['claimed_epsilon'])} (tested: {_fmt(res['claim_tested'])})",
+        _line("white-box canaries (every client's upload, every round)", res.get("whitebox")),
+        _line("black-box canaries (final model's loss)", res.get("blackbox")),
+        (f"  membership inference: AUC {mia['mia_auc']:.4f}, TPR@1%FPR {mia['tpr_at_1pct_fpr']:.4f}, "
+         f"TPR@0.1%FPR {mia['tpr_at_0_1pct_fpr']:.4f}") if mia else
+        "  membership inference: skipped (no model.pt: `carbonfed report DIR` makes it)",
         f"  written: {Path(res['run_dir']) / 'audit.json'}"])
 
 
@@ -278,20 +260,24 @@ def _stdout_to_stderr():
 
 def main(argv=None) -> int:
     ap = Parser(prog="carbonfed audit-attack",
-                description="Empirical privacy audit of a run: one-run canary ε lower bound "
-                            "(re-runs the federation with canaries) and loss-based membership inference.")
+                description="Empirical privacy audit of a run: one-run canary ε lower bounds (re-runs the "
+                            "federation with white-box gradient canaries, then with black-box canary rows), a "
+                            "verdict on the claimed ε, and loss-based membership inference.")
     ap.add_argument("run_dir", metavar="DIR", help="run directory (server.json, ledger.jsonl, model.pt)")
-    ap.add_argument("--canaries", type=int, default=200, help="number of canaries m (default 200)")
+    ap.add_argument("--canaries", type=int, default=200, help="black-box canary rows m (default 200)")
+    ap.add_argument("--wb-canaries", type=int, default=DEFAULT_CANARIES,
+                    help=f"white-box gradient canaries, dp and dp+he runs (default {DEFAULT_CANARIES})")
+    ap.add_argument("--no-blackbox", action="store_true",
+                    help="skip the black-box line when the white-box one runs (default: run both)")
     ap.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
-    ap.add_argument("--keys", default=None, help="secret context folder, only if DIR/model.pt must be rebuilt "
-                                                 "(HE runs; default: the run config's keys-dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a summary)")
     args = ap.parse_args(argv)
     failure = None
     try:
         with (_stdout_to_stderr() if args.json else contextlib.nullcontext()):
             try:
-                res = audit_run(args.run_dir, canaries=args.canaries, confidence=args.confidence, keys_dir=args.keys)
+                res = audit_run(args.run_dir, canaries=args.canaries, confidence=args.confidence,
+                                whitebox_canaries=args.wb_canaries, blackbox=not args.no_blackbox)
             except AuditFailure as exc:
                 failure, res = exc, exc.result
     except (ValueError, OSError) as exc:

@@ -57,17 +57,18 @@ def losses(model, scaler, x_raw: np.ndarray, y: np.ndarray) -> np.ndarray:
                                                  reduction="none").numpy().astype(np.float64)
 
 
-def make_canaries(ds, train_countries, m: int, rng: np.random.Generator) -> dict:
-    """m canary rows for training countries and the secret inclusion coins (fair, independent)."""
+def make_canaries(ds, train_countries, m: int, rng: np.random.Generator, log_bound: float = LOG_BOUND) -> dict:
+    """m canary rows for training countries and the secret inclusion coins (fair, independent);
+    ``log_bound``: the run's range of the log transform."""
     x_train, _ = ds.all_arrays(train_countries)
-    t = transform(x_train)
+    t = transform(x_train, log_bound)
     mean, std = t.mean(0), np.maximum(t.std(0), 1e-3)
     d = len(ds.features)
     direction = rng.normal(size=(m, d))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     radius = rng.uniform(*CANARY_RADIUS, size=(m, 1))
     tc = np.clip(mean + std * direction * radius, -CANARY_T_CLIP, CANARY_T_CLIP)
-    x = np.sign(tc) * np.expm1(np.abs(tc) * LOG_BOUND)
+    x = np.sign(tc) * np.expm1(np.abs(tc) * log_bound)
     return {"country": [str(c) for c in rng.choice(list(train_countries), size=m)],
             "year": [CANARY_YEAR0 + i for i in range(m)],
             "x": x, "label": rng.integers(0, len(ds.classes), size=m),

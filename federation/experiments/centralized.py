@@ -64,7 +64,7 @@ def train_centralized(cfg: RunConfig) -> dict:
     ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
     x, y = ds.all_arrays(part.train)
-    scaler = Standardizer.exact(x, y, len(ds.classes), asinh=cfg.stats_stages == 3)
+    scaler = Standardizer.exact(x, y, len(ds.classes), asinh=cfg.stats_stages == 3, log_bound=cfg.log_bound)
     model = build_model(len(ds.features), len(ds.classes), cfg.hidden_sizes, cfg.seed, class_counts=scaler.class_counts)
     settings = TrainSettings(lr=cfg.lr, momentum=cfg.momentum, local_epochs=cfg.rounds * cfg.local_epochs,
                              batches_per_epoch=cfg.batches_per_epoch, max_grad_norm=cfg.max_grad_norm)

@@ -23,15 +23,16 @@ import numpy as np
 import torch
 
 from carbonfed.data import sha256_file, split_countries
-from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, LOG_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
+from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from carbonfed.privacy.stats_release import ASINH_CLIP, ASINH_FLOOR_SDS, CONTRIB_CLIP, REFINE_CLIP
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.presets import AUTO, preset_record
 from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.client.participant import Layouts, make_cipher
+from carbonfed.federation.report.audit_sections import empirical_record
 from carbonfed.federation.report.ddp_privacy import ddp_privacy
 from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter, signed_epsilons
-from carbonfed.federation.wire import stage_key
+from carbonfed.federation.wire import mask_plan, stage_key
 from carbonfed.models.mlp import build_model, describe
 from carbonfed.models.params import load_flat_params, num_params
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME
@@ -196,6 +197,19 @@ def _privacy(cfg: RunConfig, ledger: list[dict], charter: Charter, stats_sigma, 
                 "accountant": "skellam-rdp"} if cfg.ddp else {})}
 
 
+def _masks(inp: _RunInputs) -> dict | None:
+    """The masks' guarantee (issue 22): the plan (threshold t, neighbours), who learns what, and
+    what the ledger's rounds say of them (None: no masks in this run)."""
+    blocks = [r["masks"] for r in inp.rounds() if isinstance(r.get("masks"), dict)]
+    if not (inp.cfg.masked and blocks):
+        return None
+    plan = mask_plan(inp.cfg, inp.charter)
+    return {**plan.describe(), "who_learns_what": plan.who_learns_what(),
+            "rounds_unmasked": sum(1 for b in blocks if b["status"] == "unmasked"),
+            "rounds_abandoned": [{"round": b["round"], "reason": b["reason"]} for b in blocks if b["status"] != "unmasked"],
+            "refused_messages": sum(1 for line in inp.ledger if line.get("kind") == "masks")}
+
+
 def _he(inp: _RunInputs) -> dict | None:
     """The HE parameters as the server ran them, the upload size and the packing (None without HE)."""
     if not inp.cfg.he:
@@ -206,20 +220,21 @@ def _he(inp: _RunInputs) -> dict | None:
             "upload_bytes_per_client_round": float(np.mean(uploads)) if uploads else None,
             "packing": "one BFV vector per update: a check slot per 4096-slot ciphertext, the sample count, "
                        "the sample-weighted fixed-point parameters",
-            "fixed_point_resolution": inp.layouts.update.codec.resolution}
+            "fixed_point_resolution": inp.layouts.update.codec.resolution, "masks": _masks(inp)}
 
 
 def _preprocessing(layouts: Layouts, stats_sigma, covered: bool, stats_releases: int,
                    floored: list[str] | None, std_floor: float | None) -> dict:
     """What the statistics release computed and released, and whether ε covers it."""
+    bound = layouts.stats.log_bound        # the run's range of the log transform (its data set's preset)
     return {
-        "transform": (f"asinh(x / c) per feature (stage 3: c = expm1({LOG_BOUND:g}·(|m2| + {ASINH_K:g}·s2)) from the "
+        "transform": (f"asinh(x / c) per feature (stage 3: c = expm1({bound:g}·(|m2| + {ASINH_K:g}·s2)) from the "
                       "stage-2 mean m2 and std s2 of the log features below); then (u - mean) / std with the "
                       "stage-3 federated mean and std" if layouts.asinh is not None else
-                      f"signed log1p, clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g}; then (x - mean) / std "
+                      f"signed log1p, clipped to ±{bound:g}, divided by {bound:g}; then (x - mean) / std "
                       "with the federated mean and std"),
         "released": f"the sum over all training clients of (rows per class, Σx, {SECOND_MOMENT_WEIGHT:g}·Σx²) of the "
-                    f"signed-log1p features (clipped to ±{LOG_BOUND:g}, divided by {LOG_BOUND:g})"
+                    f"signed-log1p features (clipped to ±{bound:g}, divided by {bound:g})"
                     + (f", each record's (x, {SECOND_MOMENT_WEIGHT:g}·x²) clipped to L2 norm {CONTRIB_CLIP:g}"
                        if covered else "")
                     + "; it reveals the global class frequencies and each feature's mean and variance, never "
@@ -296,5 +311,8 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
         "provenance": {"config_sha256": server["config_sha256"], "config": server["config"],
                        "data": {**ds.source, "sha256": ds.source.get("sha256") or sha256_file(ds.source["path"])}},
     }
+    report["audit"] = {"empirical": empirical_record(inp.run)}        # the last audit-attack's verdict (issue 23)
+    if report["privacy"] is not None and report["he"] is not None:   # the masks' guarantee (issue 22)
+        report["privacy"]["masks"] = report["he"]["masks"]
     (inp.run / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from carbonfed.federation.report.audit_sections import banner_html, claims_comment
+from carbonfed.federation.report.audit_sections import banner_html, claims_comment, empirical_html
 from carbonfed.federation.report.facts import collect_facts
 from carbonfed.federation.report.markup import inline_html, render_html_sections
 from carbonfed.federation.report.statement import STATEMENT_FILE, statement_markdown, statement_sections, statement_title
@@ -164,6 +164,7 @@ def render_html(facts: dict) -> str:
              _card("δ", f"{facts['delta']:g}" if cfg.dp else "—"),
              _card("verified", "yes" if ok else "NO", "ok" if ok else "bad")]
     banner = banner_html(v) + claims_comment(facts.get("claims"))   # the verdict; the claims verify checks
+    banner += empirical_html(((facts["report"] or {}).get("audit") or {}).get("empirical"))   # audit-attack's
     sections = statement_sections(facts)
     base_note = ("" if facts.get("baseline") else " No baseline run given.")
     return f"""<!DOCTYPE html>

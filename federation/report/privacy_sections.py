@@ -12,6 +12,7 @@ Guarantees
 
 from __future__ import annotations
 
+from carbonfed.federation.report.audit_sections import empirical_markdown
 from carbonfed.federation.report.blocks import Section, Table, fmt_f4, fmt_g, fmt_range
 from carbonfed.privacy.audit.maths import group_privacy
 
@@ -35,6 +36,7 @@ def _summary(f: dict) -> Section:
                      "about any row.")
     items.append(f"Audit (`privacy/audit/verify.py`): **{'passed' if v.get('ok') else 'FAILED'}**"
                  + (f" with {len(v.get('problems', []))} problem(s), listed under Accounting." if not v.get("ok") else "."))
+    items += empirical_markdown((rep.get("audit") or {}).get("empirical"))   # the last audit-attack, if any
     items.append(f"Held-out accuracy {fmt_f4(m.get('accuracy'))}, macro-F1 {fmt_f4(m.get('macro_f1'))} (not DP: see below).")
     return Section("summary", "Summary", [items])
 
@@ -268,9 +270,35 @@ def _distributed(f: dict) -> Section:
     ])
 
 
+_COALITIONS = (("server_alone", "the server alone"),
+               ("server_with_fewer_than_t_clients", "the server with fewer than t clients"),
+               ("t_or_more_clients", "the server with t or more clients"))
+
+
+def _masks(f: dict) -> Section:
+    """HE modes: which coalitions see one client's upload, with pairwise masks (issue 22) or without."""
+    m = (((f["report"] or {}).get("he") or {}).get("masks")) or None
+    title = "Encrypted uploads: who can see one client's update"
+    if m is None:
+        return Section("masks", title, [
+            "Every client holds the BFV secret key and the uploads are not masked (`--masks` is off): the server "
+            "alone sees only ciphertexts, but the server together with any one key holder can decrypt every "
+            "single upload, which is then protected only by the DP noise its client added itself."])
+    rows = [[who, m["who_learns_what"].get(key, "—")] for key, who in _COALITIONS]
+    return Section("masks", title, [
+        f"Pairwise masks modulo the plain modulus inside every model upload: {m['neighbours']} neighbours per "
+        f"client ({m['graph']} graph), threshold t = {m['threshold']}, up to {m['max_dropped']} dropped clients "
+        f"recovered per round; {m['rounds_unmasked']} round(s) unmasked, {len(m['rounds_abandoned'])} abandoned "
+        f"(not decrypted), {m['refused_messages']} mask message(s) refused (ledger). The statistics releases and "
+        "the evaluation metrics are not masked yet.",
+        Table(["coalition", "what it learns"], rows, "masks-table")])
+
+
 def privacy_sections(f: dict) -> list[Section]:
     """Summary, unit, guarantee, accounting, mechanism, budget, covered, not covered (in this order);
-    ``ddp+he`` adds the distributed-DP section after the guarantee."""
+    ``ddp+he`` adds the distributed-DP section after the guarantee, HE modes the masks section."""
     covered, not_cov = _coverage(f)
     ddp = [_distributed(f)] if f["cfg"].ddp else []
-    return [_summary(f), _unit(f), _guarantee(f), *ddp, _accounting(f), _mechanism(f), _budget(f), covered, not_cov]
+    masks = [_masks(f)] if f["cfg"].he else []
+    return [_summary(f), _unit(f), _guarantee(f), *ddp, *masks, _accounting(f), _mechanism(f), _budget(f),
+            covered, not_cov]

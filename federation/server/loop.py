@@ -20,6 +20,9 @@ Guarantees
 * After the last round every client of the setup is asked for its closing statement
   (:func:`~carbonfed.federation.server.setup.close`): its signed history then ends in the ledger,
   whatever the server wrote before.
+* In a masked run (:mod:`~carbonfed.federation.server.masking`) the training clients' mask adverts
+  and the first round's bundles are collected after the setup (again after a resume); each
+  round's unmask exchange collects the next round's bundles.
 * :meth:`ResumableRun.start` honours ``num_rounds`` (default: the config's rounds), ``timeout``
   (default: the config's round timeout; it bounds every wait for replies and for the nodes) and
   the train and evaluate configs (sent beside the server's own entries); it refuses
@@ -41,6 +44,7 @@ from flwr.serverapp.strategy import Result
 
 from carbonfed.federation.server.checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint, write_checkpoint
 from carbonfed.federation.server.courier import Courier
+from carbonfed.federation.server.masking import ServerMasks
 from carbonfed.federation.server.recorder import LedgerRecorder
 from carbonfed.federation.server.setup import close, rebind, setup
 from carbonfed.federation.server.strategy import EncryptedFedAvg
@@ -125,6 +129,9 @@ class ResumableRun(StrategyWrapper):
             self.fedavg.state.charter = self.charter_sha256()
             setup(grid, self.courier, self.recorder)
             self.checkpoint()
+        self.fedavg.masks = ServerMasks.for_run(self.fedavg, self.recorder, grid, self.courier)
+        if self.fedavg.masks is not None and self.fedavg.state.round < num_rounds:
+            self.fedavg.masks.begin(self.fedavg.state.round + 1)    # adverts, then the next round's bundles
         result = Result()
         for rnd in range(self.fedavg.state.round + 1, num_rounds + 1):
             self._round(grid, rnd, result, train_config or ConfigRecord(), evaluate_config or ConfigRecord())

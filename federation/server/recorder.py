@@ -20,8 +20,9 @@ Guarantees
 * After every round one ``round`` line sums up its lines, with the rounds the evaluated model
   averages (``model_rounds``) and the SHA-256 of each aggregate file the round wrote
   (``aggregates``); with ``ddp+he`` also its contributors and noise (``ddp``:
-  :func:`carbonfed.federation.server.ddp.round_record`). After the last round every client's
-  closing statement is a ``close`` line.
+  :func:`carbonfed.federation.server.ddp.round_record`); in a masked run its ``masks`` block
+  (:mod:`carbonfed.federation.server.masking`), and a ``masks`` line per refused mask message or
+  client. After the last round every client's closing statement is a ``close`` line.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ class LedgerRecorder(StrategyWrapper):
                    "model_rounds": state.tail_rounds(), "aggregates": self._manifest(rnd)}
         if self.strategy.cfg.ddp:   # the round's contributors and the noise its sum carries
             summary["ddp"], self.strategy.ddp_round = self.strategy.ddp_round, None
+        masks = self.strategy.masks
+        if masks is not None:      # who shared, who was summed, and whether the sum was unmasked (or why not)
+            summary["masks"], masks.last = masks.last, None
         self.ledger.append(summary)
         return summary
 

@@ -19,6 +19,11 @@ Guarantees
   ``min-noise-clients``, :meth:`EncryptedFedAvg.release_floor`) keeps the previous global model:
   its aggregate is sent to no key holder. With ``ddp+he`` every round's contributors and noise
   are kept in :attr:`EncryptedFedAvg.ddp_round` for the ledger (:mod:`carbonfed.federation.server.ddp`).
+* With masks (``masks``, HE modes; :mod:`~carbonfed.federation.server.masking`) only the clients
+  whose mask bundles were accepted are asked to train, each upload is masked, and the round's
+  sum is kept only once unmasked (the accepted ciphertexts are kept until then, to take out a
+  client that fails the seeds step); a round that cannot be unmasked keeps the previous model.
+  One term of the headroom is the correction's: at most ``max-clients-per-round - 1`` updates.
 * The run's model is the sample-weighted mean of the global models of the last
   ``average-last`` rounds (1: the final round's): the server adds those rounds' aggregates as
   ciphertexts (post-processing of what the clients released), the held-out clients evaluate it
@@ -51,7 +56,7 @@ from carbonfed.federation.durable import atomic_write
 from carbonfed.federation.server import ddp
 from carbonfed.federation.server.checkpoint import ServerState
 from carbonfed.federation.server.strategy_utils import add_reply, refuse_start
-from carbonfed.federation.wire import bytes_record, stage_key
+from carbonfed.federation.wire import bytes_record, record_bytes, stage_key
 from carbonfed.privacy.he import CiphertextError
 from carbonfed.privacy.secure_sum import SecureSum
 
@@ -91,6 +96,7 @@ class EncryptedFedAvg(Strategy):
         # why a reply that would be added must not be (its signed statement); the recorder sets it
         self.screen: Callable[[Message, dict], str | None] = lambda msg, meta: None
         self.ddp_round: dict | None = None   # ddp+he: the last round's contributors and noise (ledger)
+        self.masks = None    # the run's masks (carbonfed.federation.server.masking.ServerMasks); the loop sets it
 
     def summary(self) -> None:
         """Log the settings that shape the aggregation."""
@@ -147,7 +153,12 @@ class EncryptedFedAvg(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One training request per training client: the latest global model and the statistics."""
         content = self._payload(server_round, config)
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.nodes("train")]
+        nodes = self.nodes("train")
+        if self.masks is not None:      # only the clients whose mask bundles were accepted, told who they are
+            shared = self.masks.shared(server_round)
+            content["config"]["mask-shared"] = json.dumps(shared)
+            nodes = [n for n in nodes if self.state.roles[n][1] in shared]
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One evaluation request per held-out client: the run's model (:meth:`output_model`)."""
@@ -155,15 +166,19 @@ class EncryptedFedAvg(Strategy):
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self.nodes("test")]
 
     # -- what the replies make ---------------------------------------------------------------
-    def accumulate(self, replies: Iterable[Message], key: str, contributors: list[str] | None = None) -> SecureSum:
+    def accumulate(self, replies: Iterable[Message], key: str, contributors: list[str] | None = None,
+                   kept: dict[str, bytes] | None = None) -> SecureSum:
         """Add every acceptable reply's ``key`` vector into one running sum (the country of each
-        added reply is appended to ``contributors``); each reply's :class:`Verdict` goes to
-        :attr:`on_verdict` before the next reply is read."""
+        added reply is appended to ``contributors``, its ciphertext kept in ``kept``); each reply's
+        :class:`Verdict` goes to :attr:`on_verdict` before the next reply is read."""
         total = SecureSum(self.cipher_for(key))
         for msg in replies:
             verdict = self._judge(msg, total, key)
+            country = self.state.roles.get(msg.metadata.src_node_id, ("?", "?"))[1]
             if verdict.status == "accepted" and contributors is not None:
-                contributors.append(self.state.roles.get(msg.metadata.src_node_id, ("?", "?"))[1])
+                contributors.append(country)
+            if verdict.status == "accepted" and kept is not None:
+                kept[country] = record_bytes(msg.content.array_records[key], total.cipher.stype)
             self.on_verdict(msg, verdict)
         return total
 
@@ -182,7 +197,7 @@ class EncryptedFedAvg(Strategy):
         why = self.screen(msg, meta)
         if why:
             return Verdict("rejected", f"signed statement: {why}")
-        if total.terms >= self.cfg.max_clients_per_round:
+        if total.terms >= self.cfg.max_clients_per_round - (self.masks is not None):   # masks: + the correction
             return Verdict("rejected", f"more than max-clients-per-round={self.cfg.max_clients_per_round} replies: "
                                        "the fixed-point headroom would be exceeded")
         try:
@@ -195,7 +210,11 @@ class EncryptedFedAvg(Strategy):
         """The new global model (None: too few accepted updates, the previous one is kept), and
         the number of accepted updates; writes ``model_round_NNN.bin`` and ``model.bin``."""
         contributors: list[str] = []
-        total = self.accumulate(replies, "update", contributors)
+        kept = {} if self.masks is not None else None
+        total = self.accumulate(replies, "update", contributors, kept)
+        if self.masks is not None:      # unmasked (or, abandoned, empty: the previous model is kept)
+            total, summed = self.masks.unmask(server_round, total, kept)
+            contributors = [c for c in contributors if c in summed]
         metrics = MetricRecord({"accepted": total.terms})
         if self.cfg.ddp:
             self.ddp_round = ddp.round_record(self.cfg, len(self.nodes("train")), total.terms)

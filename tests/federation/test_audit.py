@@ -1,6 +1,7 @@
 """The empirical audit: the binomial bound and the loud failure (privacy/audit/empirical.py), the
-canary data (federation/experiments/canaries.py), and one short real audit of a 1-round `none` and a
-1-round `dp` run (federation/experiments/audit_attack.py, Flower simulation)."""
+canary data (federation/experiments/canaries.py). The real audits (federation/experiments/audit_attack.py,
+Flower simulation: white-box and black-box lines, membership inference, the CLI's JSON) are in
+test_audit_rerun.py."""
 
 import json
 import math
@@ -114,51 +115,3 @@ def test_canary_data_adds_exactly_the_included_rows(tmp_path, seed_data):
     assert added["label"].tolist() == [int(c["label"][i]) for i in idx]
     np.testing.assert_array_equal(added[list(ds.features)].to_numpy(), c["x"][idx])
     assert np.isfinite(c["x"]).all()
-
-
-# -- end to end (real Flower simulation, 1 round each) -------------------------------------------
-KEYS = ("epsilon_lower_bound", "confidence", "mia_auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr",
-        "claimed_epsilon", "label", "guesses", "correct", "m")
-
-
-def _original_run(tmp_path, privacy):
-    from carbonfed.federation.config import RunConfig
-    from carbonfed.federation.report.build import build_report
-    from carbonfed.federation.simulation import run_simulation
-
-    cfg = RunConfig(privacy=privacy, rounds=1, out_dir=str(tmp_path / privacy))
-    run_simulation(cfg)
-    build_report(cfg.out_dir)
-    return cfg
-
-
-def _check_common(res, run_dir):
-    for k in KEYS:
-        assert k in res, k
-    assert res["label"] == "empirical lower bound" and res["m"] == 100 and res["confidence"] == 0.95
-    assert 0 <= res["mia_auc"] <= 1 and 0 <= res["tpr_at_0_1pct_fpr"] <= res["tpr_at_1pct_fpr"] <= 1
-    assert 0 <= res["correct"] <= res["guesses"] <= 100 and res["epsilon_lower_bound"] >= 0
-    assert sum(res["canary_run"]["inclusion"]) == res["canary_run"]["included"]
-    assert json.loads((run_dir / "audit.json").read_text())["epsilon_lower_bound"] == res["epsilon_lower_bound"]
-    assert (run_dir / "audit" / "run" / "model.pt").is_file()
-
-
-@pytest.mark.slow
-def test_audit_none_run_via_cli(tmp_path, capfd):
-    cfg = _original_run(tmp_path, "none")
-    capfd.readouterr()
-    assert audit.main([cfg.out_dir, "--canaries", "100", "--json"]) == 0
-    out = capfd.readouterr().out
-    res = json.loads(out)                                 # exactly one JSON object on stdout
-    _check_common(res, tmp_path / "none")
-    assert res["claimed_epsilon"] is None and res["privacy_mode"] == "none"
-
-
-@pytest.mark.slow
-def test_audit_dp_run_stays_below_claim(tmp_path):
-    cfg = _original_run(tmp_path, "dp")
-    res = audit.audit_run(cfg.out_dir, canaries=100)
-    _check_common(res, tmp_path / "dp")
-    assert res["claimed_epsilon"] is not None and 0 < res["claimed_epsilon"] <= cfg.epsilon
-    assert res["epsilon_lower_bound"] <= res["claimed_epsilon"]
-    assert res["claimed_epsilon_canary_run"] == pytest.approx(res["claimed_epsilon"], rel=1e-6)

@@ -22,7 +22,8 @@ def test_each_data_set_has_its_ddp_preset_and_an_explicit_value_wins():
     assert (seed.server_opt, seed.lr, seed.ddp_clip, seed.stats_sigma, seed.stats_stages, seed.average_last) == \
         ("adam", 0.1, 2.0, 20.0, 3, 5)
     owid = RunConfig(privacy="ddp+he", dataset="owid")
-    assert (owid.server_opt, owid.lr, owid.ddp_clip, owid.stats_sigma, owid.stats_stages) == ("momentum", 2.0, 2.0, 10.0, 2)
+    assert (owid.server_opt, owid.lr, owid.ddp_clip, owid.stats_sigma, owid.stats_stages) == ("momentum", 3.0, 2.0, 10.0, 2)
+    assert (seed.rounds, owid.rounds, owid.log_bound) == (70, 50, 14.0)
     assert set(DDP_PRESETS) == {"seed", "owid", "csv"}
     mine = RunConfig(privacy="ddp+he", lr=0.3, server_opt="momentum", ddp_clip=1.0, ddp_stats_sigma=5.0)
     assert (mine.lr, mine.server_opt, mine.ddp_clip, mine.stats_sigma) == (0.3, "momentum", 1.0, 5.0)
@@ -50,7 +51,7 @@ def test_other_modes_keep_their_digest():
 
 def test_a_sweep_gives_each_mode_its_own_preset():
     """`carbonfed sweep --modes dp+he,ddp+he`: the ddp+he jobs take the ddp preset (owid: momentum,
-    lr 2, mean of 5), the dp+he jobs the local one (lr 0.1, mean of 10), ε = inf the plain `he`;
+    lr 3, mean of 5, 50 rounds), the dp+he jobs the local one (lr 0.1, mean of 10, 30 rounds), ε = inf the plain `he`;
     a value the user set stays in both."""
     from pathlib import Path
 
@@ -60,8 +61,9 @@ def test_a_sweep_gives_each_mode_its_own_preset():
     assert [j.mode for j in jobs] == ["centralized", "dp+he", "ddp+he", "he"]
     for base in (RunConfig(dataset="owid"), RunConfig(dataset="owid", privacy="ddp+he")):
         cfgs = {j.mode: run_config(j, base, Path("/tmp/sweep"), Path("/tmp/keys")) for j in jobs[1:]}
-        assert (cfgs["ddp+he"].server_opt, cfgs["ddp+he"].lr, cfgs["ddp+he"].average_last) == ("momentum", 2.0, 5)
+        assert (cfgs["ddp+he"].server_opt, cfgs["ddp+he"].lr, cfgs["ddp+he"].average_last) == ("momentum", 3.0, 5)
         assert (cfgs["dp+he"].lr, cfgs["dp+he"].average_last) == (0.1, 10) and cfgs["he"].lr == 0.1
+        assert (cfgs["ddp+he"].rounds, cfgs["dp+he"].rounds) == (50, 30)
         assert all(c.keys_dir == "/tmp/keys" for c in cfgs.values())
     mine = {j.mode: run_config(j, RunConfig(dataset="owid", lr=0.5), Path("/tmp/s"), None) for j in jobs[1:]}
     assert mine["ddp+he"].lr == mine["dp+he"].lr == 0.5

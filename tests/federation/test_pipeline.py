@@ -231,8 +231,9 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     (``average_last=2``) is the sample-weighted mean of the last two rounds' global models, which
     the server summed as ciphertexts: it equals that mean computed in the clear from each
     round's decrypted aggregate."""
-    _, plain = _run(tmp_path, keys_dir, "none", rounds=3, stats_stages=3, average_last=2)
-    cfg, enc = _run(tmp_path, keys_dir, "he", rounds=3, stats_stages=3, average_last=2)
+    small = dict(rounds=2, stats_stages=3, average_last=2, local_epochs=1, batches_per_epoch=2)
+    _, plain = _run(tmp_path, keys_dir, "none", **small)
+    cfg, enc = _run(tmp_path, keys_dir, "he", masks=True, **small)     # the pairwise masks cancel exactly
     a, b = torch.load(plain["model"]["path"]), torch.load(enc["model"]["path"])
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
@@ -248,13 +249,13 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     bound = BoundAggregates.of(Path(cfg.out_dir), read_ledger(f"{cfg.out_dir}/ledger.jsonl"), charter,
                                tag_key(charter.sha256, secret_key_bytes(ctx)), HEParams().plain_modulus)
     cipher = make_cipher(cfg, ctx, lay.length)
-    per_round = [lay.unpack_sum(*bound.open(f"model_round_{r:03d}.bin", cipher.decrypt)) for r in (2, 3)]
+    per_round = [lay.unpack_sum(*bound.open(f"model_round_{r:03d}.bin", cipher.decrypt)) for r in (1, 2)]
     assert not np.allclose(per_round[0][0], per_round[1][0])       # two different models
     mean = sum(p * n for p, n in per_round) / sum(n for _, n in per_round)
     model = build_model(21, 5, tuple(b["hidden"]))
     model.load_state_dict(b["state_dict"])
     assert np.allclose(flatten_params(model), mean, rtol=0, atol=1e-6)
-    assert enc["model"]["averaged_rounds"] == [2, 3] and enc["history"][-1]["model_rounds"] == [2, 3]
+    assert enc["model"]["averaged_rounds"] == [1, 2] and enc["history"][-1]["model_rounds"] == [1, 2]
     assert plain["history"] == [{**h, "seconds": p["seconds"]} for h, p in zip(enc["history"], plain["history"])]
     assert enc["he"]["upload_bytes_per_client_round"] > 10 * 1318 * 8 / 100   # really ciphertexts
     assert plain["he"] is None and plain["privacy"] is None
@@ -275,3 +276,9 @@ def test_he_equals_plaintext(tmp_path, keys_dir):
     from carbonfed.federation.report.statement import write_privacy_statement
     md = write_privacy_statement(tmp_path / "none", plain, None).read_text()
     assert "| statistics releases in the ledger | none charged: 3 exact stage(s), outside ε |" in md
+    assert "who can see one client's update" not in md                        # no HE: no masks section
+    masks = enc["he"]["masks"]                                                 # the masked he run's guarantee
+    assert (masks["neighbours"], masks["rounds_unmasked"], masks["rounds_abandoned"]) == (130, 2, [])
+    md_he = write_privacy_statement(tmp_path / "he", enc, None).read_text()
+    assert f"threshold t = {masks['threshold']}" in md_he and "2 round(s) unmasked, 0 abandoned" in md_he
+    assert f"| the server alone | {masks['who_learns_what']['server_alone']} |" in md_he

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,8 @@ from carbonfed.federation.config import RunConfig
 from carbonfed.federation.presets import AUTO, PRESETS, preset_record
 from carbonfed.federation.run import RUN_FILE, Lifecycle, add_run_options, settings_from
 
-MAIN_JOB = {"hidden": "linear", "stats_stages": 3, "average_last": 10, "lr": 0.1}   # the seed main job's flags
+MAIN_JOB = {"hidden": "linear", "stats_stages": 3, "average_last": 10, "lr": 0.1,   # the seed main job's flags
+            "log_bound": 10.0, "rounds": 30}
 
 
 def _settings(*argv: str) -> dict:
@@ -27,8 +29,10 @@ def test_no_option_is_the_main_job_and_each_data_set_has_its_own():
     assert {k: getattr(RunConfig(), k) for k in AUTO} == MAIN_JOB
     owid = RunConfig(dataset="owid")
     assert (owid.hidden, owid.stats_stages, owid.average_last, owid.lr) == ("linear", 2, 10, 0.1)
+    assert (owid.log_bound, owid.rounds) == (14.0, 30)                    # OWID's log range (data/owid.py)
     assert owid.hidden_sizes == () and owid.stats_releases == 2        # no asinh stage on OWID
-    assert set(PRESETS) == {"seed", "owid", "csv"} and PRESETS["csv"] == PRESETS["owid"]
+    assert set(PRESETS) == {"seed", "owid", "csv"}
+    assert PRESETS["csv"] == replace(PRESETS["owid"], log_bound=10.0)   # a user's units are unknown: the default range
 
 
 def test_an_explicit_value_wins_and_auto_asks_for_the_preset():
@@ -70,6 +74,8 @@ def test_help_names_each_data_sets_preset(capsys):
     assert "default: the data set's preset (seed: linear; owid: linear; csv: linear)" in text
     assert "default: the data set's preset (seed: 3; owid: 2; csv: 2)" in text
     assert "default: the data set's preset (seed: 10; owid: 10; csv: 10)" in text
+    assert "default: the data set's preset (seed: 10.0; owid: 14.0; csv: 10.0)" in text
+    assert "default: the data set's preset (seed: 30; owid: 30; csv: 30), with ddp+he (seed: 70; owid: 50; csv: 50)" in text
 
 
 def test_run_json_records_the_resolved_values(tmp_path):
@@ -83,5 +89,26 @@ def test_report_preset_record_names_what_was_overridden():
     cfg = RunConfig(dataset="owid", lr=0.2)
     record = preset_record(cfg.dataset, {k: getattr(cfg, k) for k in AUTO})
     assert record["name"] == "owid" and record["overridden"] == ["lr"]
-    assert record["used"] == {"hidden": "linear", "stats_stages": 2, "average_last": 10, "lr": 0.2}
+    assert record["used"] == {"hidden": "linear", "stats_stages": 2, "average_last": 10, "lr": 0.2, "log_bound": 14.0,
+                              "rounds": 30}
     assert record["preset"]["lr"] == 0.1
+
+
+def test_the_log_range_is_a_preset_setting():
+    """``log_bound`` resolves per data set, an explicit value wins, and it is part of a run's
+    identity (the digest) except at the range every run had before it was a setting (10)."""
+    assert RunConfig(dataset="owid", log_bound=20.0).log_bound == 20.0
+    assert RunConfig(dataset="owid", log_bound=0.0).log_bound == 14.0
+    with pytest.raises(ValueError, match=r"log-bound must be a finite number > 0"):
+        RunConfig(log_bound=-1.0)
+    assert RunConfig(log_bound=14.0).digest() != RunConfig().digest()
+    assert RunConfig(dataset="owid").digest() != RunConfig(dataset="owid", log_bound=10.0).digest()
+
+
+def test_rounds_are_a_preset_setting():
+    """The local-DP presets train 30 rounds, the ddp+he ones their own (fewer rounds of one clipped
+    gradient sum, chosen on validation folds); an explicit --rounds wins in every mode."""
+    assert RunConfig().rounds == RunConfig(dataset="owid").rounds == 30
+    assert RunConfig(privacy="ddp+he").rounds == 70 and RunConfig(privacy="ddp+he", dataset="owid").rounds == 50
+    assert RunConfig(privacy="ddp+he", rounds=100).rounds == 100 and RunConfig(rounds=5).rounds == 5
+    assert RunConfig(**_settings("--privacy", "ddp+he", "--rounds", "12")).rounds == 12

@@ -101,6 +101,7 @@ def test_privacy_statement_states_the_ledger(run):
     for word in ("node_id", "country", "fingerprint", "history", "clipped_params", "accepted contributions"):
         assert word in section, word
     assert "no baseline run given" in md
+    assert "the uploads are not masked (`--masks` is off)" in md             # masks are opt-in: said so
     # the confusion matrix of report.json, one row per true class
     m = json.loads((out / "report.json").read_text())["metrics"]
     for c, row in zip(m["classes"], m["confusion_matrix"]):

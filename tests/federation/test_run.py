@@ -72,7 +72,7 @@ def test_a_folder_that_holds_a_run_is_refused(tmp_path):
 def test_an_invalid_setting_creates_nothing(tmp_path, private_tmp):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="rounds must be >= 1"):
-        Lifecycle.start(out, {"privacy": "dp+he", "rounds": 0}, keys=None)
+        Lifecycle.start(out, {"privacy": "dp+he", "rounds": -1}, keys=None)   # 0: the preset
     assert not out.exists() and list(private_tmp.iterdir()) == []     # no folder, no keys
 
 

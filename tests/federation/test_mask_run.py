@@ -1,0 +1,98 @@
+"""Pairwise masks through the real Flower pipeline (issue 22): Ray simulation, real TenSEAL BFV,
+real clients; a 15-party federated CSV (12 training clients, threshold 7 of 11 neighbours).
+
+* clients whose uploads do not count after they shared (a third of them: a corrupt or wrong-length
+  ciphertext, a NaN model) are dropped, their masks recovered in the seeds step, and the model
+  equals the unmasked run's without their updates (the same faults): the masks cancel exactly;
+* one more than a third dropped: the round is not unmasked, the ledger says why.
+
+Also through the masked path (``masks=True``; opt-in for now): ``test_pipeline.py``'s
+``test_he_equals_plaintext`` (131 clients, no dropout: the masked ``he`` model equals ``none``'s); one
+dropout of 10 and of 131 in ``tests/privacy/test_masks.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carbonfed.data.example import write_example_csv
+from carbonfed.federation.client.masking import MASK_FAULTS
+from carbonfed.federation.config import RunConfig
+from carbonfed.federation.faults import FAULTS
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.run_data import with_data_schema
+from carbonfed.federation.simulation import run_simulation
+from carbonfed.privacy.ledger import read_ledger
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ("Australia", "Barbados", "Chad", "Djibouti", "Kazakhstan", "Laos", "Mexico", "Mongolia",
+         "Sao Tome and Principe", "Senegal", "Thailand", "Venezuela")      # the 15-party table's training clients
+THIRD = "Barbados:corrupt,Chad:wrong-length,Djibouti:nan,Laos:corrupt"
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    return write_example_csv(tmp_path_factory.mktemp("mask-csv") / "example.csv", parties=15)
+
+
+def _run(table, keys_dir, out, report=True, **kw):
+    cfg = with_data_schema(RunConfig(dataset="csv", data=str(table), client_col="site", label_col="level",
+                                     privacy=kw.pop("privacy", "he"), keys_dir=str(keys_dir), out_dir=str(out), **kw))
+    run_simulation(cfg)
+    ledger = read_ledger(out / "ledger.jsonl")
+    if not report:
+        return None, None, ledger
+    rep = build_report(cfg.out_dir, keys_dir)
+    return torch.load(rep["model"]["path"], weights_only=False)["state_dict"], rep, ledger
+
+
+def _same(a, b) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _masks(ledger) -> list[dict]:
+    return [line["masks"] for line in ledger if line.get("kind") == "round"]
+
+
+def test_a_third_dropped_after_sharing_is_recovered_exactly(table, keys_dir, tmp_path):
+    """Four of the twelve shared their masks, then their uploads did not count: their masks are
+    recovered, and the model is the unmasked run's, which sums the same eight updates."""
+    masked, report, ledger = _run(table, keys_dir, tmp_path / "masked", rounds=1, fault_drill=THIRD, masks=True)
+    plain, _, plain_ledger = _run(table, keys_dir, tmp_path / "plain", rounds=1, fault_drill=THIRD, masks=False)
+    _same(masked, plain)
+    (block,) = _masks(ledger)
+    assert (block["status"], block["shared"], block["uploaded"], block["summed"]) == ("unmasked", 12, 8, 8)
+    assert block["dropped"] == ["Barbados", "Chad", "Djibouti", "Laos"]
+    assert not [line for line in ledger if line.get("kind") == "masks"]      # nothing refused: all answered
+    assert all("masks" not in line for line in plain_ledger if line.get("kind") == "round")
+    he = report["he"]["masks"]
+    assert (he["threshold"], he["neighbours"], he["max_dropped"], he["rounds_unmasked"]) == (7, 11, 4, 1)
+    assert set(he["who_learns_what"]) == {"server_alone", "server_with_fewer_than_t_clients", "t_or_more_clients"}
+
+
+def test_more_than_a_third_dropped_is_not_unmasked(table, keys_dir, tmp_path):
+    _, _, ledger = _run(table, keys_dir, tmp_path / "run", report=False, rounds=1, fault_drill=THIRD + ",Mexico:nan",
+                        masks=True)
+    (block,) = _masks(ledger)
+    assert block["status"] == "abandoned" and "5 of 12 clients are not summed" in block["reason"]
+    (line,) = [line for line in ledger if line.get("kind") == "round"]
+    assert line["model_terms"] == 0 and "model_round_001.bin" not in line["aggregates"]   # nothing kept
+
+
+def test_forged_bad_and_replayed_mask_messages_are_ledgered_and_the_round_goes_on(table, keys_dir, tmp_path):
+    assert set(MASK_FAULTS) <= set(FAULTS)                       # the drills are accepted by --fault-drill
+    drill = "Laos:mask-impostor,Senegal:mask-bad-key,Thailand:mask-replay"
+    _, _, ledger = _run(table, keys_dir, tmp_path / "run", report=False, rounds=1, fault_drill=drill, masks=True)
+    (block,) = _masks(ledger)
+    assert (block["status"], block["shared"], block["summed"]) == ("unmasked", 11, 11)    # the impostor sat it out
+    why = {}
+    for line in ledger:
+        if line.get("kind") == "masks":
+            why.setdefault(line["country"], []).append(f"{line['step']}: {line['reason']}")
+    assert any("bundle: claims to be Australia but is not signed by Australia's key" in r for r in why["Laos"])
+    assert any("does not open that share" in r for r in why["Senegal"])
+    assert any("replayed: made for run" in r for r in why["Thailand"])
