@@ -6,9 +6,8 @@ real clients; a 15-party federated CSV (12 training clients, threshold 7 of 11 n
   equals the unmasked run's without their updates (the same faults): the masks cancel exactly;
 * one more than a third dropped: the round is not unmasked, the ledger says why.
 
-Also through the masked path (``masks=True``; opt-in for now): ``test_pipeline.py``'s
-``test_he_equals_plaintext`` (131 clients, no dropout: the masked ``he`` model equals ``none``'s); one
-dropout of 10 and of 131 in ``tests/privacy/test_masks.py``.
+Masks are opt-in (``masks=True``). One dropout of 10 and of 131 clients, and exact sums for 2, 10 and
+131, in ``tests/privacy/test_masks.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from carbonfed.federation.client.masking import MASK_FAULTS
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.faults import FAULTS
 from carbonfed.federation.report.build import build_report
+from carbonfed.federation.report.statement import write_privacy_statement
 from carbonfed.federation.run_data import with_data_schema
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.ledger import read_ledger
@@ -72,6 +72,9 @@ def test_a_third_dropped_after_sharing_is_recovered_exactly(table, keys_dir, tmp
     he = report["he"]["masks"]
     assert (he["threshold"], he["neighbours"], he["max_dropped"], he["rounds_unmasked"]) == (7, 11, 4, 1)
     assert set(he["who_learns_what"]) == {"server_alone", "server_with_fewer_than_t_clients", "t_or_more_clients"}
+    md = write_privacy_statement(tmp_path / "masked", report, None).read_text()      # the statement says the same
+    assert "threshold t = 7" in md and "1 round(s) unmasked, 0 abandoned" in md
+    assert f"| the server alone | {he['who_learns_what']['server_alone']} |" in md
 
 
 def test_more_than_a_third_dropped_is_not_unmasked(table, keys_dir, tmp_path):
