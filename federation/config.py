@@ -65,7 +65,7 @@ _MEANINGS = {
     "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
     "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
     "masks": "HE modes: pairwise masks inside the encrypted uploads, so that no key holder with the server sees one "
-             "client's update (opt-in while a masked round costs 1.7x an unmasked one); ",
+             "client's update (opt-in while a masked round costs 1.5-1.6x an unmasked one); ",
     "mask_neighbours": "masks: each client's neighbours (0: every other training client; an even k: k of them on a "
                        "public ring, fewer bytes per round, a threshold of k - floor(k/3)); ",
     "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
@@ -167,7 +167,7 @@ class RunConfig:
     fault_drill: str = ""
     reproducible_noise: bool = False
     # pairwise masks inside the BFV plaintext (issue 22): HE modes only; opt-in until a masked round costs
-    # at most 1.5x an unmasked one (measured 1.7x: bench/mask_cost.py)
+    # at most 1.5x an unmasked one (measured 1.54x and 1.64x: bench/mask_cost.py)
     masks: bool = False
     mask_neighbours: int = 0     # 0: every other training client; k (even): a circulant neighbourhood of k
     # the sealed charter this run's clients endorsed (charter.json; carbonfed.privacy.charter): a local
