@@ -1,18 +1,21 @@
 """An audit can be repeated and leaves the audited folder as it found it (issue 23): three
-`carbonfed audit-attack` runs in a row on one `dp+he` run folder (the session's faulty 2-round run,
-copied) all complete, each white-box audit stays below the claim, and every file of the folder but
+`carbonfed audit-attack` runs in a row on one `dp+he` run folder (a 2-round run of the 15-party
+example CSV: the audits re-run its federation four times) all complete, each white-box audit stays below the claim, and every file of the folder but
 the audit's own `audit.json` is byte-identical before and after. The replay cache of a client's
 state folder is keyed by the key it was made under."""
 
 import hashlib
 import json
-import shutil
 
 import pytest
 from flwr.app import Context, RecordDict
 
 from carbonfed.federation.client.state import PersistentState, load_state, recall, remember
+from carbonfed.data.example import write_example_csv
+from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments import audit_attack as audit
+from carbonfed.federation.run_data import with_data_schema
+from carbonfed.federation.simulation import run_simulation
 from carbonfed.federation.report_command import main as report_main
 
 OWN_OUTPUTS = {"audit.json"}
@@ -40,11 +43,13 @@ def test_a_reply_is_replayed_only_under_the_key_it_was_made_under(tmp_path):
 
 
 @pytest.mark.slow
-def test_three_audits_in_a_row_leave_the_folder_byte_identical(dphe_run, keys_dir, tmp_path, capfd):
-    cfg, out, code = dphe_run
-    assert code == 0
+def test_three_audits_in_a_row_leave_the_folder_byte_identical(keys_dir, tmp_path, capfd):
+    table = write_example_csv(tmp_path / "example.csv", parties=15)
     run = tmp_path / "run"
-    shutil.copytree(out, run)                  # the session's run is read-only
+    cfg = with_data_schema(RunConfig(dataset="csv", data=str(table), client_col="site", label_col="level",
+                                     privacy="dp+he", rounds=2, keys_dir=str(keys_dir), out_dir=str(run)))
+    run_simulation(cfg)
+    assert report_main([str(run), "--keys", str(keys_dir)]) == 0
     before = _hashes(run)
     claim = json.loads((run / "report.json").read_text())["privacy"]["epsilon_max"]
     for i in range(3):

@@ -114,7 +114,7 @@ def test_the_example_csv_runs_end_to_end(tmp_path):
     assert report["metrics"]["classes"] == sorted({line.split(",")[0] for line in csv.read_text().splitlines()[1:]})
     assert 0 <= report["metrics"]["accuracy"] <= 1 and report["metrics"]["macro_f1"] is not None
     assert report["privacy"]["epsilon_max"] <= 3.0 and report["preprocessing"]["covered_by_epsilon"]
-    assert report["preset"]["name"] == "csv" and report["preset"]["overridden"] == []
+    assert report["preset"]["name"] == "csv" and report["preset"]["overridden"] == ["rounds"]   # --rounds 2 given
     assert report["preset"]["used"]["stats_stages"] == 2 == report["preprocessing"]["stages"]
     assert report["clients"]["partition"] == {"train": 48, "test": 12}
     config = report["provenance"]["config"]

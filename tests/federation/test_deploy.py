@@ -78,6 +78,7 @@ def _lines(out: Path) -> list[dict]:
 
 # -- (a) a SuperNode killed mid-round ----------------------------------------------------------
 
+@pytest.mark.drill
 def test_tls_and_key_split(faulty_run):
     _, _, seen, _, _ = faulty_run
     tls = seen["tls"]
@@ -87,6 +88,7 @@ def test_tls_and_key_split(faulty_run):
     assert len(seen["pids"]) >= 5                         # SuperLink, SuperExec, 4 SuperNodes, ...
 
 
+@pytest.mark.drill
 def test_killed_node_costs_its_round_only(faulty_run):
     out, events, _, _, _ = faulty_run
     victim = events["killed"]["country"]
@@ -110,6 +112,7 @@ def test_killed_node_costs_its_round_only(faulty_run):
     assert [h["round"] for h in rep["history"]] == [1, 2, 3] and all(h["seconds"] > 0 for h in rep["history"])
 
 
+@pytest.mark.drill
 def test_epsilon_never_decreases(faulty_run):
     out, events, _, _, _ = faulty_run
     per: dict[str, list[tuple[float, int]]] = {}
@@ -129,6 +132,7 @@ def test_epsilon_never_decreases(faulty_run):
 
 # -- (b) the server restarted after round 2 -----------------------------------------------------
 
+@pytest.mark.drill
 def test_server_resumes_from_checkpoint(faulty_run):
     out, events, _, _, _ = faulty_run
     lines = _lines(out)
@@ -192,6 +196,7 @@ def test_app_copy_bundles_the_carbonfed_packages(tmp_path):
 
 # -- (d) nothing left running -------------------------------------------------------------------
 
+@pytest.mark.drill
 def test_no_process_left(faulty_run):
     _, _, _, leftovers, seconds = faulty_run
     assert leftovers == []
