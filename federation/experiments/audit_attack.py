@@ -56,7 +56,6 @@ import numpy as np
 
 from carbonfed.data import resolve_data_dir, split_countries
 from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
-from carbonfed.data.features import LOG_BOUND
 from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.audit_run import claimed_epsilon, isolated_config, isolated_simulation
@@ -104,7 +103,7 @@ def blackbox_audit(cfg, m: int, confidence: float, rng: np.random.Generator) -> 
         raise ValueError(f"audit-attack supports the seed data set and CSV runs, this run used {cfg.dataset!r}")
     ds = load_run_data(cfg)
     part = split_countries(ds.countries(), cfg.holdout_offset)
-    c = make_canaries(ds, part.train, m, rng, cfg.log_bound or LOG_BOUND)
+    c = make_canaries(ds, part.train, m, rng, cfg.log_bound)      # resolved: the preset's range
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="carbonfed-audit-bb-") as tmp:
         tmp = Path(tmp)

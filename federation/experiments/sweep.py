@@ -187,7 +187,9 @@ def run_sweep(epsilons, seeds, out, modes=("dp+he",), rounds=None, dataset=None,
     keys = _sweep_keys(out, jobs, base)
     rows, ran, skipped = _run_jobs(jobs, base, out, keys, progress)
     df = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    write_outputs(df, out, jobs, dict(epsilons=epsilons, seeds=seeds, modes=modes, rounds=base.rounds,
+    per_job = sorted({run_config(job, base, out, keys).rounds for job in jobs})   # each mode's preset may differ
+    shown = per_job[0] if len(per_job) == 1 else "/".join(map(str, per_job))
+    write_outputs(df, out, jobs, dict(epsilons=epsilons, seeds=seeds, modes=modes, rounds=shown,
                                       dataset=base.dataset, model=base.hidden, overrides=dict(settings or {})))
     df.attrs.update(ran=ran, skipped=skipped)
     return df
