@@ -34,7 +34,8 @@ def test_signatures_verify_with_the_public_key_only():
     assert signature_valid(public_hex(key), json.loads(json.dumps(obj)), sig)
     assert not signature_valid(public_hex(other), obj, sig)              # another key
     assert not signature_valid(public_hex(key), {"type": "test", "x": 2}, sig)   # another object
-    assert not signature_valid(public_hex(key), obj, sig[:-2] + "00")
+    flipped = f"{int(sig[:2], 16) ^ 0x01:02x}" + sig[2:]  # one bit of R, never a no-op
+    assert not signature_valid(public_hex(key), obj, flipped)
     assert not signature_valid("zz", obj, sig) and not signature_valid(public_hex(key), obj, None)
     with pytest.raises(ValueError, match="type"):
         sign(key, {"x": 1})                                # an object must say what it is
