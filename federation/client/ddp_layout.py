@@ -69,6 +69,11 @@ class ShareStage:
         return self.base.length
 
     @property
+    def log_bound(self) -> float:
+        """The range of the log transform the released statistics describe (the base layout's)."""
+        return self.stage1.log_bound
+
+    @property
     def sensitivity(self) -> float:
         return self.base.sensitivity
 

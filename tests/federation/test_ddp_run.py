@@ -14,6 +14,8 @@ import pytest
 from carbonfed.data import load_dataset, split_countries
 from carbonfed.federation.client.participant import Layouts, make_cipher
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.report.build import build_report
+from carbonfed.federation.report.statement import write_privacy_statement
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.audit.ddp_epsilon import recompute_epsilon
 from carbonfed.privacy.audit.verify import verify_run
@@ -67,6 +69,22 @@ def test_the_servers_sum_is_the_sum_of_the_clients_uploads(ddp_run):
     t = cipher.plain_modulus
     assert len(uploads) == len(split_countries(ds.countries(), 0).train)
     assert np.array_equal(np.mod(total, t), np.mod(agg, t))
+
+
+def test_the_report_and_statement_state_the_central_and_per_upload_guarantees(ddp_run):
+    """report.json's privacy.ddp is the ledger's central ε, the one verify recomputes on its own; a
+    decrypted single upload has only its share of the noise, so its ε is far larger; the statement
+    says both; the preprocessing text names the run's log range."""
+    cfg, out = ddp_run
+    rep = build_report(out, cfg.keys_dir)
+    ddp = rep["privacy"]["ddp"]
+    res = verify_run(out)
+    assert abs(ddp["epsilon_central"] - res.ddp["epsilon"]) <= 0.01 * res.ddp["epsilon"]
+    assert ddp["rounds_released"] == ROUNDS and ddp["epsilon_central"] <= cfg.epsilon < ddp["epsilon_per_upload"]
+    pre = json.dumps(rep["preprocessing"], ensure_ascii=False)
+    assert f"expm1({cfg.log_bound:g}·" in pre or f"±{cfg.log_bound:g}" in pre
+    text = write_privacy_statement(out, rep, res).read_text(encoding="utf-8")
+    assert f"ε = {ddp['epsilon_central']:.4f}" in text and f"ε = {ddp['epsilon_per_upload']:.4f}" in text
 
 
 def _rechain(records: list[dict]) -> list[dict]:
