@@ -171,7 +171,7 @@ def keygen_command(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None,
                    help="accepted as for `carbonfed run`; the ring does not depend on it (default: none)")
     p.add_argument("--privacy", choices=PRIVACY_MODES, default=RunConfig.privacy,
-                   help=f"the job's privacy mode (default {RunConfig.privacy})")
+                   help="the job's privacy mode (default: the data set's recommended one, as for `carbonfed run`)")
     RunConfig.add_options(p, skip=lifecycle.OWN_OPTIONS)
     args = p.parse_args(argv)
     refuse_existing_keys(args.out, args.force)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 from carbonfed.data.features import LOG_BOUND
 from carbonfed.federation.faults import parse_drill
-from carbonfed.federation.presets import AUTO, DDP_AUTO, preset_help, resolve
+from carbonfed.federation.presets import AUTO, DDP_AUTO, is_auto, preset_help, resolve
 from carbonfed.privacy.accountant import stats_noise_floor
 
 PRIVACY_MODES = ("none", "dp", "he", "dp+he", "ddp+he")
@@ -65,7 +65,7 @@ _MEANINGS = {
     "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
     "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
     "masks": "HE modes: pairwise masks inside the encrypted uploads, so that no key holder with the server sees one "
-             "client's update (opt-in while a masked round costs 1.5-1.6x an unmasked one); ",
+             "client's update (a masked round costs about 1.5x an unmasked one); ",
     "mask_neighbours": "masks: each client's neighbours (0: every other training client; an even k: k of them on a "
                        "public ring, fewer bytes per round, a threshold of k - floor(k/3)); ",
     "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
@@ -78,6 +78,9 @@ _MEANINGS = {
 }
 for _name, _text in _MEANINGS.items():
     _HELP.setdefault(_name, _text)
+
+
+_BOOL_AUTO = ("masks",)      # on/off settings whose default is "auto" (the preset's): --masks / --no-masks
 
 
 def _positive(v) -> bool:
@@ -138,7 +141,7 @@ class RunConfig:
     label_col: str = ""
     features: str = ""
     classes: str = ""
-    privacy: str = "dp+he"
+    privacy: str = "auto"           # "auto": the data set's recommended mode (presets.py: owid ddp+he, else dp+he)
     epsilon: float = 3.0
     delta: float = 1e-5
     rounds: int = 0                 # 0: the data set's preset (30; ddp+he presets choose their own)
@@ -166,9 +169,9 @@ class RunConfig:
     state_dir: str = ""      # clients' state folder where the node config names none (carbonfed run)
     fault_drill: str = ""
     reproducible_noise: bool = False
-    # pairwise masks inside the BFV plaintext (issue 22): HE modes only; opt-in until a masked round costs
-    # at most 1.5x an unmasked one (measured 1.54x and 1.64x: bench/mask_cost.py)
-    masks: bool = False
+    # pairwise masks inside the BFV plaintext (issue 22): HE modes only; "auto": on for ddp+he (whose single
+    # uploads carry only a share of the noise), off for the local-DP modes (each upload is already ε-DP)
+    masks: bool | str = "auto"
     mask_neighbours: int = 0     # 0: every other training client; k (even): a circulant neighbourhood of k
     # the sealed charter this run's clients endorsed (charter.json; carbonfed.privacy.charter): a local
     # path, so outside the digest and the charter itself
@@ -204,8 +207,13 @@ class RunConfig:
         """Give each preset-governed setting at its "auto" value the data set's preset value
         (:mod:`carbonfed.federation.presets`; an explicit value wins). An unknown data set is
         an error at once: no preset, so no later check could say anything useful."""
+        if isinstance(self.masks, str) and not is_auto("masks", self.masks):
+            flag = {"true": True, "false": False}.get(self.masks.strip().lower())
+            if flag is None:
+                raise ValueError(f"invalid run config: masks must be true, false or auto, got {self.masks!r}")
+            object.__setattr__(self, "masks", flag)
         try:
-            chosen = resolve(self.dataset, {name: getattr(self, name) for name in (*AUTO, *DDP_AUTO)}, self.ddp)
+            chosen = resolve(self.dataset, {name: getattr(self, name) for name in (*AUTO, *DDP_AUTO)})
         except ValueError as exc:
             raise ValueError(f"invalid run config: {exc}") from None
         for name, value in chosen.items():
@@ -328,8 +336,9 @@ class RunConfig:
         for f in fields(cls):
             if f.name not in skip:
                 default = getattr(defaults, f.name)
-                kind = ({"action": argparse.BooleanOptionalAction if default else "store_true"}
-                        if isinstance(default, bool) else {"type": type(default)})
+                flag = isinstance(default, bool) or f.name in _BOOL_AUTO
+                kind = ({"action": argparse.BooleanOptionalAction if default is True or f.name in _BOOL_AUTO
+                         else "store_true"} if flag else {"type": type(default)})
                 parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
                                     help=_HELP.get(f.name, "") + (preset_help(f.name) or f"default {default!r}"))
 

@@ -50,6 +50,7 @@ from typing import Callable
 
 from carbonfed.data import DATASET_NAMES, resolve_data_dir
 from carbonfed.federation.config import PRIVACY_MODES, RunConfig
+from carbonfed.federation.presets import PRESETS, is_auto, preset_help
 from carbonfed.federation.enrolment import charter_sha256, check_sealable, seal_run
 from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
@@ -86,7 +87,8 @@ def add_run_options(parser, out_prefix: str = "") -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder with the bundled data sets' CSV files (default $CARBONFED_DATA_DIR, else ../shared/data)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
-                        help=f"none, dp (DP-SGD and DP statistics), he (encrypted sums) or dp+he (default {defaults.privacy})")
+                        help="none, dp (local DP-SGD and DP statistics), he (encrypted sums), dp+he, or ddp+he (distributed "
+                             "DP: noise shares summed under HE); " + preset_help("privacy"))
     parser.add_argument("--out", default=None, help=f"output folder (default runs/{out_prefix}<dataset>-<mode>-<time>)")
     parser.add_argument("--keys", default=None,
                         help="folder from `carbonfed keygen` (default: fresh keys in a private temp dir)")
@@ -110,8 +112,10 @@ def explicit_settings(args) -> dict:
 
 def default_out(out: str | None, settings: dict, prefix: str = "") -> Path:
     """``out``, else ``runs/<prefix><dataset>-<mode>-<time>``."""
-    mode = settings.get("privacy", RunConfig.privacy).replace("+", "")
-    return Path(out or f"runs/{prefix}{settings.get('dataset', RunConfig.dataset)}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dataset = settings.get("dataset", RunConfig.dataset)
+    mode = settings.get("privacy", RunConfig.privacy)
+    mode = (PRESETS[dataset].privacy if is_auto("privacy", mode) and dataset in PRESETS else mode).replace("+", "")
+    return Path(out or f"runs/{prefix}{dataset}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # -- the folder ----------------------------------------------------------------------------------

@@ -105,8 +105,8 @@ def _preset_settings_reset(base: RunConfig) -> dict:
     """The preset-governed settings of ``base`` that hold its own preset's value, set back to
     "auto": a ``ddp+he`` job of a sweep then takes the ddp preset, a ``dp+he`` job the local one
     (:mod:`carbonfed.federation.presets`); a value the user gave that differs from it stays."""
-    auto = {**AUTO, **DDP_AUTO}
-    preset = resolve(base.dataset, auto, base.ddp)
+    auto = {name: value for name, value in {**AUTO, **DDP_AUTO}.items() if name != "privacy"}   # each job's own
+    preset = resolve(base.dataset, {**auto, "privacy": base.privacy})
     return {name: value for name, value in auto.items() if name in preset and getattr(base, name) == preset[name]}
 
 

@@ -26,7 +26,7 @@ from carbonfed.data import sha256_file, split_countries
 from carbonfed.data.features import ASINH_CENTER, ASINH_K, ASINH_STD_FLOOR, ASINH_UNIT, ASINH_Z_BOUND, REFINE_Z_BOUND, SECOND_MOMENT_WEIGHT, STD_FLOOR
 from carbonfed.privacy.stats_release import ASINH_CLIP, ASINH_FLOOR_SDS, CONTRIB_CLIP, REFINE_CLIP
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.presets import AUTO, preset_record
+from carbonfed.federation.presets import AUTO, DDP_AUTO, preset_record
 from carbonfed.federation.run_data import load_run_data
 from carbonfed.federation.client.participant import Layouts, make_cipher
 from carbonfed.federation.report.audit_sections import empirical_record
@@ -300,7 +300,7 @@ def build_report(run_dir: str | Path, keys_dir: str | Path | None = None) -> dic
     report = {
         "dataset": cfg.dataset, "privacy_mode": cfg.privacy, "rounds": cfg.rounds, "seed": cfg.seed,
         # the data set's recommended settings and the run's resolved values of them (presets.py)
-        "preset": preset_record(cfg.dataset, {name: getattr(cfg, name) for name in AUTO}),
+        "preset": preset_record(cfg.dataset, {name: getattr(cfg, name) for name in (*AUTO, *DDP_AUTO)}),
         "holdout_offset": cfg.holdout_offset,
         "clients": _clients(inp),
         "metrics": _metrics(history, last_cm, ds.classes),

@@ -27,7 +27,7 @@ def test_each_data_set_has_its_ddp_preset_and_an_explicit_value_wins():
     assert set(DDP_PRESETS) == {"seed", "owid", "csv"}
     mine = RunConfig(privacy="ddp+he", lr=0.3, server_opt="momentum", ddp_clip=1.0, ddp_stats_sigma=5.0)
     assert (mine.lr, mine.server_opt, mine.ddp_clip, mine.stats_sigma) == (0.3, "momentum", 1.0, 5.0)
-    assert RunConfig().lr == 0.1 and RunConfig(dataset="owid").lr == 0.1      # the other modes: unchanged
+    assert RunConfig().lr == 0.1 and RunConfig(dataset="owid", privacy="dp+he").lr == 0.1   # the other modes: unchanged
     assert RunConfig(privacy="ddp+he").dp and RunConfig(privacy="ddp+he").he and RunConfig(privacy="ddp+he").ddp
     with pytest.raises(ValueError, match="server-opt must be adam or momentum"):
         RunConfig(privacy="ddp+he", server_opt="sgd")

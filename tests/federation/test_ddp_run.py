@@ -31,7 +31,8 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, keys_dir):
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = RunConfig(privacy="ddp+he", rounds=ROUNDS, average_last=2, keys_dir=str(keys_dir),
+    # unmasked, so that each upload decrypts to the client's own shares (the masked path: test_mask_*)
+    cfg = RunConfig(privacy="ddp+he", masks=False, rounds=ROUNDS, average_last=2, keys_dir=str(keys_dir),
                     out_dir=str(tmp / "run"), state_dir=str(tmp / "state"))
     return cfg, run_simulation(cfg)
 
