@@ -10,8 +10,15 @@ Then the summary: how many correct audits stayed at or below the claim (all must
 refuted it (all must), and the range of the bounds. Prints figures; the exit code is 1 if an
 acceptance line fails.
 
+``--mode ddp+he`` does the same for the seed data's ``ddp+he`` main job (``carbonfed run --privacy
+ddp+he``, its preset: 70 rounds; ``OUT/run-ddp+he``, ``OUT/audits-ddp+he.jsonl``): record canaries in
+the clients' clipped sums, scored from every round's decrypted aggregate
+(:mod:`carbonfed.federation.experiments.audit_ddp`); its drill draws the Skellam shares at a tenth
+of the plan's noise. ``--rounds R`` passes ``--rounds R`` to ``carbonfed run`` (a shorter job).
+
 Usage: python bench/audit_power.py --out runs/audit-power [--correct 10] [--drills 5]
-       [--wb-canaries 10000]    (about 2-4 minutes per audit on an idle 2-core machine)
+       [--wb-canaries 10000] [--mode dp+he|ddp+he] [--rounds R]
+       (dp+he: about 2-4 minutes per audit on an idle 2-core machine)
 """
 
 import argparse
@@ -26,10 +33,14 @@ from carbonfed.federation.experiments.audit_whitebox import DEFAULT_CANARIES
 from carbonfed.privacy.audit.empirical import AuditFailure
 
 
-def main_job(out: Path) -> Path:
-    run = out / "run"
+MODES = ("dp+he", "ddp+he")
+
+
+def main_job(out: Path, mode: str = "dp+he", rounds: int = 0) -> Path:
+    run = out / ("run" if mode == "dp+he" else f"run-{mode}")
     if not (run / "report.json").is_file():
         cmd = [str(Path(sys.executable).parent / "carbonfed"), "run", "--out", str(run)]   # the main job, fresh keys
+        cmd += (["--privacy", mode] if mode != "dp+he" else []) + (["--rounds", str(rounds)] if rounds else [])
         subprocess.run(cmd, check=True, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     return run
 
@@ -44,7 +55,8 @@ def one_audit(run: Path, kind: str, m: int) -> dict:
     return {"kind": kind, "verdict": res["verdict"], "claim": res["claim_tested"],
             "bound": wb["epsilon_lower_bound"], "bound_pure": wb["epsilon_lower_bound_pure"],
             "guesses": wb["guesses"], "correct": wb["correct"], "k": wb["k_per_side"], "score": wb["score"],
-            "m": wb["m"], "canary_auc": wb["canary_auc"], "seconds": wb["seconds"]}
+            "m": wb["m"], "canary_auc": wb["canary_auc"], "seconds": wb["seconds"],
+            **{k: wb[k] for k in ("noise_sd_estimated", "noise_sd_accounted", "rounds_read") if k in wb}}
 
 
 def summary(records: list[dict]) -> bool:
@@ -69,11 +81,13 @@ def main() -> int:
     ap.add_argument("--drills", type=int, default=5, help="audits with a tenth of the noise (default 5)")
     ap.add_argument("--wb-canaries", type=int, default=DEFAULT_CANARIES,
                     help=f"white-box canaries per audit (default {DEFAULT_CANARIES})")
+    ap.add_argument("--mode", choices=MODES, default="dp+he", help="the main job's privacy mode (default dp+he)")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of the main job (default: its preset's)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = main_job(out)
-    log = out / "audits.jsonl"
+    run = main_job(out, args.mode, args.rounds)
+    log = out / ("audits.jsonl" if args.mode == "dp+he" else f"audits-{args.mode}.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     plan = ["drill"] * args.drills + ["correct"] * args.correct
     for kind in plan[len(records):]:

@@ -16,6 +16,8 @@ Guarantees
 * The upload: the rows Poisson-sampled at q (ChaCha20), their per-example gradients of the
   cross-entropy at the new model, clipped to C, rounded and summed with this client's Skellam
   share (:func:`carbonfed.privacy.distributed_dp.contribution`), behind the new optimizer state.
+  Only in ``carbonfed audit-attack``'s own canary run (:func:`carbonfed.privacy.canary_ddp.ddp_canaries`)
+  do the audit's canaries join the sum as extra rows; elsewhere the round is unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from carbonfed.federation.client.errors import BudgetExceeded
 from carbonfed.federation.client.signer import RequestRefused
 from carbonfed.models.mlp import build_model
 from carbonfed.models.params import flatten_params, load_flat_params
+from carbonfed.privacy.canary_ddp import ddp_canaries
 from carbonfed.privacy.distributed_dp import contribution, may_release, release, sample_rows
 
 ADAM_BETAS = (0.9, 0.999)
@@ -132,6 +135,9 @@ def train_round(p, server_round: int, model_bytes, model_terms: int, stats, part
     load_flat_params(model, shared[:lay.n_params])
     src = p.noise_source("ddp-train", p.country, server_round)
     rows = sample_rows(len(p.y), plan_.sample_rate, src)
-    grad = contribution(plan_, per_example_grads(model, scaler.apply(p.x)[rows], p.y[rows]), src)
+    canaries = ddp_canaries(p.cfg.out_dir, p.country, server_round)     # audit-attack's canaries (none outside)
+    grads = canaries.rows(model, per_example_grads(model, scaler.apply(p.x)[rows], p.y[rows]), plan_.sample_rate,
+                          plan_.clip)
+    grad = contribution(canaries.mechanism(plan_), grads, src)
     vec, facts["clipped_params"] = lay.pack(state, steps, grad, np.random.default_rng(seed))
     return {"update": p.seal(vec, "update", server_round), "facts": facts}

@@ -5,10 +5,12 @@ about them into an ε lower bound (the one-run audit of Steinke, Nasr, Jagielski
 auditing with one (1) training run", arXiv:2305.08846, Theorem 3.1 at the run's δ; the maths in
 :mod:`carbonfed.privacy.audit.empirical`):
 
-1. **White-box, all-iterates canary audit** (the verdict's first line, ``dp`` and ``dp+he``):
-   :mod:`carbonfed.federation.experiments.audit_whitebox`. Gradient canaries in the clients'
-   DP-SGD steps, scored from every client's decrypted upload of every round, which is what the
-   key holders can see. Its docstring says what the auditor observes and why.
+1. **White-box, all-iterates canary audit** (the verdict's first line, every DP mode):
+   ``dp``/``dp+he``: :mod:`carbonfed.federation.experiments.audit_whitebox`, gradient canaries in
+   the clients' DP-SGD steps, scored from every client's decrypted upload of every round;
+   ``ddp+he``: :mod:`carbonfed.federation.experiments.audit_ddp`, record canaries in the clients'
+   clipped sums, scored from every round's decrypted aggregate. Each is what the key holders can
+   see in that mode; each docstring says what the auditor observes and why.
 2. **Black-box canary audit** (the second line, every mode). ``m`` canary rows (random,
    out-of-distribution features, a random label, unique years ``5000 + i``) are assigned to
    random *training* countries, each included by a secret fair coin; the run is re-run on a
@@ -58,6 +60,7 @@ from carbonfed.data import resolve_data_dir, split_countries
 from carbonfed.data.seed import SEED_FILENAME, SEED_LABEL_SOURCE
 from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
+from carbonfed.federation.experiments.audit_ddp import ddp_whitebox_audit
 from carbonfed.federation.experiments.audit_run import claimed_epsilon, isolated_config, isolated_simulation
 from carbonfed.federation.experiments.audit_whitebox import DEFAULT_CANARIES, whitebox_audit
 from carbonfed.federation.experiments.canaries import (CANARY_RADIUS, load_final_model, losses, make_canaries,
@@ -108,7 +111,7 @@ def blackbox_audit(cfg, m: int, confidence: float, rng: np.random.Generator) -> 
     with tempfile.TemporaryDirectory(prefix="carbonfed-audit-bb-") as tmp:
         tmp = Path(tmp)
         run_cfg = isolated_config(_canary_data(cfg, ds, part, c, tmp), tmp)
-        out = isolated_simulation(run_cfg)
+        out = isolated_simulation(run_cfg, label=f"black-box audit ({m} canary rows)")
         report = build_report(out, run_cfg.keys_dir or None)
         if not (out / "model.pt").is_file():
             raise RuntimeError("the canary run produced no final model")
@@ -199,8 +202,9 @@ def audit_run(run_dir, *, canaries: int = 200, confidence: float = 0.95, whitebo
     rng = np.random.default_rng()               # OS entropy: the coins are secret from the runs
     mia = membership_inference(run, cfg)
     lines = {"whitebox": None, "blackbox": None}
-    if cfg.dp and not cfg.ddp:
-        lines["whitebox"] = whitebox_audit(cfg, whitebox_canaries, confidence, rng, noise_scale)
+    if cfg.dp:
+        line = ddp_whitebox_audit if cfg.ddp else whitebox_audit
+        lines["whitebox"] = line(cfg, whitebox_canaries, confidence, rng, noise_scale)
     if blackbox or lines["whitebox"] is None:
         lines["blackbox"] = blackbox_audit(cfg, canaries, confidence, rng)
     result = _result(run, cfg, confidence, lines, mia, t0)
@@ -234,7 +238,7 @@ def summary_text(res: dict) -> str:
         f"audit of {res['run_dir']} ({res['privacy_mode']}, {res['rounds']} rounds): {res['verdict'].upper()}"
         + (f" by the {res['refuted_by']} line" if res.get("refuted_by") else ""),
         f"  claimed ε: {_fmt(res['claimed_epsilon'])} (tested: {_fmt(res['claim_tested'])})",
-        _line("white-box canaries (every client's upload, every round)", res.get("whitebox")),
+        _line("white-box canaries (what the key holders decrypt, every round)", res.get("whitebox")),
         _line("black-box canaries (final model's loss)", res.get("blackbox")),
         (f"  membership inference: AUC {mia['mia_auc']:.4f}, TPR@1%FPR {mia['tpr_at_1pct_fpr']:.4f}, "
          f"TPR@0.1%FPR {mia['tpr_at_0_1pct_fpr']:.4f}") if mia else
@@ -265,7 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("run_dir", metavar="DIR", help="run directory (server.json, ledger.jsonl, model.pt)")
     ap.add_argument("--canaries", type=int, default=200, help="black-box canary rows m (default 200)")
     ap.add_argument("--wb-canaries", type=int, default=DEFAULT_CANARIES,
-                    help=f"white-box gradient canaries, dp and dp+he runs (default {DEFAULT_CANARIES})")
+                    help=f"white-box gradient canaries (default {DEFAULT_CANARIES}; ddp+he: at most 3/4 x rounds x "
+                         "(the output layer's inputs + 1))")
     ap.add_argument("--no-blackbox", action="store_true",
                     help="skip the black-box line when the white-box one runs (default: run both)")
     ap.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")

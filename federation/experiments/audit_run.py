@@ -10,6 +10,9 @@ Guarantees
   written to the audited folder; the caller removes ``tmp`` (a ``TemporaryDirectory``).
 * ``env`` is set for the simulation only (its workers inherit it) and restored afterwards,
   whatever happens.
+* Progress: ``label`` (which canary run this is) goes to stderr first, then the run's own
+  display (:func:`carbonfed.federation.run.round_progress`: a bar on a terminal, else one line per
+  round), so every re-run of an audit shows what it is and how far it got.
 * :func:`claimed_epsilon` is the ε max a run claims, from its report, else from its ledger.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -54,9 +58,12 @@ def isolated_config(cfg: RunConfig, tmp: Path) -> RunConfig:
     return replace(cfg, keys_dir=keys, out_dir=str(tmp / "run"), state_dir="", charter="")
 
 
-def isolated_simulation(cfg: RunConfig, env: dict[str, str] | None = None) -> Path:
+def isolated_simulation(cfg: RunConfig, env: dict[str, str] | None = None, label: str = "") -> Path:
     """Run ``cfg`` (from :func:`isolated_config`) with a progress display and ``env``; returns its out-dir."""
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    if label:
+        print(f"{label}: re-running the federation ({cfg.rounds} rounds, {cfg.privacy}) in a temporary folder",
+              file=sys.stderr, flush=True)
     display, on_round = round_progress(cfg)      # a bar on a terminal, else one line per round
     with mock.patch.dict(os.environ, env or {}), display:    # set for the simulation only, then restored
         run_simulation(cfg, on_round=on_round)

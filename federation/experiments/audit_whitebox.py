@@ -161,7 +161,8 @@ def whitebox_audit(cfg: RunConfig, m: int, confidence: float, rng: np.random.Gen
         tmp = Path(tmp)
         run_cfg = isolated_config(replace(cfg, masks=False) if masks_off else cfg, tmp)
         plan = plan_canaries(cfg, list(part.train), m, rng, run_cfg.out_dir, str(tmp / "uploads"), noise_scale)
-        out = isolated_simulation(run_cfg, {ENV_VAR: str(plan.save(tmp))})
+        out = isolated_simulation(run_cfg, {ENV_VAR: str(plan.save(tmp))},
+                                  f"white-box audit ({len(plan.clients)} gradient canaries)")
         print(f"white-box audit: decrypting and scoring {len(plan.client_order)} clients' uploads of "
               f"{cfg.rounds} rounds", file=sys.stderr, flush=True)
         ctx = load_secret_context(Path(run_cfg.keys_dir) / SECRET_CONTEXT_FILE) if cfg.he else None

@@ -22,6 +22,8 @@ Guarantees
   ``1 − confidence``, 0 when even ε = 0 is not rejected, and never ``inf`` (it raises instead).
 * :func:`canary_bound` runs one test per (score variant, k) and corrects for all of them
   (Bonferroni), so its reported bound holds with probability ≥ ``confidence`` over the coins.
+* :func:`lmmse_scores` (the ``ddp+he`` white-box audit's score) depends on the observations and the
+  canaries' directions only, never on the coins: any such score keeps the test valid.
 * :func:`check_claim` raises :class:`AuditFailure` exactly when the bound exceeds a claimed ε.
 """
 
@@ -120,6 +122,42 @@ def canary_bound(scores, included, *, confidence: float = 0.95, delta: float = 0
             "epsilon_lower_bound_pure": max(s["epsilon_pure"] for s in sweep),
             "guesses": best["guesses"], "correct": best["correct"], "k_per_side": best["k_per_side"],
             "score": best["score"], "tests": len(sweep), "per_test_confidence": per_test, "sweep": sweep}
+
+
+def lmmse_scores(obs: np.ndarray, dirs: np.ndarray, rate: float = 1.0, floor: float = 1e-3,
+                 passes: int = 3) -> tuple[np.ndarray, float]:
+    """(score per canary, estimated noise variance): the linear MMSE estimate of the inclusion
+    coins from observations of a *sum* over all canaries, ``obs[t] = Σ_j x_j b_jt dirs[t, j] + n_t``
+    (``x_j``: fair coins, ``b_jt``: Bernoulli(``rate``) draws, ``dirs[t, j]``: unit vectors of
+    dimension D, ``n_t``: noise of variance σ² per coordinate; ``obs``: R × D, ``dirs``: R × m × D).
+    The score is centred: above 0 means "more likely included".
+
+    σ² is estimated from the observations alone, so the score is a function of what is observed
+    and of auditor-chosen numbers, never of the coins: first from the energy (E|obs[t]|² = D·σ² +
+    rate·m/2), then ``passes`` times from the residual of the hard decisions (score > 0) of the
+    previous estimate (the energy alone is too rough when the noise is small), floored at
+    ``floor``. With σ² large the score is the plain projection (Σ_t <obs[t], dirs[t, j]>,
+    centred); with σ² small it is the least-squares fit, which removes the canaries' overlap. The
+    Bernoulli draws' own variance is added to σ² (rate·(1 − rate)·m / (2·D))."""
+    obs, dirs = np.asarray(obs, dtype=np.float64), np.asarray(dirs, dtype=np.float64)
+    r, m, d = dirs.shape
+    if obs.shape != (r, d):
+        raise ValueError(f"observations of shape {obs.shape} for directions of shape {dirs.shape}")
+    a = rate * dirs.transpose(0, 2, 1).reshape(r * d, m)           # (R·D) × m: the mean signal of x
+    y = obs.reshape(-1) - a.sum(1) / 2                              # centred at the prior mean x = 1/2
+    gram = a.T @ a if m <= r * d else a @ a.T
+
+    def solve(sigma2: float) -> np.ndarray:
+        lam = 4 * (sigma2 + rate * (1 - rate) * m / (2 * d))        # noise variance over the prior's 1/4
+        if m <= r * d:
+            return np.linalg.solve(gram + lam * np.eye(m), a.T @ y)
+        return a.T @ np.linalg.solve(gram + lam * np.eye(r * d), y)
+
+    sigma2 = max(floor, float((obs ** 2).sum() / r - rate * m / 2) / d)
+    for _ in range(passes):
+        hard = np.where(solve(sigma2) > 0, 0.5, -0.5)               # the decisions, centred like y
+        sigma2 = max(floor, float(((y - a @ hard) ** 2).mean()))
+    return solve(sigma2), sigma2
 
 
 def check_claim(lower_bound: float, claimed_epsilon: float | None, confidence: float = 0.95,
