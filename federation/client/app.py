@@ -244,7 +244,7 @@ def _release_facts(p: Participant, out: dict) -> dict:
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    key = request_key("setup", 0, config_digest(p.cfg))
+    key = request_key("setup", 0, config_digest(p.cfg), *masking.arm_upload(p, msg, "stats", 1))   # masks first
     cached = recall(p.state, "setup", key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, stats = cached
@@ -271,7 +271,8 @@ def refine(msg: Message, context: Context) -> Message:
     stats = _stats(msg, p)
     name = stage_key(len(stats) + 1)
     kind = "refine" if name == "stats2" else f"refine-{name}"
-    key = request_key(kind, 0, *[x for pair in stats for x in pair], config_digest(p.cfg))
+    key = request_key(kind, 0, *[x for pair in stats for x in pair], config_digest(p.cfg),
+                      *masking.arm_upload(p, msg, name, len(stats) + 1))
     cached = recall(p.state, kind, key)
     if cached is not None:              # the release made before, sent again: no new spend
         meta, data = cached
@@ -361,8 +362,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         why = _refusal(p, rnd, model_terms if model is not None else None, stats)
         if why:
             raise RequestRefused(why)
+        masking.arm_upload(p, msg, "metrics", rnd)        # masks (issue 22): before the model is opened
         metrics = p.evaluate(model, model_terms, stats, rnd, _parts(msg, model is not None, len(stats)))
-    except RequestRefused as exc:
+    except (RequestRefused, masking.MaskRefusal) as exc:
         return _refused(msg, context, p, str(exc), "evaluate", rnd)
     meta = {"status": "ok", "fingerprint": p.fingerprint,
             **_signed(p, "evaluate", rnd, {}, inputs=received(model, model_terms, stats), output=metrics)}

@@ -1,9 +1,9 @@
-"""A training client's part of the mask protocol (issue 22) over Flower messages.
+"""A client's part of the mask protocol (issue 22) over Flower messages.
 
 :class:`~carbonfed.privacy.mask_client.MaskingClient` does the cryptography; this module rebuilds
 it at every message from what a deployed client keeps (nothing in memory):
 
-* its secrets are derived from its Ed25519 signing key and the run (the charter's SHA-256):
+* its secrets are derived from its Ed25519 signing key and the run (the charter's SHA-256, and the stream):
   :func:`~carbonfed.privacy.mask_client.mask_root`; a bundle asked twice is the same bytes;
 * its durable state (``state["masks"]``, written with the participant's state) holds the
   neighbours' X25519 keys it checked (once per run) and what it was told and revealed in its
@@ -17,6 +17,12 @@ same reply the bundle of round ``mask-next`` unless it is 0). A training request
 ``mask-shared``: the clients whose bundles the server accepted; :func:`arm` makes the participant mask
 its update with them.
 
+Streams (:mod:`carbonfed.privacy.mask_streams`; ``mask-stream`` of a ``query.masks`` request, default
+``update``): the statistics releases (``stats``, round = stage) and the held-out clients' evaluation
+counts (``metrics``) are masked the same way, each stream with its own keys, its own durable state
+(``state["masks"]``, ``state["masks-stats"]``, ``state["masks-metrics"]``) and its own rounds;
+:func:`arm_upload` arms the setup, ``query.refine`` and evaluation requests as :func:`arm` arms training.
+
 Guarantees
 ----------
 * Every rule of :class:`~carbonfed.privacy.mask_client.MaskingClient` holds across messages and
@@ -24,34 +30,46 @@ Guarantees
   reveals anything leaves.
 * A refused step is answered ``mask-refused`` with the reason (never an unmasked upload): a
   training request this client cannot mask is refused before anything is charged (:func:`arm`).
+* A masked run never sends an unmasked statistics release or evaluation: without ``mask-shared``
+  in the request (or naming a list this client cannot mask with) :func:`arm_upload` refuses before
+  anything is charged. A stream of fewer than two clients is not masked (on both sides).
 * With an empty ``fault-drill`` nothing here changes a message; the drills :data:`MASK_FAULTS`
-  (once :mod:`carbonfed.federation.faults` lists them) make this client misbehave on purpose.
+  make this client misbehave on purpose (in the ``update`` stream).
 """
 
 from __future__ import annotations
 
 import json
 
+from flwr.app import Message
 
-from carbonfed.federation.wire import mask_plan, mask_roster
 from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal, mask_root, read_adverts
+from carbonfed.privacy.mask_streams import stream_of, stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import read_unchecked, seal
 
 STATE_KEY = "masks"
-__all__ = ["MaskRefusal", "answer", "arm", "masking_client"]
+__all__ = ["MaskRefusal", "answer", "apply", "arm", "arm_upload", "masking_client"]
 
 
-def masking_client(p) -> MaskingClient:
-    """Participant ``p``'s masking client as its durable state leaves it."""
+def state_key(stream: str) -> str:
+    """Where a stream's durable mask state lives in the participant's state."""
+    return STATE_KEY if stream == "update" else f"{STATE_KEY}-{stream}"
+
+
+def masking_client(p, stream: str = "update") -> MaskingClient:
+    """Participant ``p``'s masking client of ``stream`` as its durable state leaves it."""
     signer = p.signer
     if signer is None:
         raise MaskRefusal("masks need the run's charter and this client's signing key")
-    run, roster = signer.charter.sha256, mask_roster(signer.charter)
+    run, roster = stream_run(signer.charter.sha256, stream), stream_roster(signer.charter, stream)
     if p.country not in roster:
-        raise MaskRefusal(f"{p.country} is not a training client of the charter: it masks nothing")
+        raise MaskRefusal(f"{p.country} is not a {stream_role(stream)} client of the charter: it masks no {stream}")
+    plan = stream_plan(p.cfg, signer.charter, stream)
+    if plan is None:
+        raise MaskRefusal(f"the {stream} stream has one client: nothing to mask its upload among")
     root = mask_root(signer.key, run, p.country)
-    mc = MaskingClient(p.country, signer.key, run, roster, mask_plan(p.cfg, signer.charter), signer.modulus, root=root)
-    saved = p.state.get(STATE_KEY) or {}
+    mc = MaskingClient(p.country, signer.key, run, roster, plan, signer.modulus, root=root)
+    saved = p.state.get(state_key(stream)) or {}
     mc.use_pair_keys(_pair_keys(mc, root, tuple(sorted(saved.get("peers", {}).items()))))
     if saved.get("round"):
         mc.restore(saved["round"])
@@ -72,39 +90,39 @@ def _pair_keys(mc: MaskingClient, root: bytes, peers: tuple) -> dict[str, bytes]
     return _PAIR_KEYS[key]
 
 
-def _save(p, mc: MaskingClient, peers: dict | None = None) -> None:
+def _save(p, mc: MaskingClient, peers: dict | None = None, stream: str = "update") -> None:
     """Set the mask state without writing it: the ClientApp writes the state before any reply
     leaves (:func:`~carbonfed.federation.client.state.save_state`), so what a reply reveals is on
     disk before it is sent, with one write per message."""
-    saved = dict(p.state.get(STATE_KEY) or {})
+    saved = dict(p.state.get(state_key(stream)) or {})
     if peers is not None:
         saved["peers"] = peers
     saved["round"] = mc.round_state()
-    dict.__setitem__(p.state, STATE_KEY, saved)
+    dict.__setitem__(p.state, state_key(stream), saved)
 
 
-def _share(p, mc: MaskingClient, config: dict) -> dict:
+def _share(p, mc: MaskingClient, config: dict, stream: str) -> dict:
     charter = p.signer.charter
     adverts = dict(zip(json.loads(config["mask-senders"]), config["mask-adverts"]))
-    keys, _ = read_adverts(adverts, charter.sha256, charter.keys)
+    keys, _ = read_adverts(adverts, mc.run, charter.keys)
     mc.use_peer_keys(keys)
     bundle = mc.share(int(config["mask-round"]))
-    _save(p, mc, {c: k.hex() for c, k in keys.items() if c in mc.neighbours})
+    _save(p, mc, {c: k.hex() for c, k in keys.items() if c in mc.neighbours}, stream)
     return {"mask-bundle": bundle}
 
 
-def _unmask(p, mc: MaskingClient, config: dict) -> dict:
+def _unmask(p, mc: MaskingClient, config: dict, stream: str) -> dict:
     out, rnd, nxt, why = {}, int(config["mask-round"]), int(config.get("mask-next", 0)), []
     try:
         if "mask-summed" in config and mc.round_state().get("round") == rnd:    # it shared round rnd
             out["mask-keys"] = mc.reveal_keys(rnd, json.loads(config["mask-summed"]))
-            _save(p, mc)                      # written before the keys leave (with the reply)
+            _save(p, mc, stream=stream)       # written before the keys leave (with the reply)
     except MaskRefusal as exc:
         why.append(f"keys: {exc}")
     try:
         if nxt:
             out["mask-bundle"] = mc.share(nxt)
-            _save(p, mc)
+            _save(p, mc, stream=stream)
     except MaskRefusal as exc:
         why.append(f"bundle: {exc}")
     return {**out, "mask-refused": "; ".join(why)} if why else out
@@ -124,7 +142,7 @@ def _drill(p, out: dict) -> dict:
         msg = read_unchecked(out[field])
         client, rnd, payload = msg.client, msg.round, msg.payload
         if p.fault == "mask-impostor" and kind == "bundle":
-            client = next(c for c in mask_roster(charter) if c != p.country)
+            client = next(c for c in stream_roster(charter, "update") if c != p.country)
         elif p.fault == "mask-bad-key" and kind == "keys" and payload:
             payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
         elif p.fault == "mask-replay" and kind == "keys":
@@ -137,27 +155,45 @@ def _drill(p, out: dict) -> dict:
 
 def answer(p, config: dict) -> dict:
     """The reply metadata of one ``query.masks`` step (see the module docstring)."""
-    out = _answer(p, config)
-    return _drill(p, out) if getattr(p, "fault", "") in MASK_FAULTS else out
+    stream = str(config.get("mask-stream", "update"))
+    out = _answer(p, config, stream)
+    return _drill(p, out) if stream == "update" and getattr(p, "fault", "") in MASK_FAULTS else out
 
 
-def _answer(p, config: dict) -> dict:
+def _answer(p, config: dict, stream: str) -> dict:
     step = config.get("mask-step")
     try:
-        mc = masking_client(p)
+        mc = masking_client(p, stream)
         if step == "advert":
             return {"mask-advert": mc.advert()}
         if step == "share":
-            return _share(p, mc, config)
+            return _share(p, mc, config, stream)
         if step == "seeds":
             seeds = mc.reveal_seeds(int(config["mask-round"]), json.loads(config["mask-summed"]))
-            _save(p, mc)
+            _save(p, mc, stream=stream)
             return {"mask-seeds": seeds}
         if step == "unmask":
-            return _unmask(p, mc, config)
+            return _unmask(p, mc, config, stream)
         raise MaskRefusal(f"unknown mask step {step!r}")
     except (MaskRefusal, ValueError, KeyError) as exc:
         return {"mask-refused": f"{type(exc).__name__}: {exc}"}
+
+
+def _armed(p, config, stream: str, rnd: int, what: str) -> tuple[list[str], MaskingClient]:
+    """The request's ``mask-shared`` list, checked by ``p``'s masking client of ``stream`` for its
+    round ``rnd`` (and recorded in the state); raises MaskRefusal before anything is charged."""
+    if "mask-shared" not in config:
+        raise MaskRefusal(f"the request names no clients that shared masks this round: an unmasked upload "
+                          f"would expose this client's {what} to the server and one key holder")
+    shared = json.loads(config["mask-shared"])
+    mc = masking_client(p, stream)
+    mc.agree(rnd, shared)                    # refuses now, before the round is charged
+    _save(p, mc, stream=stream)
+    return shared, mc
+
+
+def _use(p, kind: str, masker) -> None:
+    p.__dict__.setdefault("maskers", {})[kind] = masker
 
 
 def arm(p, config: dict, rnd: int) -> str:
@@ -166,12 +202,30 @@ def arm(p, config: dict, rnd: int) -> str:
     anything is charged if this client cannot mask that round."""
     if not p.cfg.masked:
         return ""
-    if "mask-shared" not in config:
-        raise MaskRefusal("the request names no clients that shared masks this round: an unmasked upload "
-                          "would expose this client's update to the server and one key holder")
-    shared = json.loads(config["mask-shared"])
-    mc = masking_client(p)
-    mc.agree(rnd, shared)                    # refuses now, before the round is charged
-    _save(p, mc)
-    p.masker = lambda vec, r: mc.mask(r, vec, shared)
+    shared, mc = _armed(p, config, "update", rnd, "update")
+    _use(p, "update", lambda vec: mc.mask(rnd, vec, shared))
     return json.dumps(shared)
+
+
+def arm_upload(p, request: Message | dict, kind: str, rnd: int) -> tuple[str, ...]:
+    """Make participant ``p`` mask its ``kind`` upload (``stats``, ``stats2``, ``stats3``: ``rnd`` is
+    the stage; ``metrics``: the round) of ``request`` (a message, or its run config) with the
+    clients of its ``mask-shared``.
+    Returns what a reply cache key must add (the list's JSON; nothing when this upload is not
+    masked: masks off, a client of the other role, a stream of one client). Raises MaskRefusal
+    before anything is charged if this client cannot mask it."""
+    stream = stream_of(kind)
+    if not (p.cfg.masked and p.signer is not None and p.role == stream_role(stream)
+            and stream_plan(p.cfg, p.signer.charter, stream) is not None):
+        return ()
+    config = request.content.config_records["config"] if isinstance(request, Message) else request
+    shared, mc = _armed(p, config, stream, rnd, "statistics" if stream == "stats" else "evaluation counts")
+    _use(p, kind, lambda vec: mc.mask(rnd, vec, shared))
+    return (json.dumps(shared),)
+
+
+def apply(p, vec, kind: str):
+    """``vec`` (a tagged ``kind`` upload) masked as :func:`arm` / :func:`arm_upload` set up for this
+    message; unchanged when they did not (masks off, or not this kind)."""
+    masker = getattr(p, "maskers", {}).get(kind)
+    return vec if masker is None else masker(vec)

@@ -37,7 +37,7 @@ import torch
 from carbonfed.data.dataset import FederatedDataset
 from carbonfed.data.partition import Partition
 from carbonfed.privacy.stats_release import AsinhLayout, RefineLayout, StatsLayout
-from carbonfed.federation.client import ddp, ddp_layout, scaler_cache
+from carbonfed.federation.client import ddp, ddp_layout, masking, scaler_cache
 from carbonfed.federation.client.errors import BudgetExceeded
 from carbonfed.federation.client.signer import Part, Signer
 from carbonfed.federation.config import RunConfig
@@ -168,9 +168,9 @@ class Participant:
         dict.__setitem__(self.state, "chain", chain_after(st))
         return st
 
-    def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:   # an update also masked (issue 22)
+    def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:   # and masked (issue 22)
         vec = self.signer.tag(vec, kind, rnd) if self.signer is not None else vec
-        return self.masker(vec, rnd) if kind == "update" and getattr(self, "masker", None) else vec
+        return masking.apply(self, vec, kind)
 
     def _opened(self, name: str, vec: np.ndarray, parts: list[Part] | None, terms: int) -> np.ndarray:
         """A decrypted aggregate, checked against the contributions the server names (with a signer)."""

@@ -5,7 +5,7 @@ Guarantees
 * ``kill_client_in_round=k`` SIGKILLs one training SuperNode (the last in order) and its ClientApp
   as soon as that ClientApp runs for round k (after round k-1 is recorded; for k = 1, after the
   statistics release), and starts the node again once round k is recorded, with the same key
-  and state folder: its ε continues, it is not reset.
+  and state folder (on another port if its own was taken meanwhile): its ε continues, it is not reset.
 * ``restart_server_after_round=k`` SIGKILLs the SuperLink and the ServerApp right after round k
   is recorded, starts a new SuperLink on the same database, stops the dead run and submits the
   run again with the same out-dir: the ServerApp resumes from its checkpoint of round k.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from carbonfed.federation.deploy.deployment import Deployment, Node
+from carbonfed.federation.deploy.processes import free_port, port_free
 
 
 def say(msg: str) -> None:
@@ -92,6 +93,8 @@ class Drills:
         if self.restart_server_after_round and not self.restarted and self.restart_server_after_round in done:
             run_id = self._restart_server(dep, run_id, app_dir)
         if self.killed and not self.back and k in done:
+            if not port_free(self.victim.port):    # taken meanwhile (an ephemeral port, on a busy machine)
+                self.victim.port = free_port()      # its identity is its key, not its port
             dep.start_node(self.victim)
             self.back = True
             say(f"restarted the SuperNode of {self.victim.country} (same key and state folder)")

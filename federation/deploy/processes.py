@@ -41,6 +41,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` now (as uvicorn and gRPC bind: with
+    SO_REUSEADDR, so a closed listener's TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _proc_marker(pid: int, env_name: str = MARKER_ENV) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:

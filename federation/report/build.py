@@ -33,6 +33,7 @@ from carbonfed.federation.report.audit_sections import empirical_record
 from carbonfed.federation.report.ddp_privacy import ddp_privacy
 from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter, signed_epsilons
 from carbonfed.federation.wire import mask_plan, stage_key
+from carbonfed.privacy.mask_streams import stream_plan
 from carbonfed.models.mlp import build_model, describe
 from carbonfed.models.params import load_flat_params, num_params
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME
@@ -203,11 +204,22 @@ def _masks(inp: _RunInputs) -> dict | None:
     blocks = [r["masks"] for r in inp.rounds() if isinstance(r.get("masks"), dict)]
     if not (inp.cfg.masked and blocks):
         return None
-    plan = mask_plan(inp.cfg, inp.charter)
+    plan, held_out = mask_plan(inp.cfg, inp.charter), stream_plan(inp.cfg, inp.charter, "metrics")
+    stats = [line for line in inp.ledger if line.get("kind") == "stats-masks"]
+    metrics = [r["metrics_masks"] for r in inp.rounds() if isinstance(r.get("metrics_masks"), dict)]
     return {**plan.describe(), "who_learns_what": plan.who_learns_what(),
             "rounds_unmasked": sum(1 for b in blocks if b["status"] == "unmasked"),
             "rounds_abandoned": [{"round": b["round"], "reason": b["reason"]} for b in blocks if b["status"] != "unmasked"],
-            "refused_messages": sum(1 for line in inp.ledger if line.get("kind") == "masks")}
+            "refused_messages": sum(1 for line in inp.ledger if line.get("kind") == "masks"),
+            # the other mask streams (carbonfed.privacy.mask_streams): the statistics stages, the evaluation counts
+            "statistics": {"stages_unmasked": sum(1 for b in stats if b["status"] == "unmasked"),
+                           "stages_abandoned": [{"stage": b["stage"], "reason": b["reason"]}
+                                                for b in stats if b["status"] != "unmasked"]},
+            "metrics": None if not (held_out and metrics) else {
+                **held_out.describe(), "who_learns_what": held_out.who_learns_what(),
+                "rounds_unmasked": sum(1 for b in metrics if b["status"] == "unmasked"),
+                "rounds_abandoned": [{"round": b["round"], "reason": b["reason"]}
+                                     for b in metrics if b["status"] != "unmasked"]}}
 
 
 def _he(inp: _RunInputs) -> dict | None:

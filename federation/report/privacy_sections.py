@@ -275,6 +275,19 @@ _COALITIONS = (("server_alone", "the server alone"),
                ("t_or_more_clients", "the server with t or more clients"))
 
 
+def _other_streams(m: dict) -> str:
+    """What the masks block says of the statistics releases and the evaluation counts."""
+    st, me = m.get("statistics") or {}, m.get("metrics")
+    text = (f"The statistics releases are masked the same way among the training clients: "
+            f"{st.get('stages_unmasked', 0)} stage(s) unmasked, {len(st.get('stages_abandoned', []))} not. ")
+    if me is None:
+        return text + "The evaluation counts are not masked (fewer than two held-out clients: their sum is one client's)."
+    return text + (f"The held-out clients' evaluation counts are masked among themselves ({me['clients']} clients, "
+                   f"threshold t = {me['threshold']}): {me['rounds_unmasked']} round(s) unmasked, "
+                   f"{len(me['rounds_abandoned'])} not; with the server, {me['threshold']} of them can unmask one "
+                   "client's counts.")
+
+
 def _masks(f: dict) -> Section:
     """HE modes: which coalitions see one client's upload, with pairwise masks (issue 22) or without."""
     m = (((f["report"] or {}).get("he") or {}).get("masks")) or None
@@ -289,8 +302,7 @@ def _masks(f: dict) -> Section:
         f"Pairwise masks modulo the plain modulus inside every model upload: {m['neighbours']} neighbours per "
         f"client ({m['graph']} graph), threshold t = {m['threshold']}, up to {m['max_dropped']} dropped clients "
         f"recovered per round; {m['rounds_unmasked']} round(s) unmasked, {len(m['rounds_abandoned'])} abandoned "
-        f"(not decrypted), {m['refused_messages']} mask message(s) refused (ledger). The statistics releases and "
-        "the evaluation metrics are not masked yet.",
+        f"(not decrypted), {m['refused_messages']} mask message(s) refused (ledger). {_other_streams(m)}",
         Table(["coalition", "what it learns"], rows, "masks-table")])
 
 

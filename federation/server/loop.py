@@ -21,8 +21,9 @@ Guarantees
   (:func:`~carbonfed.federation.server.setup.close`): its signed history then ends in the ledger,
   whatever the server wrote before.
 * In a masked run (:mod:`~carbonfed.federation.server.masking`) the training clients' mask adverts
-  and the first round's bundles are collected after the setup (again after a resume); each
-  round's unmask exchange collects the next round's bundles.
+  and the first round's bundles are collected after the setup (again after a resume), and so are
+  the held-out clients' (the ``metrics`` stream); each round's unmask exchanges collect the next
+  round's bundles. (The statistics' ``stats`` stream is the setup's: :mod:`.setup`.)
 * :meth:`ResumableRun.start` honours ``num_rounds`` (default: the config's rounds), ``timeout``
   (default: the config's round timeout; it bounds every wait for replies and for the nodes) and
   the train and evaluate configs (sent beside the server's own entries); it refuses
@@ -130,8 +131,10 @@ class ResumableRun(StrategyWrapper):
             setup(grid, self.courier, self.recorder)
             self.checkpoint()
         self.fedavg.masks = ServerMasks.for_run(self.fedavg, self.recorder, grid, self.courier)
-        if self.fedavg.masks is not None and self.fedavg.state.round < num_rounds:
-            self.fedavg.masks.begin(self.fedavg.state.round + 1)    # adverts, then the next round's bundles
+        self.fedavg.metric_masks = ServerMasks.for_run(self.fedavg, self.recorder, grid, self.courier, "metrics")
+        for masks in (self.fedavg.masks, self.fedavg.metric_masks):
+            if masks is not None and self.fedavg.state.round < num_rounds:
+                masks.begin(self.fedavg.state.round + 1)    # adverts, then the next round's bundles
         result = Result()
         for rnd in range(self.fedavg.state.round + 1, num_rounds + 1):
             self._round(grid, rnd, result, train_config or ConfigRecord(), evaluate_config or ConfigRecord())

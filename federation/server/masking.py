@@ -12,6 +12,12 @@ through ``query.masks`` requests (:mod:`carbonfed.federation.client.masking` ans
   then one ``unmask`` exchange with every training client that carries the share keys of round r and
   the bundles of round r+1; the correction is subtracted from the encrypted sum under the public context.
 
+One object per stream (:mod:`carbonfed.privacy.mask_streams`): ``update`` (the loop's, as above),
+``metrics`` (the held-out clients' evaluation counts, round by round, the same steps:
+:meth:`ServerMasks.restrict` arms a request) and ``stats`` (the statistics stages at the setup,
+:mod:`~carbonfed.federation.server.setup`; before the setup knows the roles, :attr:`ServerMasks.nodes`
+names the training clients' nodes).
+
 Guarantees
 ----------
 * The aggregate a masked round keeps is exactly the sum of its summed clients' vectors (their
@@ -31,9 +37,10 @@ import logging
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from carbonfed.federation.wire import MASKS, mask_plan, mask_roster
+from carbonfed.federation.wire import MASKS
 from carbonfed.privacy.mask_client import read_adverts
 from carbonfed.privacy.mask_recovery import RoundAbandoned, RoundRecovery
+from carbonfed.privacy.mask_streams import stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import Rejection
 from carbonfed.privacy.masks import unmask_sum
 from carbonfed.privacy.secure_sum import SecureSum
@@ -41,16 +48,23 @@ from carbonfed.privacy.secure_sum import SecureSum
 log = logging.getLogger("carbonfed")
 
 
-class ServerMasks:
-    """The run's mask protocol on the server (one per run; see the module docstring)."""
+_ASKED = {"update": "train", "stats": "release its statistics", "metrics": "evaluate"}
 
-    def __init__(self, fedavg, recorder, grid, courier):
-        charter = fedavg.charter
+
+class ServerMasks:
+    """One mask stream of the run on the server (:mod:`carbonfed.privacy.mask_streams`: ``update``,
+    ``stats`` or ``metrics``; one object per stream and run; see the module docstring)."""
+
+    def __init__(self, fedavg, recorder, grid, courier, stream: str = "update"):
+        charter, cfg = fedavg.charter, fedavg.cfg
         self.fedavg, self.recorder, self.grid, self.courier = fedavg, recorder, grid, courier
-        self.run, self.roster = charter.sha256, mask_roster(charter)
-        self.plan = mask_plan(fedavg.cfg, charter)
+        self.stream, self.role = stream, stream_role(stream)
+        self.run, self.roster = stream_run(charter.sha256, stream), stream_roster(charter, stream)
+        self.plan = stream_plan(cfg, charter, stream)
+        self.last_round = cfg.stats_releases if stream == "stats" else cfg.rounds
+        self.nodes: dict[str, int] | None = None       # {country: node} before the setup knows the roles
         self.keys = charter.keys
-        self.modulus = fedavg.cipher_for("update").plain_modulus
+        self.modulus = fedavg.cipher_for(stream).plain_modulus      # the cipher of the stream's (first) uploads
         self.members: set[str] = set()
         self.adverts: dict[str, bytes] = {}
         self.seen: set[bytes] = set()
@@ -60,14 +74,18 @@ class ServerMasks:
         self.setup_bytes = 0
 
     @classmethod
-    def for_run(cls, fedavg, recorder, grid, courier) -> "ServerMasks | None":
-        """The run's masks, or None: masks off, no HE, or no charter (then a warning)."""
+    def for_run(cls, fedavg, recorder, grid, courier, stream: str = "update") -> "ServerMasks | None":
+        """The run's masks of ``stream``, or None: masks off, no HE, no charter (then a warning),
+        or a stream of one client (nothing to mask its upload among: the clients agree)."""
         if not fedavg.cfg.masked:
             return None
         if fedavg.charter is None:
             log.warning("masks are on but the run has no charter: uploads are not masked")
             return None
-        return cls(fedavg, recorder, grid, courier)
+        if stream_plan(fedavg.cfg, fedavg.charter, stream) is None:
+            log.warning("masks: the %s stream has fewer than two clients: its upload is the sum, not masked", stream)
+            return None
+        return cls(fedavg, recorder, grid, courier, stream)
 
     def describe(self) -> dict:
         """The plan (threshold, neighbours, tolerated dropouts) and the clients in it."""
@@ -75,18 +93,29 @@ class ServerMasks:
 
     # -- transport ---------------------------------------------------------------------------------
     def _country_nodes(self) -> dict[str, int]:
-        return {c: n for n, (r, c) in self.fedavg.state.roles.items() if r == "train"}
+        if self.nodes is not None:
+            return dict(self.nodes)
+        return {c: n for n, (r, c) in self.fedavg.state.roles.items() if r == self.role}
+
+    def restrict(self, rnd: int, config, nodes: list[int]) -> list[int]:
+        """The nodes of an upload request of round ``rnd`` that may be sent it: those whose bundles
+        were accepted (:meth:`shared`, which ``config`` gets as ``mask-shared``)."""
+        shared = self.shared(rnd)
+        config["mask-shared"] = json.dumps(shared)
+        names = {n: c for c, n in self._country_nodes().items()}
+        return [n for n in nodes if names.get(n) in shared]
 
     def _ask(self, countries, rnd: int, step: str, **config) -> dict[str, dict]:
         """One ``query.masks`` ``step`` per country; ``{country: reply metadata}`` of the answers."""
         nodes = self._country_nodes()
-        msgs = [Message(content=RecordDict({"config": ConfigRecord({"server-round": rnd, "mask-step": step,
-                                                                       **config})}),
-                        message_type=MASKS, dst_node_id=nodes[c]) for c in sorted(countries) if c in nodes]
+        names = {n: c for c, n in nodes.items()}
+        config = {"server-round": self._flower_round(rnd), "mask-step": step, "mask-stream": self.stream, **config}
+        msgs = [Message(content=RecordDict({"config": ConfigRecord(config)}), message_type=MASKS, dst_node_id=nodes[c])
+                for c in sorted(countries) if c in nodes]
         out = {}
-        missing = lambda node, reason: self.note(Rejection(self.recorder.country(node), step, reason), rnd)
+        missing = lambda node, reason: self.note(Rejection(names.get(node, f"node-{node}"), step, reason), rnd)
         for msg in self.courier.stream(self.grid, msgs, missing):
-            country = self.recorder.country(self.courier.node_of(msg))
+            country = names.get(self.courier.node_of(msg), f"node-{self.courier.node_of(msg)}")
             if msg.has_error():
                 self.note(Rejection(country, step, f"client error: {msg.error.reason}"), rnd)
                 continue
@@ -97,11 +126,16 @@ class ServerMasks:
             out[country] = meta
         return out
 
+    def _flower_round(self, rnd: int) -> int:
+        """The run's round of this stream's round ``rnd``: the statistics stages are all round 0."""
+        return 0 if self.stream == "stats" else rnd
+
     def note(self, rejection: Rejection, rnd: int) -> None:
-        """A ``masks`` ledger line for a refused message or client."""
+        """A ``masks`` ledger line for a refused message or client (``stage``: a statistics stage's)."""
         node = self._country_nodes().get(rejection.client, -1)
-        self.recorder.reject(self.recorder.line("masks", rnd, node, country=rejection.client,
-                                                extra={"step": rejection.step}), rejection.reason)
+        extra = {"stream": self.stream, "step": rejection.step, **({"stage": rnd} if self.stream == "stats" else {})}
+        self.recorder.reject(self.recorder.line("masks", self._flower_round(rnd), node, country=rejection.client,
+                                                extra=extra), rejection.reason)
 
     def _notes(self, rec: RoundRecovery, since: int) -> int:
         for r in rec.rejections[since:]:
@@ -140,7 +174,8 @@ class ServerMasks:
             rec = self.recovery
         out = rec.shared()
         for c in sorted(set(self._country_nodes()) - set(out)):
-            self.note(Rejection(c, "bundle", f"no accepted mask bundle for round {rnd}: not asked to train"), rnd)
+            self.note(Rejection(c, "bundle", f"no accepted mask bundle for round {rnd}: not asked to {_ASKED[self.stream]}"),
+                      rnd)
         return out
 
     # -- a round's recovery ---------------------------------------------------------------------------
@@ -171,7 +206,7 @@ class ServerMasks:
             rec.start_keys()
         except RoundAbandoned as exc:
             why = exc.reason
-        nxt = rnd + 1 if rnd < self.fedavg.cfg.rounds else 0
+        nxt = rnd + 1 if rnd < self.last_round else 0
         config = {"mask-round": rnd, "mask-next": nxt, **({} if why else {"mask-summed": json.dumps(rec.summed())})}
         replies = self._ask(sorted(self._country_nodes()), rnd, "unmask", **config)
         if why is None:
@@ -190,7 +225,7 @@ class ServerMasks:
 
     def _result(self, rnd, rec, total, kept, correction, why) -> tuple[SecureSum, list[str]]:
         cipher = total.cipher
-        self.last = {"round": rnd, "shared": len(rec.shared()) if rec else 0, "uploaded": len(kept),
+        self.last = {"stream": self.stream, "round": rnd, "shared": len(rec.shared()) if rec else 0, "uploaded": len(kept),
                      "rejections": len(rec.rejections) if rec else 0,
                      # what the mask messages added to the uploads (seeds, keys, the next round's bundles)
                      "bytes_per_client": self.bytes / max(1, len(self._country_nodes()))}

@@ -21,8 +21,8 @@ Guarantees
   averages (``model_rounds``) and the SHA-256 of each aggregate file the round wrote
   (``aggregates``); with ``ddp+he`` also its contributors and noise (``ddp``:
   :func:`carbonfed.federation.server.ddp.round_record`); in a masked run its ``masks`` block
-  (:mod:`carbonfed.federation.server.masking`), and a ``masks`` line per refused mask message or
-  client. After the last round every client's closing statement is a ``close`` line.
+  (:mod:`carbonfed.federation.server.masking`) and, for the held-out clients' evaluation counts,
+  its ``metrics_masks`` block, and a ``masks`` line per refused mask message or client. After the last round every client's closing statement is a ``close`` line.
 """
 
 from __future__ import annotations
@@ -150,10 +150,12 @@ class LedgerRecorder(StrategyWrapper):
         with self._judging("evaluate", server_round):
             return self.strategy.aggregate_evaluate(server_round, replies)
 
-    def accumulate_stage(self, stage: int, key: str, replies: Iterable[Message], contributors: list[str]) -> SecureSum:
-        """The inner sum of statistics stage ``stage`` (2 or 3, round 0); a ``stats`` line per reply."""
+    def accumulate_stage(self, stage: int, key: str, replies: Iterable[Message], contributors: list[str],
+                         kept: dict[str, bytes] | None = None) -> SecureSum:
+        """The inner sum of statistics stage ``stage`` (2 or 3, round 0); a ``stats`` line per reply
+        (``kept``: each added reply's ciphertext, by country, for the masks)."""
         with self._judging("stats", 0, {"stage": stage}):
-            return self.strategy.accumulate(replies, key, contributors)
+            return self.strategy.accumulate(replies, key, contributors, kept)
 
     def record_close(self, rnd: int, msg: Message) -> None:
         """A client's closing statement (``query.close`` after round ``rnd``): a ``close`` line."""
@@ -189,9 +191,9 @@ class LedgerRecorder(StrategyWrapper):
                    "model_rounds": state.tail_rounds(), "aggregates": self._manifest(rnd)}
         if self.strategy.cfg.ddp:   # the round's contributors and the noise its sum carries
             summary["ddp"], self.strategy.ddp_round = self.strategy.ddp_round, None
-        masks = self.strategy.masks
-        if masks is not None:      # who shared, who was summed, and whether the sum was unmasked (or why not)
-            summary["masks"], masks.last = masks.last, None
+        for key, masks in (("masks", self.strategy.masks), ("metrics_masks", self.strategy.metric_masks)):
+            if masks is not None:  # who shared, who was summed, and whether the sum was unmasked (or why not)
+                summary[key], masks.last = masks.last, None
         self.ledger.append(summary)
         return summary
 

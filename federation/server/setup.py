@@ -14,6 +14,13 @@ Guarantees
 * :func:`rebind` (after a resume) asks the nodes unknown to the checkpoint who they are
   (``query.role``: no data, no budget) and gives a known country's role to its new node id;
   unknown countries take no part.
+* Masked runs (``masks``, HE; issue 22): the statistics are the ``stats`` mask stream
+  (:class:`~carbonfed.federation.server.masking.ServerMasks`). The setup first asks every node who it
+  is (``query.role``: no data), collects the training clients' adverts and stage-1 bundles, then
+  sends the setup with ``mask-shared``; each stage's sum is kept only once unmasked (its unmask
+  exchange collects the next stage's bundles), and a ``stats-masks`` line says who was summed, or
+  why the stage was not unmasked (then, below ``min-train-clients``, the run stops). A training
+  client whose bundle was not accepted cannot release masked statistics: it takes no part.
 * A node that refused the setup, answered under another key, claimed a role its charter does
   not give it, or whose statistics were malformed or not signed as they must be, is ``excluded``:
   it gets no further request but :func:`close`, which asks every node of the setup (excluded or
@@ -22,6 +29,7 @@ Guarantees
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import partial
@@ -30,10 +38,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from carbonfed.federation.server.courier import Courier
+from carbonfed.federation.server.masking import ServerMasks
 from carbonfed.federation.server.recorder import LedgerRecorder
 from carbonfed.federation.server.strategy import EncryptedFedAvg
 from carbonfed.federation.server.strategy_utils import add_reply
-from carbonfed.federation.wire import CLOSE, REFINE, ROLE, SETUP, stage_key
+from carbonfed.federation.wire import CLOSE, REFINE, ROLE, SETUP, record_bytes, stage_key
 from carbonfed.privacy.he import CiphertextError
 from carbonfed.privacy.secure_sum import SecureSum
 
@@ -80,9 +89,10 @@ def _exclusion(recorder: LedgerRecorder, meta: dict, base: dict) -> tuple[str, s
     return ("rejected", f"signed statement: {why}") if why else None
 
 
-def _setup_reply(recorder: LedgerRecorder, total: SecureSum, contributors: list[str], msg: Message) -> None:
+def _setup_reply(recorder: LedgerRecorder, total: SecureSum, contributors: list[str], msg: Message,
+                 kept: dict[str, bytes] | None = None) -> None:
     """Learn the role and country of the node that sent ``msg``; add its statistics (a training
-    client) into ``total``; ledger what was made of it."""
+    client) into ``total`` (and keep its ciphertext in ``kept``); ledger what was made of it."""
     fedavg, node = recorder.strategy, recorder.node_of(msg)
     base = recorder.line("stats", 0, node, country=f"node-{node}")
     if msg.has_error():
@@ -104,6 +114,8 @@ def _setup_reply(recorder: LedgerRecorder, total: SecureSum, contributors: list[
     try:
         recorder.accept(base, add_reply(total, msg, "stats"))
         contributors.append(base["country"])
+        if kept is not None:
+            kept[base["country"]] = record_bytes(msg.content.array_records["stats"], total.cipher.stype)
     except (CiphertextError, KeyError) as exc:
         recorder.reject(base, f"malformed statistics: {exc}")
         fedavg.state.roles[node] = ("excluded", base["country"])
@@ -115,32 +127,74 @@ def setup(grid: Grid, courier: Courier, recorder: LedgerRecorder) -> None:
     fedavg = recorder.strategy
     cfg = fedavg.cfg
     nodes = wait_for_nodes(grid, cfg.min_nodes, courier.timeout)
-    total, contributors = SecureSum(fedavg.cipher_for("stats")), []
-    for msg in courier.stream(grid, _request(SETUP, 0, nodes), partial(recorder.missing, "setup", 0)):
-        _setup_reply(recorder, total, contributors, msg)
+    masks, config = stats_masks(grid, courier, recorder, nodes), {}
+    if masks is not None:
+        config["mask-shared"] = json.dumps(masks.shared(1))
+    total, contributors, kept = SecureSum(fedavg.cipher_for("stats")), [], None if masks is None else {}
+    for msg in courier.stream(grid, _request(SETUP, 0, nodes, **config), partial(recorder.missing, "setup", 0)):
+        _setup_reply(recorder, total, contributors, msg, kept)
+    if masks is not None:
+        total, contributors = unmask_stage(masks, recorder, 1, total, kept, contributors)
     if total.terms < max(1, cfg.min_train_clients):
         raise RuntimeError(f"only {total.terms} training clients answered the setup "
                            f"(min-train-clients={cfg.min_train_clients})")
     fedavg.keep_stage(total, contributors)
     for stage in range(2, cfg.stats_releases + 1):
-        refine(grid, courier, recorder, stage)
+        refine(grid, courier, recorder, stage, masks)
     log.info("setup: %d training and %d evaluation clients", len(fedavg.nodes("train")), len(fedavg.nodes("test")))
 
 
-def refine(grid: Grid, courier: Courier, recorder: LedgerRecorder, stage: int) -> None:
+def refine(grid: Grid, courier: Courier, recorder: LedgerRecorder, stage: int, masks: ServerMasks | None = None) -> None:
     """Round 0, statistics stage ``stage`` (2 or 3): the training clients whose statistics were
-    summed release it, measured with the scaler of the aggregates of the earlier stages they receive."""
+    summed release it, measured with the scaler of the aggregates of the earlier stages they receive
+    (``masks``: the ``stats`` stream; only the clients whose stage bundles were accepted are asked)."""
     fedavg = recorder.strategy
     records, terms = fedavg.stats_content(stage - 1)
+    nodes = fedavg.nodes("train") if masks is None else masks.restrict(stage, terms, fedavg.nodes("train"))
     content = RecordDict({"config": ConfigRecord({"server-round": 0, **terms}), **records})
-    msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in fedavg.nodes("train")]
+    msgs = [Message(content=content, message_type=REFINE, dst_node_id=n) for n in nodes]
     replies = courier.stream(grid, msgs, partial(recorder.missing, "stats", 0))
     contributors: list[str] = []
-    total = recorder.accumulate_stage(stage, stage_key(stage), replies, contributors)
+    kept = None if masks is None else {}
+    total = recorder.accumulate_stage(stage, stage_key(stage), replies, contributors, kept)
+    if masks is not None:
+        total, contributors = unmask_stage(masks, recorder, stage, total, kept, contributors)
     if total.terms < max(1, fedavg.cfg.min_train_clients):
         raise RuntimeError(f"only {total.terms} training clients answered statistics stage {stage} "
                            f"(min-train-clients={fedavg.cfg.min_train_clients})")
     fedavg.keep_stage(total, contributors)
+
+
+def stats_masks(grid: Grid, courier: Courier, recorder: LedgerRecorder, nodes: list[int]) -> ServerMasks | None:
+    """The ``stats`` mask stream of a masked run (None otherwise), with the stage-1 bundles: the
+    nodes say who they are first (``query.role``: no data, no budget), so that the training
+    clients' adverts and bundles can be asked before their statistics."""
+    fedavg = recorder.strategy
+    masks = ServerMasks.for_run(fedavg, recorder, grid, courier, "stats")
+    if masks is None:
+        return None
+    train = {}
+    for msg in courier.stream(grid, _request(ROLE, 0, nodes)):
+        if msg.has_error():
+            continue
+        meta = dict(msg.content.config_records["meta"])
+        country = meta.get("country")
+        if (meta.get("role") == "train" and fedavg.charter.roles.get(country) == "train"
+                and meta.get("fingerprint") == fedavg.fingerprint and country not in train):
+            train[country] = courier.node_of(msg)
+    masks.nodes = train
+    masks.begin(1)
+    return masks
+
+
+def unmask_stage(masks: ServerMasks, recorder: LedgerRecorder, stage: int, total: SecureSum, kept: dict[str, bytes],
+                 contributors: list[str]) -> tuple[SecureSum, list[str]]:
+    """Statistics stage ``stage``'s sum unmasked (empty if it cannot be) and its contributors; a
+    ``stats-masks`` line with the stage's masks block."""
+    total, summed = masks.unmask(stage, total, kept)
+    block, masks.last = masks.last, None
+    recorder.record({"kind": "stats-masks", **block, "round": 0, "stage": stage})
+    return total, [c for c in contributors if c in summed]
 
 
 def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:

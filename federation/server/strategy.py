@@ -24,6 +24,7 @@ Guarantees
   sum is kept only once unmasked (the accepted ciphertexts are kept until then, to take out a
   client that fails the seeds step); a round that cannot be unmasked keeps the previous model.
   One term of the headroom is the correction's: at most ``max-clients-per-round - 1`` updates.
+  The held-out clients' evaluation counts are masked the same way (:attr:`EncryptedFedAvg.metric_masks`).
 * The run's model is the sample-weighted mean of the global models of the last
   ``average-last`` rounds (1: the final round's): the server adds those rounds' aggregates as
   ciphertexts (post-processing of what the clients released), the held-out clients evaluate it
@@ -97,6 +98,7 @@ class EncryptedFedAvg(Strategy):
         self.screen: Callable[[Message, dict], str | None] = lambda msg, meta: None
         self.ddp_round: dict | None = None   # ddp+he: the last round's contributors and noise (ledger)
         self.masks = None    # the run's masks (carbonfed.federation.server.masking.ServerMasks); the loop sets it
+        self.metric_masks = None    # the same for the held-out clients' evaluation counts (the metrics stream)
 
     def summary(self) -> None:
         """Log the settings that shape the aggregation."""
@@ -163,7 +165,10 @@ class EncryptedFedAvg(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One evaluation request per held-out client: the run's model (:meth:`output_model`)."""
         content = self._payload(server_round, config, average=True)
-        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self.nodes("test")]
+        nodes = self.nodes("test")
+        if self.metric_masks is not None:   # masked counts: the clients whose bundles were accepted, told who
+            nodes = self.metric_masks.restrict(server_round, content["config"], nodes)
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
 
     # -- what the replies make ---------------------------------------------------------------
     def accumulate(self, replies: Iterable[Message], key: str, contributors: list[str] | None = None,
@@ -234,7 +239,10 @@ class EncryptedFedAvg(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The encrypted sum of the confusion matrices, written to ``metrics_round_NNN.bin``."""
-        total = self.accumulate(replies, "metrics")
+        kept = {} if self.metric_masks is not None else None
+        total = self.accumulate(replies, "metrics", kept=kept)
+        if self.metric_masks is not None:   # unmasked (or, abandoned, empty: no metrics this round)
+            total, _ = self.metric_masks.unmask(server_round, total, kept)
         if total.terms == 0:
             return None
         atomic_write(self.out / "aggregates" / f"metrics_round_{server_round:03d}.bin", total.serialize())
