@@ -65,7 +65,7 @@ _MEANINGS = {
     "fault_drill": "make some clients misbehave, to test the server's defences (e.g. foreign-key:2); ",
     "reproducible_noise": "draw the DP noise from the seed (for tests; the noise is then predictable); ",
     "masks": "HE modes: pairwise masks inside the encrypted uploads, so that no key holder with the server sees one "
-             "client's update (a masked round costs about 1.5x an unmasked one); ",
+             "client's update (a masked round costs 1.6-1.8x an unmasked one); ",
     "mask_neighbours": "masks: each client's neighbours (0: every other training client; an even k: k of them on a "
                        "public ring, fewer bytes per round, a threshold of k - floor(k/3)); ",
     "charter": "the sealed charter the clients endorsed (charter.json; set by carbonfed run and deploy); ",
