@@ -26,7 +26,7 @@ from carbonfed.federation.presets import AUTO, DDP_AUTO, is_auto, preset_help, r
 from carbonfed.privacy.accountant import stats_noise_floor
 
 PRIVACY_MODES = ("none", "dp", "he", "dp+he", "ddp+he")
-DDP_ONLY = ("min_noise_clients", "server_opt", "ddp_sample_rate", "ddp_clip", "ddp_stats_sigma")
+DDP_ONLY = ("min_noise_clients", "server_opt", "ddp_sample_rate", "ddp_clip", "ddp_stats_sigma", "ddp_lr_z")
 MIN_NOISE_FRACTION = 0.8   # default min-noise-clients: ⌈0.8 · training clients⌉ (bench/ddp_twin.py's min_frac)
 # The Flower app's components, as in pyproject.toml's [tool.flwr.app.components] (a test checks).
 APP_COMPONENTS = {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
@@ -75,6 +75,8 @@ _MEANINGS = {
     "ddp_sample_rate": "ddp+he: Poisson rate q at which each client samples its rows every round; ",
     "ddp_clip": "ddp+he: per-example gradient clip norm C (one row moves a round's sum by at most C); ",
     "ddp_stats_sigma": "ddp+he: central noise multiplier of each statistics release (summed from shares); ",
+    "ddp_lr_z": "ddp+he with adam: the largest lr x z, z the rounds' central noise multiplier (lr = min(lr, ddp-lr-z / z): "
+                "a smaller step where noise dominates; a large value: no cap); ",
 }
 for _name, _text in _MEANINGS.items():
     _HELP.setdefault(_name, _text)
@@ -114,7 +116,7 @@ def _range_errors(cfg: "RunConfig") -> list[str]:
               "min_nodes": (lambda v: v >= 0, ">= 0"), "round_timeout": (_positive, "a finite number of seconds > 0"),
               "min_noise_clients": (lambda v: v >= 0, ">= 0 (0: ⌈0.8 · training clients⌉)"),
               "ddp_sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"), "ddp_clip": (_nonneg, "finite and >= 0"),
-              "ddp_stats_sigma": (_nonneg, "finite and >= 0"),
+              "ddp_stats_sigma": (_nonneg, "finite and >= 0"), "ddp_lr_z": (_nonneg, "finite and >= 0"),
               "mask_neighbours": (lambda v: v == 0 or (v >= 2 and v % 2 == 0), "0 or an even number >= 2")}
     errors = [f"{name.replace('_', '-')} must be {text}, got {getattr(cfg, name)!r}"
               for name, (ok, text) in checks.items() if not ok(getattr(cfg, name))]
@@ -182,6 +184,7 @@ class RunConfig:
     ddp_sample_rate: float = 1.0
     ddp_clip: float = 0.0
     ddp_stats_sigma: float = 0.0
+    ddp_lr_z: float = 0.0
 
     def __post_init__(self):
         if self.privacy == "ddp":

@@ -58,6 +58,15 @@ csv      momentum     2         3     10    2        5             50      as ow
 is one clipped gradient sum, so its presets choose their own number, the fewest that keep the
 validation accuracy (seed: 70 rounds 0.9483 against 100 rounds 0.9486; OWID: 50 rounds at lr 3
 0.7456 against 100 at lr 2 0.7391), which also keeps a ddp+he run within 2× the main job's wall time.
+
+``ddp-lr-z`` (every ddp preset: 1.27; it acts only with Adam) caps the key holders' step where the
+noise dominates: lr = min(lr, ddp-lr-z / z), z the rounds' central noise multiplier. Adam divides
+a noise-dominated coordinate by the noise level, so it moves like SGD with a step of lr/σ and its
+spread grows with √(lr·z): holding lr·z at the ε = 3 seed preset's value (0.1 × 12.64 = 1.27)
+keeps that spread where it was validated. At ε = 3 the cap leaves lr at 0.1; at ε = 1 (z 36.15)
+it gives 0.035: on validation folds of the training countries (``bench/eps1_probe.py``) stray
+predictions of the rare classes fell from 8 to 4 of 32 and macro-F1 rose from 0.712 to 0.727
+(bench/RESULTS.md, "Session 14").
 """
 
 from __future__ import annotations
@@ -104,6 +113,7 @@ class DDPPreset(Preset):
     server_opt: str = "adam"
     ddp_clip: float = 2.0
     ddp_stats_sigma: float = 20.0
+    ddp_lr_z: float = 1.27
 
 
 DDP_PRESETS: dict[str, DDPPreset] = {
@@ -116,7 +126,7 @@ DDP_PRESETS: dict[str, DDPPreset] = {
 }
 
 # The "auto" value of each setting only ``ddp+he`` runs use (resolved from :data:`DDP_PRESETS`).
-DDP_AUTO: dict[str, object] = {"server_opt": "auto", "ddp_clip": 0.0, "ddp_stats_sigma": 0.0}
+DDP_AUTO: dict[str, object] = {"server_opt": "auto", "ddp_clip": 0.0, "ddp_stats_sigma": 0.0, "ddp_lr_z": 0.0}
 
 
 def is_auto(name: str, value) -> bool:

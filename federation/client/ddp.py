@@ -98,8 +98,18 @@ def next_state(p, plan_, scaler, model_bytes, model_terms: int, parts):
     state, steps, gsum = lay.unpack_state(vec, model_terms)
     n = lay.n_params
     g = release(plan_, gsum, model_terms) / (plan_.sample_rate * max(float(scaler.count), 1.0))
-    opt = ServerOptimizer(cfg.server_opt, cfg.lr, cfg.momentum)
+    opt = ServerOptimizer(cfg.server_opt, server_lr(cfg, plan_), cfg.momentum)
     return opt.step(state[:n], state[n:2 * n], state[2 * n:], steps, g)
+
+
+def server_lr(cfg, plan_) -> float:
+    """The key holders' step: ``lr``, with Adam capped at ``ddp-lr-z / z`` (z: the plan's central
+    noise multiplier), so that lr·z, which sets how far noise moves a weight, stays where the
+    presets were validated (:mod:`carbonfed.federation.presets`)."""
+    z = float(plan_.noise_multiplier)
+    if cfg.server_opt != "adam" or z <= 0 or cfg.ddp_lr_z <= 0:
+        return float(cfg.lr)
+    return min(float(cfg.lr), float(cfg.ddp_lr_z) / z)
 
 
 def charge_round(p, plan_, server_round: int) -> dict:

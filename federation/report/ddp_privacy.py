@@ -15,6 +15,7 @@ Guarantees
 
 from __future__ import annotations
 
+from carbonfed.federation.client.ddp import server_lr
 from carbonfed.federation.client.ddp_layout import share_stages
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.run_data import data_schema
@@ -46,4 +47,5 @@ def ddp_privacy(cfg: RunConfig, ledger: list[dict]) -> dict | None:
             "noise_multiplier": p.noise_multiplier, "central_variance": p.central_variance,
             "share_variance": p.share_variance, "scale": p.scale, "clip": p.clip, "sample_rate": p.sample_rate,
             "l2": p.l2, "l1": p.l1, "wrap_probability": d["wrap_probability"],
-            "server_optimizer": {"kind": cfg.server_opt, "lr": cfg.lr, "momentum": cfg.momentum}}
+            "server_optimizer": {"kind": cfg.server_opt, "lr": server_lr(cfg, p), "lr_setting": cfg.lr,
+                                 "lr_z_cap": cfg.ddp_lr_z if cfg.server_opt == "adam" else None, "momentum": cfg.momentum}}

@@ -67,3 +67,23 @@ def test_a_sweep_gives_each_mode_its_own_preset():
         assert all(c.keys_dir == "/tmp/keys" for c in cfgs.values())
     mine = {j.mode: run_config(j, RunConfig(dataset="owid", lr=0.5), Path("/tmp/s"), None) for j in jobs[1:]}
     assert mine["ddp+he"].lr == mine["dp+he"].lr == 0.5
+
+
+def test_adams_step_is_capped_where_noise_dominates():
+    """lr = min(lr, ddp-lr-z / z): at ε = 3 the seed preset keeps its validated 0.1, at ε = 1 (about
+    three times the noise) the step shrinks in proportion; momentum and an explicit large cap keep lr."""
+    from carbonfed.federation.client.ddp import server_lr
+    from carbonfed.federation.server.ddp import server_plan
+
+    def lr_at(**kw) -> tuple[float, float]:
+        cfg = RunConfig(privacy="ddp+he", **kw)
+        plan = server_plan(cfg, 131)
+        return server_lr(cfg, plan), plan.noise_multiplier
+
+    lr3, z3 = lr_at(epsilon=3.0)
+    lr1, z1 = lr_at(epsilon=1.0)
+    assert RunConfig(privacy="ddp+he").ddp_lr_z == 1.27 and lr3 == 0.1 and 1.27 / z3 >= 0.1
+    assert z1 > 2.5 * z3 and abs(lr1 - 1.27 / z1) < 1e-12 and 0.03 < lr1 < 0.04
+    assert lr_at(epsilon=1.0, ddp_lr_z=1000.0)[0] == 0.1                        # no cap
+    assert lr_at(epsilon=1.0, server_opt="momentum", lr=3.0)[0] == 3.0          # Adam only
+    assert RunConfig().digest() == RunConfig(ddp_lr_z=5.0).digest()             # other modes: not a setting
