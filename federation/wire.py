@@ -19,7 +19,8 @@ from flwr.app import Array, ArrayRecord, Message
 
 from carbonfed.federation.flower_compat import node_unavailable
 from carbonfed.privacy.he import CiphertextError
-from carbonfed.privacy.masks import MaskPlan, plan_masks
+from carbonfed.privacy.mask_streams import stream_plan, stream_roster
+from carbonfed.privacy.masks import MaskPlan
 
 # The message types of carbonfed's own requests (the ClientApp registers them as
 # ``@app.query("setup")`` and so on); training and evaluation use Flower's MessageType.
@@ -32,13 +33,13 @@ MASK_STEPS = ("advert", "share", "seeds", "unmask")
 
 
 def mask_roster(charter) -> list[str]:
-    """The clients of the mask protocol: the charter's training clients, sorted (both sides)."""
-    return sorted(c for c, role in charter.roles.items() if role == "train")
+    """The clients of the model updates' masks: the charter's training clients, sorted (both sides)."""
+    return stream_roster(charter, "update")
 
 
-def mask_plan(cfg, charter) -> MaskPlan:
-    """The run's mask plan (both sides): the charter's training clients, ``mask-neighbours`` each."""
-    return plan_masks(len(mask_roster(charter)), cfg.mask_neighbours or None)
+def mask_plan(cfg, charter) -> MaskPlan | None:
+    """The model updates' mask plan (both sides): the training clients, ``mask-neighbours`` each."""
+    return stream_plan(cfg, charter, "update")
 
 
 def bytes_record(data: bytes, stype: str) -> ArrayRecord:

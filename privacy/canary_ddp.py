@@ -22,7 +22,7 @@ Guarantees
   :data:`NO_DDP_CANARIES`: :meth:`~NoDDPCanaries.rows` returns the gradients it is given (the same
   object) and :meth:`~NoDDPCanaries.mechanism` the plan it is given: a round is unchanged.
 * A plan is honoured only in the run it was written for (its ``out_dir``), else
-  :func:`ddp_canaries` raises (:func:`carbonfed.privacy.canary_grad.audit_canaries`'s check).
+  :func:`ddp_canaries` raises (:func:`carbonfed.privacy.canary_grad.client_plan`'s check).
 * :meth:`DDPCanaries.rows` appends one row ``C · embed(u)`` per *included* canary of this client
   that this round's Poisson draw (rate ``q``, OS entropy) took; excluded canaries add nothing.
 * ``noise_scale`` ≠ 1 is the test-only fault drill: :meth:`DDPCanaries.mechanism` returns the plan
@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from carbonfed.privacy.canary_grad import CanaryPlan, audit_canaries, round_directions
+from carbonfed.privacy.canary_grad import AssignedCanaries, client_plan
 from carbonfed.privacy.distributed_dp import DDPPlan
 
 
@@ -76,23 +76,12 @@ class NoDDPCanaries:
 NO_DDP_CANARIES = NoDDPCanaries()
 
 
-class DDPCanaries(NoDDPCanaries):
+class DDPCanaries(AssignedCanaries, NoDDPCanaries):
     """One client's canaries in one ``ddp+he`` round."""
-
-    def __init__(self, plan: CanaryPlan, country: str, rnd: int):
-        self.plan, self.country, self.rnd = plan, country, rnd
-        self.members = plan.members(country)
-        self.included = np.asarray(plan.included, dtype=bool)[self.members]
-        self.client = plan.client_order.index(country)
-        self.noise_scale = plan.noise_scale
-        self.rng = np.random.default_rng()          # the canaries' Poisson draws (OS entropy)
-
-    def __bool__(self) -> bool:
-        return True
 
     def vectors(self, n_classes: int, dim: int, n_params: int, sample_rate: float) -> np.ndarray:
         """This round's canary rows (unit norm): the included ones that the Poisson draw took."""
-        dirs = round_directions(self.plan.seed, self.client, self.rnd, len(self.members), dim)
+        dirs = self.directions_for(dim)
         taken = self.included & (self.rng.random(len(self.members)) < sample_rate)
         return embed(dirs[taken], n_classes, n_params)
 
@@ -113,5 +102,5 @@ class DDPCanaries(NoDDPCanaries):
 def ddp_canaries(out_dir: str, country: str, rnd: int) -> NoDDPCanaries:
     """This client's canaries in round ``rnd`` of the ``ddp+he`` run writing to ``out_dir``
     (:data:`NO_DDP_CANARIES` outside an audit, or for a client without canaries)."""
-    found = audit_canaries(out_dir, country, rnd)       # checks that the plan is this run's
-    return DDPCanaries(found.plan, country, rnd) if found else NO_DDP_CANARIES
+    plan = client_plan(out_dir, country)       # checks that the plan is this run's
+    return DDPCanaries(plan, country, rnd) if plan is not None else NO_DDP_CANARIES

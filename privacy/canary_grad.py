@@ -125,20 +125,35 @@ class NoCanaries:
 NO_CANARIES = NoCanaries()
 
 
-class ClientCanaries(NoCanaries):
-    """One client's canaries in one round: inserted into its DP-SGD steps, upload captured."""
+class AssignedCanaries:
+    """The canaries of one client in one round of an audit's run, whatever the mechanism: which
+    slots of the plan are its (``members``), which of them are included, its index in the plan's
+    client order (the seed of its directions), the drill's ``noise_scale`` and the source of the
+    canaries' Poisson draws (OS entropy)."""
 
     def __init__(self, plan: CanaryPlan, country: str, rnd: int):
         self.plan, self.country, self.rnd = plan, country, rnd
         self.members = plan.members(country)
         self.included = np.asarray(plan.included, dtype=bool)[self.members]
+        self.client = plan.client_order.index(country)
         self.noise_scale = plan.noise_scale
-        self.rng = np.random.default_rng()          # the canaries' Poisson draws (OS entropy)
-        self.directions = None                      # (included canaries) × dim, set by start()
-        self.rate = 0.0
+        self.rng = np.random.default_rng()
 
     def __bool__(self) -> bool:
         return True
+
+    def directions_for(self, dim: int) -> np.ndarray:
+        """This round's unit directions of this client's canaries (all of its slots), in the subspace."""
+        return round_directions(self.plan.seed, self.client, self.rnd, len(self.members), dim)
+
+
+class ClientCanaries(AssignedCanaries, NoCanaries):
+    """One client's canaries in one round: inserted into its DP-SGD steps, upload captured."""
+
+    def __init__(self, plan: CanaryPlan, country: str, rnd: int):
+        super().__init__(plan, country, rnd)
+        self.directions = None                      # (included canaries) × dim, set by start()
+        self.rate = 0.0
 
     def start(self, model, sample_rate: float) -> None:
         """Before local training: the output layer's shape, and the start point of this round's
@@ -149,9 +164,7 @@ class ClientCanaries(NoCanaries):
         flat = np.concatenate([weight.detach().numpy().ravel(), bias.detach().numpy()]).astype(np.float64)
         Path(self.plan.capture_dir).mkdir(parents=True, exist_ok=True)
         np.save(self.plan.start_file(self.country, self.rnd), null_projection(flat, k, dim))
-        client = self.plan.client_order.index(self.country)
-        dirs = round_directions(self.plan.seed, client, self.rnd, len(self.members), dim)
-        self.directions, self.rate, self.k = dirs[self.included], float(sample_rate), k
+        self.directions, self.rate, self.k = self.directions_for(dim)[self.included], float(sample_rate), k
 
     def step_gradients(self, params: list, clip: float) -> dict:
         """``{id(param): tensor}`` to add to the clipped sum of this step (output layer only)."""
@@ -180,14 +193,21 @@ def _plan(path: str) -> CanaryPlan:
     return CanaryPlan.load(path)
 
 
-def audit_canaries(out_dir: str, country: str, rnd: int) -> NoCanaries:
-    """This client's canaries in round ``rnd`` of the run writing to ``out_dir`` (:data:`NO_CANARIES`
-    outside an audit, or for a client without canaries)."""
+def client_plan(out_dir: str, country: str) -> CanaryPlan | None:
+    """The audit's plan if it gives ``country`` canaries in the run writing to ``out_dir`` (None
+    outside an audit, or for a client without canaries); raises for another run's plan."""
     path = os.environ.get(ENV_VAR)
     if not path:
-        return NO_CANARIES
+        return None
     plan = _plan(path)
     if str(Path(plan.out_dir).resolve()) != str(Path(out_dir or ".").resolve()):
         raise RuntimeError(f"{ENV_VAR} names a canary plan for {plan.out_dir}, not for this run ({out_dir!r}): "
                            "refusing to plant canaries in another run")
-    return ClientCanaries(plan, country, rnd) if country in plan.clients else NO_CANARIES
+    return plan if country in plan.clients else None
+
+
+def audit_canaries(out_dir: str, country: str, rnd: int) -> NoCanaries:
+    """This client's canaries in round ``rnd`` of the run writing to ``out_dir`` (:data:`NO_CANARIES`
+    outside an audit, or for a client without canaries)."""
+    plan = client_plan(out_dir, country)
+    return ClientCanaries(plan, country, rnd) if plan is not None else NO_CANARIES

@@ -174,14 +174,9 @@ def stats_masks(grid: Grid, courier: Courier, recorder: LedgerRecorder, nodes: l
     if masks is None:
         return None
     train = {}
-    for msg in courier.stream(grid, _request(ROLE, 0, nodes)):
-        if msg.has_error():
-            continue
-        meta = dict(msg.content.config_records["meta"])
-        country = meta.get("country")
-        if (meta.get("role") == "train" and fedavg.charter.roles.get(country) == "train"
-                and meta.get("fingerprint") == fedavg.fingerprint and country not in train):
-            train[country] = courier.node_of(msg)
+    for node, country, role in identities(grid, courier, 0, nodes, fedavg.fingerprint):
+        if role == "train" and fedavg.charter.roles.get(country) == "train" and country not in train:
+            train[country] = node
     masks.nodes = train
     masks.begin(1)
     return masks
@@ -197,6 +192,21 @@ def unmask_stage(masks: ServerMasks, recorder: LedgerRecorder, stage: int, total
     return total, [c for c in contributors if c in summed]
 
 
+def identities(grid: Grid, courier: Courier, rnd: int, nodes: list[int], fingerprint: str):
+    """``(node, country, role)`` of each of ``nodes`` that says who it is (``query.role``: no data,
+    no budget) under the run's key ``fingerprint``; the others are logged and skipped."""
+    for msg in courier.stream(grid, _request(ROLE, rnd, nodes)):
+        node = courier.node_of(msg)
+        if msg.has_error():
+            log.warning("node %d did not say who it is: %s", node, msg.error.reason)
+            continue
+        meta = dict(msg.content.config_records["meta"])
+        if meta.get("fingerprint") != fingerprint:
+            log.warning("node %d (%s) answers under another key; it takes no part", node, meta.get("country"))
+            continue
+        yield node, meta.get("country"), meta.get("role")
+
+
 def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:
     """After a resume: ask nodes unknown to the checkpoint who they are (``query.role``) and
     give a known country's role to its new node id. Unknown countries take no part."""
@@ -205,14 +215,8 @@ def rebind(grid: Grid, courier: Courier, fedavg: EncryptedFedAvg) -> None:
     if not unknown:
         return
     by_country = {c: (n, r) for n, (r, c) in roles.items()}
-    for msg in courier.stream(grid, _request(ROLE, fedavg.state.round, unknown)):
-        node = courier.node_of(msg)
-        if msg.has_error():
-            log.warning("node %d did not say who it is: %s", node, msg.error.reason)
-            continue
-        meta = dict(msg.content.config_records["meta"])
-        country, role = meta.get("country"), meta.get("role")
-        if country not in by_country or by_country[country][1] != role or meta.get("fingerprint") != fedavg.fingerprint:
+    for node, country, role in identities(grid, courier, fedavg.state.round, unknown, fedavg.fingerprint):
+        if country not in by_country or by_country[country][1] != role:
             log.warning("node %d (%s) is not a %s client of this run's setup; it takes no part", node, country, role)
             continue
         old, _ = by_country[country]
