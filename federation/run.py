@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,8 +53,8 @@ from carbonfed.federation.keys import keygen_for
 from carbonfed.federation.report.build import build_report
 from carbonfed.federation.report.html import write_all
 from carbonfed.federation.run_data import CSV, with_data_schema
-from carbonfed.federation.run_guard import (Interrupted, check_results_keys, forget, has_checkpoint, rejection_hint,
-                                            resume_conflicts, stop_on_signals, stopped_message)
+from carbonfed.federation.run_guard import (check_results_keys, forget, has_checkpoint, rejection_hint,
+                                            resume_conflicts, stopped)
 from carbonfed.privacy.audit.verify import verify_run
 from carbonfed.privacy.he import SECRET_CONTEXT_FILE
 
@@ -316,34 +313,13 @@ def run_in_console(run: Lifecycle, engine: Callable, verbose: bool) -> int:
     try:
         results = run.complete(execute)
     except BaseException as exc:      # an error or a signal (Interrupted): one line, then exit
-        return stopped(run, exc)
+        return stopped(run.folder.path, exc)
     print_summary(results.report, out)
     audit = results.audit
     print(f"html: {results.page}  privacy statement: {results.statement}  audit: {'passed' if audit.ok else 'FAILED'}")
     for problem in ([] if audit.ok else audit.problems):
         print(f"  {problem}", file=sys.stderr)
     return 0 if audit.ok else 1
-
-
-def stopped(run: Lifecycle, exc: BaseException) -> int:
-    """One line on stderr for a run that did not finish (what stopped it, what was kept, how to
-    go on) and its exit code: 128 + the signal if interrupted, else 1. If the engine left a
-    thread behind (a ServerApp waiting for replies that will not come), the process exits at
-    once instead of hanging until the round timeout."""
-    if isinstance(exc, (Interrupted, KeyboardInterrupt, SystemExit)):
-        signum = exc.signum if isinstance(exc, Interrupted) else 2 if isinstance(exc, KeyboardInterrupt) else 15
-        what, code = f"carbonfed run: interrupted ({signal.Signals(signum).name})", 128 + signum
-    else:
-        cause = exc
-        while cause.__cause__ is not None:          # Flower wraps the engine's error in its own
-            cause = cause.__cause__
-        text = next((ln.strip() for ln in reversed(str(cause).splitlines()) if ln.strip()), type(cause).__name__)
-        what, code = f"carbonfed run: error: the run failed: {text}{''.join(getattr(exc, '__notes__', []))}", 1
-    print(stopped_message(what, run.folder.path, kept=has_checkpoint(run.folder.path)), file=sys.stderr, flush=True)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.stdout.flush()
-        os._exit(code)
-    return code
 
 
 def round_progress(cfg: RunConfig):

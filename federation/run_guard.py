@@ -10,7 +10,8 @@ Guarantees
   stops as after an error: Ray shut down, the app folder removed, the checkpoint kept.
 * :func:`forget` removes a run that stopped before its first checkpoint (nothing to resume):
   its own keys, and everything in its folder (which was new or empty when the run started).
-* :func:`stopped_message` is one line: what stopped the run, what was kept and how to go on.
+* :func:`stopped_message` is one line: what stopped the run, what was kept and how to go on;
+  :func:`stopped` prints it and gives the exit code (128 + the signal for an interrupted run).
 * :func:`resume_conflicts` names every option given with ``--resume`` whose value differs from
   the run's recorded config, so that none is silently ignored.
 * :func:`check_results_keys` raises before anything is decrypted if an HE run's keys are not
@@ -23,8 +24,10 @@ Guarantees
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import sys
 import threading
 from collections import Counter
 from contextlib import contextmanager
@@ -117,6 +120,45 @@ def stopped_message(what: str, folder: Path, kept: bool) -> str:
         return (f"{what}; the run is kept as of {at} (checkpoint and keys): continue it with "
                 f"`carbonfed run --resume --out {folder}`")
     return f"{what}; it stopped before its first checkpoint, so nothing was kept (no keys, no {folder})"
+
+
+def stopped(folder: Path, exc: BaseException) -> int:
+    """One line on stderr for a run that did not finish (what stopped it, what was kept, how to
+    go on) and its exit code: 128 + the signal if interrupted (also when the signal surfaced as
+    another error raised while unwinding it), else 1. An interrupted run, or one whose engine left
+    a thread behind (a ServerApp waiting for replies that will not come), then exits at once: Ray
+    is already shut down and the folder settled, and Ray 2.55's core can crash in the
+    interpreter's own finalization after a signal cut its start short."""
+    signum = _signal_of(exc)
+    if signum is not None:
+        what, code = f"carbonfed run: interrupted ({signal.Signals(signum).name})", 128 + signum
+    else:
+        cause = exc
+        while cause.__cause__ is not None:          # Flower wraps the engine's error in its own
+            cause = cause.__cause__
+        text = next((ln.strip() for ln in reversed(str(cause).splitlines()) if ln.strip()), type(cause).__name__)
+        what, code = f"carbonfed run: error: the run failed: {text}{''.join(getattr(exc, '__notes__', []))}", 1
+    print(stopped_message(what, folder, kept=has_checkpoint(folder)), file=sys.stderr, flush=True)
+    if signum is not None or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                                 if t is not threading.main_thread()):
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _signal_of(exc: BaseException) -> int | None:
+    """The signal behind ``exc``: it, or an exception it was raised from or while handling."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Interrupted):
+            return exc.signum
+        if isinstance(exc, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(exc, SystemExit):
+            return signal.SIGTERM
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _same(name: str, given, recorded) -> bool:

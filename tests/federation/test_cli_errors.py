@@ -298,7 +298,7 @@ def test_sigterm_after_round_1_shuts_ray_down_and_the_run_resumes(tmp_path):
     proc = start_run(out, log)
     wait_for(proc, lambda: checkpoint_round(out) >= 1)
     code, tree = stop(proc, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
     one_line_error(log.read_text(), "interrupted (SIGTERM)", "round 1",
                    f"carbonfed run --resume --out {out}")
     assert still_alive(tree) == []                                   # no raylet, gcs_server or ray:: worker
@@ -327,7 +327,7 @@ def test_sigint_before_the_first_checkpoint_leaves_nothing(tmp_path):
     assert (keys / "secret.ctx").exists() and checkpoint_round(out) == -1
     time.sleep(1.5)             # while the raylet still starts its agents (they outlived it before the fix)
     code, tree = stop(proc, signal.SIGINT)
-    assert code == 128 + signal.SIGINT
+    assert code == 128 + signal.SIGINT, log.read_text()[-3000:]
     one_line_error(log.read_text(), "interrupted (SIGINT)", "nothing was kept")
     assert still_alive(tree) == []
     assert not out.exists() and not keys.parent.exists()
