@@ -164,8 +164,10 @@ def profile(mode: str, rounds: int, profiled: int, out: Path, top: int, masks: b
         setup(grid, run.courier, run.recorder)
         run.checkpoint()
         run.fedavg.masks = ServerMasks.for_run(run.fedavg, run.recorder, grid, run.courier)
-        if run.fedavg.masks is not None:
-            run.fedavg.masks.begin(1)           # adverts, then round 1's bundles (as ResumableRun.start)
+        run.fedavg.metric_masks = ServerMasks.for_run(run.fedavg, run.recorder, grid, run.courier, "metrics")
+        for masks in (run.fedavg.masks, run.fedavg.metric_masks):
+            if masks is not None:
+                masks.begin(1)                  # adverts, then round 1's bundles (as ResumableRun.start)
         report = [f"mode {mode}{' masked' if masks else ''}: setup {time.perf_counter() - t0:.2f} s wall"]
         report += _per_kind(grid)
         for rnd in range(1, rounds + 1):
@@ -195,7 +197,7 @@ def profile(mode: str, rounds: int, profiled: int, out: Path, top: int, masks: b
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", default="none", choices=("none", "dp", "he", "dp+he"))
+    ap.add_argument("--mode", default="none", choices=("none", "dp", "he", "dp+he", "ddp+he"))
     ap.add_argument("--masks", action="store_true", help="mask the run (issue 22; HE modes only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile-round", type=int, default=2,

@@ -72,6 +72,17 @@ def choose_countries(cfg: RunConfig, n: int) -> list[str]:
     return sorted(part.train[:n - n_test] + part.test[:n_test])
 
 
+def with_deployed_noise_floor(cfg: RunConfig, countries: list[str]) -> RunConfig:
+    """``ddp+he`` with ``min-noise-clients`` unset: the floor of the training clients deployed
+    (⌈0.8 · n⌉ of those in ``countries``), not of the whole data set's partition, since only
+    they contribute noise shares (a floor above them would refuse every release). Otherwise
+    ``cfg`` unchanged."""
+    if not cfg.ddp or cfg.min_noise_clients:
+        return cfg
+    train = set(split_countries(load_run_data(cfg).countries(), cfg.holdout_offset).train)
+    return replace(cfg, min_noise_clients=cfg.noise_floor(sum(1 for c in countries if c in train)))
+
+
 @dataclass
 class Node:
     country: str

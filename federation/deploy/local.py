@@ -55,7 +55,8 @@ from pathlib import Path
 from carbonfed.data import resolve_data_dir
 from carbonfed.federation.cli import Parser
 from carbonfed.federation.config import RunConfig
-from carbonfed.federation.deploy.deployment import Deployment, choose_countries, local_deployment
+from carbonfed.federation.deploy.deployment import (Deployment, choose_countries, local_deployment,
+                                                   with_deployed_noise_floor)
 from carbonfed.federation.deploy.drills import Drills, round_lines, say, show_rounds
 from carbonfed.federation.deploy.flower_cli import write_app
 from carbonfed.federation.deploy.processes import DeployError
@@ -81,6 +82,10 @@ def deploy_local(cfg: RunConfig, n_clients: int, out_dir, *, kill_client_in_roun
         cfg = replace(cfg, data_dir=str(resolve_data_dir(cfg.data_dir or None)))
     cfg = replace(with_data_schema(cfg), out_dir=str(out))
     countries = choose_countries(cfg, n_clients)
+    floored = with_deployed_noise_floor(cfg, countries)
+    if floored is not cfg:
+        say(f"ddp+he: min-noise-clients={floored.min_noise_clients} (of the training SuperNodes deployed)")
+    cfg = floored
     drills = Drills(kill_client_in_round, restart_server_after_round, emit=on_event or (lambda name, info: None))
     drills.check(cfg.rounds)
     timeout = timeout or max(900.0, 3 * cfg.rounds * min(cfg.round_timeout, 300.0) + 300)

@@ -6,8 +6,8 @@ Guarantees (each failure is a problem naming the client, line or round)
 * **Per client.** Each client's signed history (a list of Skellam mechanisms ``[variance, l2,
   l1, sample_rate, steps]``) only grows along its statements; its last one is re-accounted and
   the claimed ε must lie within ``rel_tol`` of it, and within the budget.
-* **Per round, from signatures.** A round's contributors are counted from the accepted ``train``
-  lines of that round whose client statement verified, never from the server's summary: a round
+* **Per round, from signatures.** A round's contributors are the distinct clients of the accepted
+  ``train`` lines of that round whose statement verified, never the server's summary: a round
   line stating more contributors than that (a raised count, which would understate ε) is named,
   as is a released round below the floor (``min-noise-clients``, default ⌈0.8 · training clients⌉,
   and ``min-train-clients``).
@@ -77,12 +77,13 @@ def account_clients(chains: dict, delta: float, rel_tol: float, problems: list[s
 
 
 def signed_contributors(records: list[dict], valid_lines: set[int]) -> dict[int, int]:
-    """Per round, the accepted ``train`` lines whose client statement verified."""
-    out: dict[int, int] = {}
+    """Per round, the distinct clients with an accepted ``train`` line whose statement verified (a
+    client asked again for a round after a server restart is still one contributor to it)."""
+    out: dict[int, set] = {}
     for n, rec in enumerate(records, 1):
         if rec.get("kind") == "train" and rec.get("status") == "accepted" and n in valid_lines:
-            out[rec["round"]] = out.get(rec["round"], 0) + 1
-    return out
+            out.setdefault(rec["round"], set()).add(rec["signed"]["client"])
+    return {r: len(clients) for r, clients in out.items()}
 
 
 def _train_mechanism(chains: dict) -> dict | None:

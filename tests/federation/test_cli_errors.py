@@ -24,6 +24,7 @@ from carbonfed.federation.cli import main
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.run import Lifecycle
 from carbonfed.privacy.he import key_fingerprint, keygen, load_secret_context
+from carbonfed.privacy.ledger import read_ledger
 
 BIN = Path(sys.executable).parent / "carbonfed"
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
@@ -257,9 +258,9 @@ def still_alive(snapshot: dict, wait_s: float = 30.0) -> list[str]:
         time.sleep(0.5)
 
 
-def start_run(out: Path, log: Path) -> subprocess.Popen:
+def start_run(out: Path, log: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = ["--data-dir", str(resolve_data_dir(None)), "--rounds", "2", "--local-epochs", "1",
-            "--batches-per-epoch", "2", "--out", str(out)]
+            "--batches-per-epoch", "2", "--out", str(out), *extra]
     return subprocess.Popen([str(BIN), "run", *args], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=ENV,
                             start_new_session=True)
 
@@ -293,9 +294,10 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_after_round_1_shuts_ray_down_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--privacy", "ddp+he")], ids=["dp+he", "ddp+he-masked"])
+def test_sigterm_after_round_1_shuts_ray_down_and_the_run_resumes(tmp_path, extra):
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
-    proc = start_run(out, log)
+    proc = start_run(out, log, extra)
     wait_for(proc, lambda: checkpoint_round(out) >= 1)
     code, tree = stop(proc, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
@@ -311,6 +313,10 @@ def test_sigterm_after_round_1_shuts_ray_down_and_the_run_resumes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr == ""                                          # no third-party warning on a normal run
     assert not keys.parent.exists()
+    if extra:              # the resumed ddp+he run masks again (new adverts) and releases round 2 (audit: exit 0)
+        rounds = {r["round"]: r for r in read_ledger(out / "ledger.jsonl") if r["kind"] == "round"}
+        assert sorted(rounds) == [1, 2]
+        assert all(r["ddp"]["released"] and r["masks"]["status"] == "unmasked" for r in rounds.values())
     report = (out / "report.json").read_bytes()
     res = subprocess.run([str(BIN), "report", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 2

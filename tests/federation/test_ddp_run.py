@@ -107,3 +107,18 @@ def test_verify_catches_a_raised_contributor_count(ddp_run, tmp_path):
     res = verify_run(forged)
     assert not res.ok
     assert any("round 2" in p and "raised count" in p for p in res.problems), res.problems
+
+
+def test_a_client_asked_again_for_a_round_counts_once(ddp_run, tmp_path):
+    """After a server restart the clients of the interrupted round sign that round again: the
+    round's contributors are distinct signed clients, so a repeated statement raises no count."""
+    _, out = ddp_run
+    forged = tmp_path / "again"
+    shutil.copytree(out, forged)
+    records = read_ledger(forged / "ledger.jsonl")
+    at = next(i for i, r in enumerate(records) if r.get("kind") == "train" and r["round"] == 2)
+    records.insert(at, json.loads(json.dumps(records[at])))        # the same client's statement, twice
+    (forged / "ledger.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in _rechain(records)))
+    res = verify_run(forged)
+    assert not any("contributors but" in p for p in res.problems), res.problems
+    assert res.ddp["contributors"]["2"] == verify_run(out).ddp["contributors"]["2"]

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from carbonfed.privacy.audit.verify import verify_run
+from carbonfed.privacy.ledger import read_ledger
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MARKER = "CARBONFED_FLWR_CLI_TEST"
@@ -102,7 +105,8 @@ def _copy_repo(dst: Path) -> None:
             ".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "runs", "out", "keys"))
 
 
-def test_flwr_run_dot_end_to_end(tmp_path, seed_data):
+@pytest.mark.parametrize("privacy", ["dp", "ddp+he"])     # ddp+he: HE keys, masks on (its preset), issue 19
+def test_flwr_run_dot_end_to_end(tmp_path, seed_data, privacy):
     n_countries = len(seed_data.countries())
     from carbonfed.data.locate import resolve_data_dir
 
@@ -125,17 +129,17 @@ def test_flwr_run_dot_end_to_end(tmp_path, seed_data):
     }
     # the clients act only under a charter they endorsed: keygen writes their keys and the job's charter
     keys = tmp_path / "keys"
-    kg = subprocess.run([str(BIN / "carbonfed"), "keygen", "--out", str(keys), "--privacy", "dp", "--rounds", "2",
+    kg = subprocess.run([str(BIN / "carbonfed"), "keygen", "--out", str(keys), "--privacy", privacy, "--rounds", "2",
                          "--data-dir", data_dir], capture_output=True, text=True, timeout=300)
     assert kg.returncode == 0, kg.stdout[-2000:] + kg.stderr[-2000:]
-    run_config = (f"privacy='dp' rounds=2 data-dir='{data_dir}' out-dir='{out}' keys-dir='{keys}' "
+    run_config = (f"privacy='{privacy}' rounds=2 data-dir='{data_dir}' out-dir='{out}' keys-dir='{keys}' "
                   f"charter='{keys / 'charter.json'}'")
     cmd = [str(BIN / "flwr"), "run", ".", "--stream",
            "--federation-config", f"num-supernodes={n_countries}",
            "--run-config", run_config]
     try:
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=480)
         elapsed = time.monotonic() - t0
         log = proc.stdout[-4000:] + proc.stderr[-4000:]
         assert proc.returncode == 0, log
@@ -147,17 +151,24 @@ def test_flwr_run_dot_end_to_end(tmp_path, seed_data):
         assert (out / "ledger.jsonl").stat().st_size > 0
         server = json.loads((out / "server.json").read_text())
         assert server["rounds_completed"] == 2
-        assert server["config"]["privacy"] == "dp"
+        assert server["config"]["privacy"] == privacy
 
         rep = subprocess.run([str(BIN / "carbonfed"), "report", str(out)],
                              cwd=REPO, env={**os.environ, MARKER: token},
                              capture_output=True, text=True, timeout=120)
         assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
         report = json.loads((out / "report.json").read_text())
-        assert report["rounds"] == 2 and report["privacy_mode"] == "dp"
+        assert report["rounds"] == 2 and report["privacy_mode"] == privacy
         assert set(report["metrics"]) >= {"accuracy", "macro_f1"}
         clients = report["clients"]
         assert clients["train"] + clients["test"] == n_countries  # one SuperNode per country
+        if privacy == "ddp+he":     # every round released with all training clients' shares; verify agrees
+            rounds = [r for r in read_ledger(out / "ledger.jsonl") if r["kind"] == "round"]
+            assert all(r["ddp"]["contributors"] == clients["train"] and r["masks"]["status"] == "unmasked"
+                       for r in rounds) and len(rounds) == 2
+            res = verify_run(out)
+            assert res.ok, res.problems
+            assert abs(report["privacy"]["ddp"]["epsilon_central"] - res.ddp["epsilon"]) <= 0.01 * res.ddp["epsilon"]
         print(f"flwr run: {elapsed:.1f}s")
     finally:
         left = _kill_marked(token)
