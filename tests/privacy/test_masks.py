@@ -323,9 +323,11 @@ def test_prg_is_exactly_uniform_and_deterministic(ciphers):
     small = uniform_mod(seed, 20000, 1_048_583)                # a 20-bit prime: half the words rejected
     assert small.max() < 1_048_583 and uniformity_p(small, 1_048_583, bins=64) > 1e-6
     seeds = [bytes([i]) * 32 for i in range(20)]
-    for modulus in (t, 1_048_583):                             # the batch is the same stream, row by row
-        np.testing.assert_array_equal(uniform_mod_many(seeds, 112, modulus),
-                                      [uniform_mod(s, 112, modulus) for s in seeds])
+    # the batch is the same stream, row by row: rows with no rejected word in their first `length`
+    # (most, for t and 112 slots), some with one (t and 8192 slots), all (the 20-bit prime)
+    for modulus, length in ((t, 112), (t, 8192), (1_048_583, 112)):
+        np.testing.assert_array_equal(uniform_mod_many(seeds, length, modulus),
+                                      [uniform_mod(s, length, modulus) for s in seeds])
 
 
 def test_flower_prg_is_not_used_it_keeps_32_bits_of_the_seed():
