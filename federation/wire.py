@@ -19,8 +19,6 @@ from flwr.app import Array, ArrayRecord, Message
 
 from carbonfed.federation.flower_compat import node_unavailable
 from carbonfed.privacy.he import CiphertextError
-from carbonfed.privacy.mask_streams import stream_plan, stream_roster
-from carbonfed.privacy.masks import MaskPlan
 
 # The message types of carbonfed's own requests (the ClientApp registers them as
 # ``@app.query("setup")`` and so on); training and evaluation use Flower's MessageType.
@@ -30,16 +28,6 @@ ROLE = "query.role"       # a resumed server asks a node who it is (no data, no 
 CLOSE = "query.close"     # after the last round: each client signs its final history (carbonfed.privacy.statements)
 MASKS = "query.masks"     # the mask protocol's steps (issue 22): config "mask-step" = advert, share, seeds, unmask
 MASK_STEPS = ("advert", "share", "seeds", "unmask")
-
-
-def mask_roster(charter) -> list[str]:
-    """The clients of the model updates' masks: the charter's training clients, sorted (both sides)."""
-    return stream_roster(charter, "update")
-
-
-def mask_plan(cfg, charter) -> MaskPlan | None:
-    """The model updates' mask plan (both sides): the training clients, ``mask-neighbours`` each."""
-    return stream_plan(cfg, charter, "update")
 
 
 def bytes_record(data: bytes, stype: str) -> ArrayRecord:

@@ -160,7 +160,11 @@ class DDPUpdateLayout:
         self.codec.check_sum(payload[2:2 + p], terms)
         self.opt_codec.check_sum(payload[2 + p:2 + 3 * p], terms)
         state = np.concatenate([self.codec.decode(payload[2:2 + p]), self.opt_codec.decode(payload[2 + p:2 + 3 * p])]) / terms
-        return state, int(payload[1]) // terms, payload[2 + 3 * p:]
+        return state, int(payload[1]) // terms, self.gradient(payload)
+
+    def gradient(self, payload: np.ndarray) -> np.ndarray:
+        """The gradient sum's integers of a payload whose check slots were removed."""
+        return payload[2 + 3 * self.n_params:2 + 4 * self.n_params]
 
     def unpack_sum(self, vec: np.ndarray, terms: int) -> tuple[np.ndarray, int]:
         """(the mean model w, terms): the model of an aggregate or of a sum of aggregates."""

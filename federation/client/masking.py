@@ -192,10 +192,6 @@ def _armed(p, config, stream: str, rnd: int, what: str) -> tuple[list[str], Mask
     return shared, mc
 
 
-def _use(p, kind: str, masker) -> None:
-    p.__dict__.setdefault("maskers", {})[kind] = masker
-
-
 def arm(p, config: dict, rnd: int) -> str:
     """Make participant ``p`` mask its round-``rnd`` update with the clients of the request's
     ``mask-shared``; the list's JSON ("" when the run has no masks). Raises MaskRefusal before
@@ -203,7 +199,7 @@ def arm(p, config: dict, rnd: int) -> str:
     if not p.cfg.masked:
         return ""
     shared, mc = _armed(p, config, "update", rnd, "update")
-    _use(p, "update", lambda vec: mc.mask(rnd, vec, shared))
+    p.maskers["update"] = lambda vec: mc.mask(rnd, vec, shared)
     return json.dumps(shared)
 
 
@@ -220,12 +216,12 @@ def arm_upload(p, request: Message | dict, kind: str, rnd: int) -> tuple[str, ..
         return ()
     config = request.content.config_records["config"] if isinstance(request, Message) else request
     shared, mc = _armed(p, config, stream, rnd, "statistics" if stream == "stats" else "evaluation counts")
-    _use(p, kind, lambda vec: mc.mask(rnd, vec, shared))
+    p.maskers[kind] = lambda vec: mc.mask(rnd, vec, shared)
     return (json.dumps(shared),)
 
 
 def apply(p, vec, kind: str):
     """``vec`` (a tagged ``kind`` upload) masked as :func:`arm` / :func:`arm_upload` set up for this
     message; unchanged when they did not (masks off, or not this kind)."""
-    masker = getattr(p, "maskers", {}).get(kind)
+    masker = p.maskers.get(kind)
     return vec if masker is None else masker(vec)

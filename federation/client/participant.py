@@ -140,6 +140,7 @@ class Participant:
     state: dict = field(default_factory=dict)
     fingerprint: str = ""         # of ``ctx``'s public key; computed here unless the caller has it
     signer: Signer | None = None  # charter, signing key and check-slot tags (None: unit tests of the protocol)
+    maskers: dict = field(default_factory=dict, repr=False)   # by upload kind: masking.arm(_upload) sets, apply uses
 
     def __post_init__(self):
         self.role = self.partition.role(self.country)
@@ -169,8 +170,7 @@ class Participant:
         return st
 
     def _tagged(self, vec: np.ndarray, kind: str, rnd: int) -> np.ndarray:   # and masked (issue 22)
-        vec = self.signer.tag(vec, kind, rnd) if self.signer is not None else vec
-        return masking.apply(self, vec, kind)
+        return masking.apply(self, self.signer.tag(vec, kind, rnd) if self.signer is not None else vec, kind)
 
     def _opened(self, name: str, vec: np.ndarray, parts: list[Part] | None, terms: int) -> np.ndarray:
         """A decrypted aggregate, checked against the contributions the server names (with a signer)."""

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from carbonfed.data import split_countries
-from carbonfed.federation.client.ddp_layout import ddp_plan, update_layout
+from carbonfed.federation.client.ddp_layout import DDPUpdateLayout, ddp_plan, update_layout
 from carbonfed.federation.client.participant import make_cipher
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.experiments.audit_run import claimed_epsilon, isolated_config, isolated_simulation
@@ -88,14 +88,14 @@ def canary_cap(rounds: int, dim: int) -> int:
     return 3 * int(rounds) * int(dim) // 4
 
 
-def aggregate_observation(vec: np.ndarray, plan_: DDPPlan, n_params: int, n_classes: int,
+def aggregate_observation(vec: np.ndarray, plan_: DDPPlan, layout: DDPUpdateLayout, n_classes: int,
                           dim: int) -> tuple[np.ndarray, int]:
     """(the released gradient sum in the canary subspace, in units of C; the number of uploads it
     sums) of one decrypted ``ddp+he`` aggregate (check slots skipped: they hold the clients' tags).
     Raises NoiseFloorError / WrapError where the key holders would refuse to release it."""
     payload = np.delete(centred(vec, plan_.plain_modulus), np.arange(0, len(vec), BLOCK))
     terms = int(payload[0])
-    grad = release(plan_, payload[2 + 3 * n_params:2 + 4 * n_params], terms)
+    grad = release(plan_, layout.gradient(payload), terms)
     return null_projection(grad, n_classes, dim) / plan_.clip, terms
 
 
@@ -113,8 +113,7 @@ def read_observations(out: Path, cfg: RunConfig, ctx, plan_: DDPPlan, n_features
     found = []
     for rnd, path in paths.items():
         try:
-            obs, terms = aggregate_observation(cipher.decrypt(path.read_bytes()), plan_, layout.n_params,
-                                               n_classes, dim)
+            obs, terms = aggregate_observation(cipher.decrypt(path.read_bytes()), plan_, layout, n_classes, dim)
         except (NoiseFloorError, WrapError, ValueError, RuntimeError):
             continue
         found.append((rnd, obs, terms))

@@ -32,7 +32,7 @@ from carbonfed.federation.client.participant import Layouts, make_cipher
 from carbonfed.federation.report.audit_sections import empirical_record
 from carbonfed.federation.report.ddp_privacy import ddp_privacy
 from carbonfed.federation.report.signed_record import BoundAggregates, load_run_charter, signed_epsilons
-from carbonfed.federation.wire import mask_plan, stage_key
+from carbonfed.federation.wire import stage_key
 from carbonfed.privacy.mask_streams import stream_plan
 from carbonfed.models.mlp import build_model, describe
 from carbonfed.models.params import load_flat_params, num_params
@@ -204,7 +204,7 @@ def _masks(inp: _RunInputs) -> dict | None:
     blocks = [r["masks"] for r in inp.rounds() if isinstance(r.get("masks"), dict)]
     if not (inp.cfg.masked and blocks):
         return None
-    plan, held_out = mask_plan(inp.cfg, inp.charter), stream_plan(inp.cfg, inp.charter, "metrics")
+    plan, held_out = stream_plan(inp.cfg, inp.charter, "update"), stream_plan(inp.cfg, inp.charter, "metrics")
     stats = [line for line in inp.ledger if line.get("kind") == "stats-masks"]
     metrics = [r["metrics_masks"] for r in inp.rounds() if isinstance(r.get("metrics_masks"), dict)]
     return {**plan.describe(), "who_learns_what": plan.who_learns_what(),

@@ -54,7 +54,7 @@ def _observations(cfg, plan_, model, rows, plan):
             vec, _ = layout.pack(state, 1, contribution(canaries.mechanism(plan_), grads, src),
                                  np.random.default_rng(rnd))
             total = total + vec.astype(np.int64)
-        obs, terms = aggregate_observation(np.mod(total, plan_.plain_modulus), plan_, layout.n_params, K, dim)
+        obs, terms = aggregate_observation(np.mod(total, plan_.plain_modulus), plan_, layout, K, dim)
         assert terms == len(CLIENTS)
         found.append((rnd, obs, terms))
     return found

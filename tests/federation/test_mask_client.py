@@ -17,7 +17,7 @@ from carbonfed.federation.client.signer import Signer
 from carbonfed.federation.client.state import PersistentState
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.run_data import load_run_data, with_data_schema
-from carbonfed.federation.wire import mask_roster
+from carbonfed.privacy.mask_streams import stream_plan, stream_roster
 from carbonfed.privacy.charter import Charter, seal_charter
 from carbonfed.privacy.he import HEParams
 from carbonfed.privacy.mask_client import MaskRefusal, read_adverts
@@ -70,7 +70,7 @@ def arm(p: Participant, shared: list[str], rnd: int) -> None:
 
 def _shared_round(federation, faults: dict) -> tuple[RoundRecovery, list[str]]:
     """Adverts, then round 1's bundles (drills in ``faults``) into a real RoundRecovery."""
-    charter, roster = federation[3], mask_roster(federation[3])
+    charter, roster = federation[3], stream_roster(federation[3], "update")
     adverts = {c: step(federation, c, **{"mask-step": "advert"})["mask-advert"] for c in roster}
     members, _ = read_adverts(adverts, charter.sha256, charter.keys)
     share = {"mask-step": "share", "mask-round": 1, "mask-senders": json.dumps(roster),
@@ -84,7 +84,7 @@ def _shared_round(federation, faults: dict) -> tuple[RoundRecovery, list[str]]:
 
 def test_a_round_through_the_messages_sums_exactly(federation):
     cfg, _, _, charter, _ = federation
-    roster, t = mask_roster(charter), HEParams().plain_modulus
+    roster, t = stream_roster(charter, "update"), HEParams().plain_modulus
     adverts = {c: step(federation, c, **{"mask-step": "advert"})["mask-advert"] for c in roster}
     assert adverts == {c: step(federation, c, **{"mask-step": "advert"})["mask-advert"] for c in roster}  # derived
     members, rejected = read_adverts(adverts, charter.sha256, charter.keys)
@@ -123,7 +123,7 @@ def test_the_never_both_rule_survives_a_restart(federation):
     """Rebuilt from its state at every message, a client refuses another list of who shared, the
     seeds step of a round whose share keys it revealed, and going back a round."""
     _, _, _, charter, _ = federation
-    roster = mask_roster(charter)
+    roster = stream_roster(charter, "update")
     c = roster[1]
     arm(participant(federation, c), roster[1:], 2)                    # round 2's bundle: made above
     with pytest.raises(MaskRefusal, match="another list"):
@@ -139,11 +139,11 @@ def test_the_never_both_rule_survives_a_restart(federation):
 
 def test_an_unmasked_upload_is_never_made(federation):
     _, _, _, charter, _ = federation
-    p = participant(federation, mask_roster(charter)[2])
+    p = participant(federation, stream_roster(charter, "update")[2])
     with pytest.raises(MaskRefusal, match="names no clients"):
         masking.arm(p, {}, 3)
     with pytest.raises(MaskRefusal, match="no bundle was made for round 3"):
-        masking.arm(p, {"mask-shared": json.dumps(mask_roster(charter))}, 3)
+        masking.arm(p, {"mask-shared": json.dumps(stream_roster(charter, "update"))}, 3)
 
 
 def test_masks_setting():
@@ -154,11 +154,10 @@ def test_masks_setting():
     assert RunConfig.from_flower({"masks": "true"}).masks is True
     with pytest.raises(ValueError, match="mask-neighbours must be 0 or an even number"):
         RunConfig(privacy="he", mask_neighbours=3)
-    from carbonfed.federation.wire import mask_plan
     charter = Charter.from_body(seal_charter(RunConfig().to_flower(), {f"c{i}": new_signing_key() for i in range(131)},
                                              {f"c{i}": "train" for i in range(131)})["charter"])
-    assert mask_plan(RunConfig(masks=True), charter).describe()["threshold"] == 87                 # complete: 130 neighbours
-    assert mask_plan(RunConfig(masks=True, mask_neighbours=40), charter).describe() == {
+    assert stream_plan(RunConfig(masks=True), charter, "update").describe()["threshold"] == 87   # complete: 130 neighbours
+    assert stream_plan(RunConfig(masks=True, mask_neighbours=40), charter, "update").describe() == {
         "clients": 131, "neighbours": 40, "threshold": 27, "max_dropped": 13, "collusion_bound": 13, "graph": "circulant"}
     import argparse
     ap = argparse.ArgumentParser()
@@ -171,7 +170,7 @@ def test_forged_bad_and_replayed_mask_messages_are_named_and_the_round_goes_on(t
     message of the round before. Each is refused with its sender named; the impostor sits the
     round out, and the others' masks still come off (enough valid shares remain)."""
     fed = _federation(tmp_path)
-    roster = mask_roster(fed[3])
+    roster = stream_roster(fed[3], "update")
     faults = {roster[0]: "mask-impostor", roster[1]: "mask-bad-key", roster[2]: "mask-replay"}
     rec, _ = _shared_round(fed, faults)
     assert rec.shared() == roster[1:]
