@@ -12,7 +12,11 @@ Per run: :meth:`MaskingClient.advert` (signed X25519 public key), then
 
 Guarantees
 ----------
-* A fresh self-mask secret every round; a round number never goes back.
+* A fresh self-mask secret every round; a round number never goes back. The bundle of round
+  ``r + 1`` may be made before round ``r`` is unmasked (it rides on the round-``r`` upload): the two
+  latest rounds are kept (``keep``: more), each with its own record, and a bundle is made again only
+  for a kept round (derived: the very same bytes; a server restarted in the middle of a round, or of
+  the statistics stages, whose stream keeps every stage, asks for it again).
 * :meth:`mask` refuses (:class:`MaskRefusal`) unless this client and at least ``T`` of its
   neighbours are in ``U``; :meth:`reveal_seeds` unless this client and at least ``T`` neighbours
   are in ``S``.
@@ -47,6 +51,7 @@ from carbonfed.privacy.masks import (DOMAIN, MaskPlan, PairRound, agreement_publ
 from carbonfed.privacy.signing import canonical
 
 NONCE = b"\0" * 12        # every share key encrypts exactly one share
+KEPT = 2                  # rounds a client keeps: the one being unmasked and the next (its bundle made)
 
 
 def _hkdf(key: bytes, info: bytes) -> bytes:
@@ -75,9 +80,14 @@ def _aad_head(run: str, rnd: int) -> bytes:
     return _field(b"carbonfed-mask-share") + _field(run) + _field(str(int(rnd)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _name_field(name: str) -> bytes:
+    return _field(name)
+
+
 def share_aad(run: str, rnd: int, dealer: str, holder: str) -> bytes:
     """What a share's AES-GCM tag binds: run, round, dealer and holder (length-prefixed)."""
-    return _aad_head(run, int(rnd)) + _field(dealer) + _field(holder)
+    return _aad_head(run, int(rnd)) + _name_field(dealer) + _name_field(holder)
 
 
 def check_agreement_key(public: bytes) -> None:
@@ -128,8 +138,9 @@ class _Round:
 
 class MaskingClient:
     def __init__(self, name: str, signing_key: Ed25519PrivateKey, run: str, roster: list[str],
-                 plan: MaskPlan, modulus: int, root: bytes | None = None):
+                 plan: MaskPlan, modulus: int, root: bytes | None = None, keep: int = KEPT):
         self.name, self.run, self.plan = name, run, plan
+        self.keep = max(KEPT, int(keep))      # rounds kept (a stream of few rounds may keep them all)
         self.modulus = int(modulus)
         self._signing = signing_key
         self._root = root
@@ -138,7 +149,7 @@ class MaskingClient:
         self._agreement = (new_agreement_key() if root is None
                            else X25519PrivateKey.from_private_bytes(_hkdf(root, b"agreement")))
         self._pair_keys: dict[str, bytes] = {}
-        self._round: _Round | None = None
+        self._rounds: dict[int, _Round] = {}       # the KEPT latest rounds this client made bundles for
         self._last_round = 0
 
     # -- per run ----------------------------------------------------------------------------------
@@ -177,7 +188,7 @@ class MaskingClient:
 
     def share(self, rnd: int) -> bytes:
         """Step 1: the bundle (see the module docstring)."""
-        again = self._root is not None and rnd == self._last_round     # derived: the very same bundle
+        again = self._root is not None and (rnd == self._last_round or rnd in self._rounds)   # derived: same bytes
         if rnd <= self._last_round and not again:
             raise MaskRefusal(f"round {rnd} does not follow round {self._last_round}")
         holders = self.holders
@@ -194,40 +205,55 @@ class MaskingClient:
             body.append(AESGCM(key).encrypt(NONCE, shamir.share_to_bytes(share),
                                             share_aad(self.run, rnd, self.name, h)))
             body.append(commit(b"pair", pairs[h].seed))
-        if not (again and self._round is not None and self._round.rnd == rnd):
-            self._round = _Round(rnd, own, pairs)
-        self._last_round = rnd
+        if rnd not in self._rounds:
+            self._rounds[rnd] = _Round(rnd, own, pairs)
+        self._last_round = max(self._last_round, rnd)
+        self._rounds = {r: st for r, st in self._rounds.items() if r > self._last_round - self.keep}
         return seal(self._signing, "bundle", self.run, rnd, self.name, b"".join(body))
 
     def _draw(self, rnd: int):
         return shamir.keyed_uniform(_hkdf(self._root, b"self/%d" % int(rnd)))
 
     def round_state(self) -> dict:
-        """What this client must remember of its latest round (JSON): see :meth:`restore`."""
-        st = self._round
-        if st is None:
-            return {"last": self._last_round}
-        return {"last": self._last_round, "round": st.rnd, "shared": sorted(st.shared),
-                "seeds": sorted(st.seeds_revealed), "keys": st.keys_revealed,
-                "summed": None if st.summed is None else sorted(st.summed)}
+        """What this client must remember of its kept rounds (JSON): see :meth:`restore`."""
+        return {"last": self._last_round, "rounds": [
+            {"round": st.rnd, "shared": self._bits(st.shared), "seeds": sorted(st.seeds_revealed),
+             "keys": st.keys_revealed, "summed": None if st.summed is None else self._bits(st.summed)}
+            for _, st in sorted(self._rounds.items())]}
+
+    def _bits(self, names: set[str]) -> str | list[str]:
+        """A set of roster names as a hex bitmap over the sorted roster (a list if one is not on it)."""
+        if not set(names) <= set(self._xs):
+            return sorted(names)
+        return format(sum(1 << (self._xs[c] - 1) for c in names), "x")
+
+    def _names(self, saved: str | list[str]) -> set[str]:
+        if isinstance(saved, list):
+            return set(saved)
+        bits = int(saved, 16)
+        return {c for c, i in self._xs.items() if bits >> (i - 1) & 1}
 
     def restore(self, saved: dict) -> None:
-        """Take up the round :meth:`round_state` described (a client with a ``root`` and its pair keys)."""
+        """Take up the rounds :meth:`round_state` described (a client with a ``root`` and its pair keys)."""
         if self._root is None:
             raise MaskRefusal("only a client with a derived root can restore a round")
-        if saved.get("round") is not None:
-            rnd = int(saved["round"])
+        for entry in saved.get("rounds", [saved] if saved.get("round") is not None else []):
+            rnd = int(entry["round"])
             own = self_seed(shamir.secret_bytes(shamir.new_secret(self._draw(rnd))))      # as share() drew it
-            self._round = st = _Round(rnd, own, {h: pair_round(self._pair_keys[h], rnd) for h in self.holders})
-            st.shared, st.seeds_revealed = set(saved["shared"]), set(saved["seeds"])
-            st.keys_revealed = bool(saved["keys"])
-            st.summed = None if saved["summed"] is None else set(saved["summed"])
+            self._rounds[rnd] = st = _Round(rnd, own, {h: pair_round(self._pair_keys[h], rnd) for h in self.holders})
+            st.shared, st.seeds_revealed = self._names(entry["shared"]), set(entry["seeds"])
+            st.keys_revealed = bool(entry["keys"])
+            st.summed = None if entry["summed"] is None else self._names(entry["summed"])
         self._last_round = int(saved.get("last", 0))
 
+    def has_round(self, rnd: int) -> bool:
+        """Whether this client made (and keeps) a bundle for round ``rnd``."""
+        return int(rnd) in self._rounds
+
     def _state(self, rnd: int) -> _Round:
-        if self._round is None or self._round.rnd != rnd:
+        if rnd not in self._rounds:
             raise MaskRefusal(f"no bundle was made for round {rnd}")
-        return self._round
+        return self._rounds[rnd]
 
     def mask(self, rnd: int, vector: np.ndarray, shared: list[str], purpose: int = 0) -> np.ndarray:
         """Step 2: ``vector`` plus the self mask and the pair masks with neighbours in ``shared``;

@@ -11,8 +11,10 @@ One :class:`RoundRecovery` per round, in this order:
    to :meth:`~RoundRecovery.add_seeds`, and :meth:`~RoundRecovery.drop` those that do not answer
    (a dropped client's ciphertext must then leave the sum). A client that uploaded but is gone by
    now is thus left out, as if it had never sent.
-4. :meth:`~RoundRecovery.start_keys`; send ``summed()`` to every client still up, pass replies to
-   :meth:`~RoundRecovery.add_keys`; then :meth:`~RoundRecovery.correction` and
+4. :meth:`~RoundRecovery.start_keys`; send ``summed()`` to the holders :meth:`~RoundRecovery.pick_holders`
+   names (enough for ``T`` shares of every summed client's self mask, not every client), pass replies
+   to :meth:`~RoundRecovery.add_keys`, and ask more holders while :meth:`~RoundRecovery.pick_holders`
+   names any (a holder that failed leaves a dealer short); then :meth:`~RoundRecovery.correction` and
    :func:`~carbonfed.privacy.masks.unmask_sum`.
 
 Guarantees
@@ -81,6 +83,7 @@ class RoundRecovery:
         self._seeds: dict[tuple[str, str], bytes] = {}
         self._shares: dict[str, dict[int, np.ndarray]] = {}
         self._key_replies: set[str] = set()
+        self._keys_asked: set[str] | None = None    # None: every holder is asked (no pick_holders)
         self._confirmed: set[str] = set()
         self._phase, self._liveness = "bundles", True
         self._abandoned: str | None = None
@@ -228,6 +231,33 @@ class RoundRecovery:
             raise RuntimeError(f"seeds still due from {', '.join(self.seeds_due()) or 'nobody'}; phase {self._phase}")
         self._phase = "keys"
 
+    def pick_holders(self, order: list[str]) -> list[str]:
+        """Holders not asked yet, taken greedily in ``order``, whose share keys bring every summed
+        client's self mask to ``T`` shares (counting those already opened); each is recorded as
+        asked. Empty when no summed client is short, or no holder left can help one."""
+        if self._phase != "keys":
+            return []
+        asked = self._keys_asked = self._keys_asked or set()
+        need = {j: self.plan.threshold - len(self._shares.get(j, {})) for j in self.summed()}
+        need = {j: n for j, n in need.items() if n > 0}
+        out = []
+        for h in order:
+            if not need:
+                break
+            helps = [j for j in need if h in self.bundles[j].entries] if h not in asked else []
+            if helps:
+                out.append(h)
+                for j in helps:
+                    need[j] -= 1
+                    if not need[j]:
+                        del need[j]
+        asked |= set(out)
+        return out
+
+    def keys_asked(self) -> list[str]:
+        """The holders :meth:`pick_holders` named so far (everyone, for a caller that asks all)."""
+        return sorted(self._keys_asked) if self._keys_asked is not None else sorted(self.members)
+
     def add_keys(self, data: bytes, sender: str | None = None) -> int:
         """Take one holder's share keys; returns how many shares they opened."""
         msg = self._open(data, "keys", sender, names_digest(self.summed()))
@@ -268,8 +298,10 @@ class RoundRecovery:
         if self._phase != "keys":
             raise RuntimeError(self._abandoned or f"correction asked in phase {self._phase}")
         if self._unmasking is None:
-            expected = {h for j in self.summed() for h in self._holders(j)}
-            for h in sorted(expected - self._key_replies):
+            asked = self._keys_asked
+            if asked is None:
+                asked = {h for j in self.summed() for h in self._holders(j)}
+            for h in sorted(asked - self._key_replies):
                 self._reject(h, "keys", "no reply: its shares of its summed neighbours' self masks are missing")
             own = {j: self._rebuilt_seed(j) for j in self.summed()}
             pairs: dict[str, dict[str, bytes]] = {j: {} for j in own}

@@ -16,8 +16,9 @@ Key schedule (all primitives from ``cryptography``; no cipher written here)
 * Once per run each client makes an X25519 key pair and publishes the public half, signed with its
   Ed25519 key (:mod:`carbonfed.privacy.mask_wire`). The pair key ``K_ij`` is HKDF-SHA256 of the
   X25519 shared secret, bound to the run and the two names. It is never revealed.
-* Round ``r`` of pair ``{i, j}``: one ChaCha20 keystream block of ``K_ij`` under the nonce ``r``
-  (ChaCha20 as a PRF of its nonce) gives the pair seed ``m_ij^r`` (32 bytes) and the two AES-128-GCM
+* Round ``r`` of pair ``{i, j}``: block ``r`` of the ChaCha20 keystream of ``K_ij`` (the block
+  function as a PRF of its counter; eight rounds' blocks come from one call) gives the pair seed
+  ``m_ij^r`` (32 bytes) and the two AES-128-GCM
   keys that carry ``i``'s share to ``j`` and ``j``'s share to ``i``. Revealing round-``r`` values
   reveals nothing about other rounds, so a client that drops rejoins the next round as it is.
 * The self-mask seed ``b_i^r`` is SHA-256 of a fresh Shamir secret (:mod:`carbonfed.privacy.shamir`,
@@ -38,8 +39,10 @@ Dropout recovery (:mod:`carbonfed.privacy.mask_recovery`)
 ``U`` = clients whose share bundle arrived (everyone masks with its neighbours in ``U``), ``S`` = the
 clients whose ciphertexts the server sums, ``D = U - S`` (dropped at any point after sharing, or
 excluded). *Seeds step*: every ``j`` in ``S`` reveals ``m_jl^r`` for its neighbours ``l`` in ``D``,
-checked against the 16-byte commitment ``l`` made when it shared. *Keys step*: every holder reveals,
-for each summed neighbour, the AES key of the share that neighbour dealt it; the server opens
+checked against the 16-byte commitment ``l`` made when it shared. *Keys step*: the holders the server
+picks (enough for ``T`` shares of every summed client's self mask: ``T + 1`` clients of a complete graph;
+more only if one fails) each reveal, for each summed neighbour, the AES key of the share that neighbour
+dealt it, so a round's keys step is ``T + 1`` messages, not ``n``; the server opens
 the share ciphertexts it kept from the bundles (a wrong key fails authentication and names the
 holder), rebuilds each ``b_j^r`` from ``T`` shares and checks it against ``j``'s commitment. A client
 that fails or skips the seeds step is moved to ``D`` (its own update leaves the sum); the keys step
@@ -157,7 +160,9 @@ def uniform_mod_many(seeds: list[bytes], length: int, modulus: int, purpose: int
     for seed in seeds:
         _check_prg(seed, modulus)
     draw = _first_draw(length)
-    rows = np.stack([_words(_stream(seed, purpose), draw, modulus) for seed in seeds])
+    zeros, width = bytes(4 * draw), (1 << (modulus - 1).bit_length()) - 1     # as _words, all rows at once
+    raw = b"".join([_stream(seed, purpose).update(zeros) for seed in seeds])
+    rows = (np.frombuffer(raw, dtype="<u4").astype(np.int64) & width).reshape(len(seeds), draw)
     out = rows[:, :length].copy()
     redo = np.flatnonzero((out >= modulus).any(axis=1))
     if redo.size:
@@ -294,10 +299,23 @@ class PairRound:
         return self.key_low if dealer_first else self.key_high
 
 
+ROUND_BATCH = 8           # rounds whose pair blocks one ChaCha20 call makes (one cipher set-up, not eight)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _pair_blocks(k_ij: bytes, batch: int) -> bytes:
+    """ChaCha20 keystream blocks ``ROUND_BATCH * batch ..`` of ``K_ij`` (block counter = round)."""
+    nonce = (batch * ROUND_BATCH).to_bytes(4, "little") + _ROUND_TAG + bytes(8)
+    return Cipher(algorithms.ChaCha20(k_ij, nonce), mode=None).encryptor().update(bytes(64 * ROUND_BATCH))
+
+
 @functools.lru_cache(maxsize=1 << 16)     # pure; asked for again at every message of the round (and the next)
 def pair_round(k_ij: bytes, rnd: int) -> PairRound:
-    nonce = b"\0" * 4 + _ROUND_TAG + int(rnd).to_bytes(8, "little")
-    block = Cipher(algorithms.ChaCha20(k_ij, nonce), mode=None).encryptor().update(bytes(64))
+    rnd = int(rnd)
+    if not 0 <= rnd < 2 ** 32 - ROUND_BATCH:
+        raise ValueError(f"round {rnd} outside the ChaCha20 block counter")
+    at = 64 * (rnd % ROUND_BATCH)
+    block = _pair_blocks(k_ij, rnd // ROUND_BATCH)[at:at + 64]
     return PairRound(seed=block[:32], key_low=block[32:48], key_high=block[48:64])
 
 

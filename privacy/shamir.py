@@ -87,10 +87,21 @@ def split(secret: np.ndarray, threshold: int, xs, draw=None) -> np.ndarray:
     if not 1 <= threshold <= x.size:
         raise ValueError(f"threshold {threshold} outside 1..{x.size} (the number of shares)")
     coeffs = np.vstack([s[None, :], (draw or _uniform)((threshold - 1, LIMBS))])
-    acc = np.zeros((x.size, LIMBS), dtype=np.int64)
-    for c in coeffs[::-1]:                         # Horner: every value stays below P
-        acc = (acc * x[:, None] + c) % P
-    return acc
+    powers = _powers(tuple(int(v) for v in x), threshold)      # x_i^k mod P: the same every round
+    # sum_k x_i^k c_k mod P, with each coefficient cut in 16-bit halves so no int64 sum overflows
+    # (terms < 2^47, at most 2^16 of them): the values of the polynomials, exactly
+    low, high = powers @ (coeffs & 0xFFFF), powers @ (coeffs >> 16)
+    return ((high % P) * (1 << 16) + low) % P
+
+
+@lru_cache(maxsize=64)
+def _powers(xs: tuple[int, ...], threshold: int) -> np.ndarray:
+    x = np.asarray(xs, dtype=np.int64)[:, None]
+    out = np.ones((len(xs), threshold), dtype=np.int64)
+    for k in range(1, threshold):
+        out[:, k] = out[:, k - 1] * x[:, 0] % P
+    out.flags.writeable = False
+    return out
 
 
 @lru_cache(maxsize=256)

@@ -1,8 +1,7 @@
 """The Flower ClientApp: turns messages into :class:`~carbonfed.federation.client.participant.Participant` calls.
 
-Each message rebuilds the participant from the run config, the node config and the node's
-``context.state`` (where the accountant history lives), and writes the state back before
-replying: a deployed client keeps nothing in memory between messages.
+Each message rebuilds the participant from the run config, the node config and the node's ``context.state``
+(the accountant history), and writes the state back before replying: nothing is kept in memory between messages.
 
 Node config (``--node-config`` of a SuperNode) may set ``country``, ``data-dir``,
 ``secret-context``, ``signing-key``, ``charter`` and ``state-dir`` (absolute paths); without the
@@ -61,9 +60,8 @@ from carbonfed.data import split_countries
 from carbonfed.federation.client import masking
 from carbonfed.federation.client.participant import BudgetExceeded, Participant, released_flag
 from carbonfed.federation.client.signer import RequestRefused, Signer, parse_parts
-from carbonfed.federation.client.state import (PersistentState, accountant_steps, config_digest,  # noqa: F401
-                                               load_state, merge_states, recall, remember, request_key, save_state,
-                                               state_file)
+from carbonfed.federation.client.state import (accountant_steps, config_digest, load_state, recall, remember,
+                                               request_key, save_state, state_file)
 from carbonfed.federation.config import RunConfig
 from carbonfed.federation.enrolment import load_charter, signing_dir
 from carbonfed.federation.run_data import load_run_data
@@ -300,9 +298,9 @@ def role(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, p: Participant, rnd: int, model, model_terms: int, stats,
-           shared: str = "") -> Message:
+           shared: str = "", ahead: dict | None = None) -> Message:
     """Train round ``rnd``: refused (signed) under the charter or the budget; an error after the
-    round was charged is signed with the history it leaves (status ``error``)."""
+    round was charged is signed with the history it leaves (status ``error``). ``ahead``: sent, never cached."""
     before = accountant_steps(p.state)
     try:
         why = _refusal(p, rnd, model_terms if model is not None else None, stats)
@@ -324,7 +322,7 @@ def _train(msg: Message, context: Context, p: Participant, rnd: int, model, mode
     meta = {"status": "ok", "fingerprint": p.fingerprint,
             **_signed(p, "train", rnd, facts, inputs=received(model, model_terms, stats), output=out["update"])}
     remember(p.state, "train", _train_key(p, rnd, model, model_terms, stats, shared), meta, out["update"])
-    return _reply(msg, context, p, meta, {"update": bytes_record(out["update"], _stype(p))})
+    return _reply(msg, context, p, {**meta, **(ahead or {})}, {"update": bytes_record(out["update"], _stype(p))})
 
 
 def _train_key(p: Participant, rnd: int, model, model_terms: int, stats, shared: str = "") -> str:
@@ -340,10 +338,11 @@ def train(msg: Message, context: Context) -> Message:
         shared = masking.arm(p, dict(msg.content.config_records["config"]), rnd)
     except masking.MaskRefusal as exc:
         return _refused(msg, context, p, str(exc), "train", rnd)
+    ahead = masking.ahead(p, dict(msg.content.config_records["config"]), "update")
     cached = recall(p.state, "train", _train_key(p, rnd, model, model_terms, stats, shared))
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached
-        return _reply(msg, context, p, meta, {"update": bytes_record(update, _stype(p))})
+        return _reply(msg, context, p, {**meta, **ahead}, {"update": bytes_record(update, _stype(p))})
     if p.cfg.dp and not p.state.get(released_flag(1)):
         # Every training client released its statistics at the setup; a state without that
         # release is a lost state (a restart without state-dir): training on it would account
@@ -351,7 +350,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, context, p, f"{p.country}: no record of this client's statistics release: its "
                                          "accountant state was lost (restart without node config state-dir?); "
                                          "refusing to train rather than under-state ε", "train", rnd)
-    return _train(msg, context, p, rnd, model, model_terms, stats, shared)
+    return _train(msg, context, p, rnd, model, model_terms, stats, shared, ahead)
 
 
 @app.evaluate()
@@ -366,7 +365,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = p.evaluate(model, model_terms, stats, rnd, _parts(msg, model is not None, len(stats)))
     except (RequestRefused, masking.MaskRefusal) as exc:
         return _refused(msg, context, p, str(exc), "evaluate", rnd)
-    meta = {"status": "ok", "fingerprint": p.fingerprint,
+    ahead = masking.ahead(p, dict(msg.content.config_records["config"]), "metrics")   # next round's bundle
+    meta = {"status": "ok", "fingerprint": p.fingerprint, **ahead,
             **_signed(p, "evaluate", rnd, {}, inputs=received(model, model_terms, stats), output=metrics)}
     return _reply(msg, context, p, meta, {"metrics": bytes_record(metrics, _stype(p))})
 

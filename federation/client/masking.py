@@ -5,9 +5,10 @@ it at every message from what a deployed client keeps (nothing in memory):
 
 * its secrets are derived from its Ed25519 signing key and the run (the charter's SHA-256, and the stream):
   :func:`~carbonfed.privacy.mask_client.mask_root`; a bundle asked twice is the same bytes;
-* its durable state (``state["masks"]``, written with the participant's state) holds the
-  neighbours' X25519 keys it checked (once per run) and what it was told and revealed in its
-  latest round (:meth:`~carbonfed.privacy.mask_client.MaskingClient.round_state`).
+* its durable state (``state["masks"]``, written with the participant's state) holds what it was
+  told and revealed in its kept rounds (:meth:`~carbonfed.privacy.mask_client.MaskingClient.round_state`)
+  and the SHA-256 of the neighbours' X25519 keys it checked (once per run), which lie in a file beside
+  the state file (``<state>.masks-peers.json``; in the state itself when there is no state file).
 
 Steps (run config ``mask-step`` of a ``query.masks`` request, :data:`~carbonfed.federation.wire.MASK_STEPS`):
 ``advert`` (its signed X25519 key), ``share`` (the server's accepted adverts in, the bundle of round
@@ -15,7 +16,9 @@ Steps (run config ``mask-step`` of a ``query.masks`` request, :data:`~carbonfed.
 ``unmask`` (the share keys of round ``mask-round`` for the summed clients ``mask-summed``, and in the
 same reply the bundle of round ``mask-next`` unless it is 0). A training request carries
 ``mask-shared``: the clients whose bundles the server accepted; :func:`arm` makes the participant mask
-its update with them.
+its update with them. An upload request (training, evaluation) may also carry ``mask-next``: the reply
+then carries this client's bundle of that round (:func:`ahead`), so that the ``unmask`` exchange need go
+only to the share-key holders the server picks, not to every client.
 
 Streams (:mod:`carbonfed.privacy.mask_streams`; ``mask-stream`` of a ``query.masks`` request, default
 ``update``): the statistics releases (``stats``, round = stage) and the held-out clients' evaluation
@@ -39,16 +42,19 @@ Guarantees
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 from flwr.app import Message
 
+from carbonfed.federation.durable import atomic_write
 from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal, mask_root, read_adverts
 from carbonfed.privacy.mask_streams import stream_of, stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import read_unchecked, seal
 
 STATE_KEY = "masks"
-__all__ = ["MaskRefusal", "answer", "apply", "arm", "arm_upload", "masking_client"]
+__all__ = ["MaskRefusal", "ahead", "answer", "apply", "arm", "arm_upload", "masking_client"]
 
 
 def state_key(stream: str) -> str:
@@ -68,9 +74,15 @@ def masking_client(p, stream: str = "update") -> MaskingClient:
     if plan is None:
         raise MaskRefusal(f"the {stream} stream has one client: nothing to mask its upload among")
     root = mask_root(signer.key, run, p.country)
-    mc = MaskingClient(p.country, signer.key, run, roster, plan, signer.modulus, root=root)
+    keep = p.cfg.stats_releases if stream == "stats" else 2     # the setup's stages: all of them (a restart)
+    mc = MaskingClient(p.country, signer.key, run, roster, plan, signer.modulus, root=root, keep=keep)
     saved = p.state.get(state_key(stream)) or {}
-    mc.use_pair_keys(_pair_keys(mc, root, tuple(sorted(saved.get("peers", {}).items()))))
+    if "peers-sha256" in saved:             # checked once, kept beside the state (written once per run)
+        digest = saved["peers-sha256"]
+        mc.use_pair_keys(_pair_keys(mc, root, digest, lambda: _read_peers(_peers_file(p, stream), digest)))
+    else:
+        peers = tuple(sorted(saved.get("peers", {}).items()))
+        mc.use_pair_keys(_pair_keys(mc, root, peers, lambda: dict(peers)))
     if saved.get("round"):
         mc.restore(saved["round"])
     return mc
@@ -79,15 +91,31 @@ def masking_client(p, stream: str = "update") -> MaskingClient:
 _PAIR_KEYS: dict[tuple, dict[str, bytes]] = {}
 
 
-def _pair_keys(mc: MaskingClient, root: bytes, peers: tuple) -> dict[str, bytes]:
-    """The pair keys with ``peers`` (a pure function of this client's ``root`` and their keys),
-    memoised per process: a simulation worker serves many nodes; a deployed client only saves time."""
+def _pair_keys(mc: MaskingClient, root: bytes, peers, load) -> dict[str, bytes]:
+    """The pair keys with the neighbours' keys ``load()`` returns (``peers`` names them: the keys, or
+    their file's SHA-256), a pure function of this client's ``root`` and those keys, memoised per
+    process: a simulation worker serves many nodes; a deployed client only saves time."""
     key = (root, peers)
+    if not peers:
+        return {}
     if key not in _PAIR_KEYS:
-        if len(_PAIR_KEYS) >= 512:
-            _PAIR_KEYS.clear()
-        _PAIR_KEYS[key] = mc.use_peer_keys({c: bytes.fromhex(k) for c, k in peers})
+        while len(_PAIR_KEYS) >= 1024:           # the oldest first: 3 streams of 164 nodes fit
+            _PAIR_KEYS.pop(next(iter(_PAIR_KEYS)))
+        _PAIR_KEYS[key] = mc.use_peer_keys({c: bytes.fromhex(k) for c, k in load().items()})
     return _PAIR_KEYS[key]
+
+
+def _peers_file(p, stream: str) -> Path | None:
+    """Beside the state file: the neighbours' X25519 keys this client checked (None: no state file)."""
+    path = getattr(p.state, "path", None)
+    return None if path is None else path.with_name(f"{path.stem}.{state_key(stream)}-peers.json")
+
+
+def _read_peers(path: Path | None, digest: str) -> dict[str, str]:
+    data = path.read_bytes() if path is not None and path.exists() else b""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise MaskRefusal(f"the neighbours' keys this client checked are lost or changed ({path}): it cannot mask")
+    return json.loads(data)
 
 
 def _save(p, mc: MaskingClient, peers: dict | None = None, stream: str = "update") -> None:
@@ -95,8 +123,15 @@ def _save(p, mc: MaskingClient, peers: dict | None = None, stream: str = "update
     leaves (:func:`~carbonfed.federation.client.state.save_state`), so what a reply reveals is on
     disk before it is sent, with one write per message."""
     saved = dict(p.state.get(state_key(stream)) or {})
-    if peers is not None:
+    path = _peers_file(p, stream)
+    if peers is not None and path is None:
         saved["peers"] = peers
+    elif peers is not None:                 # 13 kB for 130 neighbours: not re-encoded at every message
+        data = json.dumps(peers, sort_keys=True).encode()
+        if saved.get("peers-sha256") != hashlib.sha256(data).hexdigest():
+            atomic_write(path, data)
+        saved.pop("peers", None)
+        saved["peers-sha256"] = hashlib.sha256(data).hexdigest()
     saved["round"] = mc.round_state()
     dict.__setitem__(p.state, state_key(stream), saved)
 
@@ -114,7 +149,7 @@ def _share(p, mc: MaskingClient, config: dict, stream: str) -> dict:
 def _unmask(p, mc: MaskingClient, config: dict, stream: str) -> dict:
     out, rnd, nxt, why = {}, int(config["mask-round"]), int(config.get("mask-next", 0)), []
     try:
-        if "mask-summed" in config and mc.round_state().get("round") == rnd:    # it shared round rnd
+        if "mask-summed" in config and mc.has_round(rnd):    # it shared round rnd
             out["mask-keys"] = mc.reveal_keys(rnd, json.loads(config["mask-summed"]))
             _save(p, mc, stream=stream)       # written before the keys leave (with the reply)
     except MaskRefusal as exc:
@@ -199,8 +234,16 @@ def arm(p, config: dict, rnd: int) -> str:
     if not p.cfg.masked:
         return ""
     shared, mc = _armed(p, config, "update", rnd, "update")
-    p.maskers["update"] = lambda vec: mc.mask(rnd, vec, shared)
+    p.maskers["update"] = _masker(mc, rnd, shared)
     return json.dumps(shared)
+
+
+def _masker(mc: MaskingClient, rnd: int, shared: list[str]):
+    """``vec`` -> ``vec`` masked for round ``rnd``; the masking client rides along (:func:`ahead` reuses it)."""
+    def masker(vec):
+        return mc.mask(rnd, vec, shared)
+    masker.client = mc
+    return masker
 
 
 def arm_upload(p, request: Message | dict, kind: str, rnd: int) -> tuple[str, ...]:
@@ -216,8 +259,25 @@ def arm_upload(p, request: Message | dict, kind: str, rnd: int) -> tuple[str, ..
         return ()
     config = request.content.config_records["config"] if isinstance(request, Message) else request
     shared, mc = _armed(p, config, stream, rnd, "statistics" if stream == "stats" else "evaluation counts")
-    p.maskers[kind] = lambda vec: mc.mask(rnd, vec, shared)
+    p.maskers[kind] = _masker(mc, rnd, shared)
     return (json.dumps(shared),)
+
+
+def ahead(p, config: dict, stream: str) -> dict:
+    """The reply metadata that carries the bundle of round ``mask-next`` on an upload of ``stream``
+    (``{}``: none asked, masks off, not a client of the stream, or a bundle this client will not make:
+    the server then asks for it in the ``unmask`` exchange, where the refusal is answered).
+    Call it after :func:`arm` / :func:`arm_upload`: the state it leaves records both rounds."""
+    nxt = int(config.get("mask-next", 0) or 0)
+    if not (nxt and p.cfg.masked and p.signer is not None and p.role == stream_role(stream)):
+        return {}
+    try:
+        mc = getattr(p.maskers.get(stream), "client", None) or masking_client(p, stream)
+        bundle = mc.share(nxt)
+    except MaskRefusal:
+        return {}
+    _save(p, mc, stream=stream)       # written with the reply, before the bundle leaves
+    return {"mask-bundle": bundle}
 
 
 def apply(p, vec, kind: str):

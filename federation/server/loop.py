@@ -22,8 +22,9 @@ Guarantees
   whatever the server wrote before.
 * In a masked run (:mod:`~carbonfed.federation.server.masking`) the training clients' mask adverts
   and the first round's bundles are collected after the setup (again after a resume), and so are
-  the held-out clients' (the ``metrics`` stream); each round's unmask exchanges collect the next
-  round's bundles. (The statistics' ``stats`` stream is the setup's: :mod:`.setup`.)
+  the held-out clients' (the ``metrics`` stream); each round's uploads carry the next round's
+  bundles (a client whose bundle did not come is asked for it in the round's unmask exchange).
+  (The statistics' ``stats`` stream is the setup's: :mod:`.setup`.)
 * :meth:`ResumableRun.start` honours ``num_rounds`` (default: the config's rounds), ``timeout``
   (default: the config's round timeout; it bounds every wait for replies and for the nodes) and
   the train and evaluate configs (sent beside the server's own entries); it refuses

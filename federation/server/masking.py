@@ -6,11 +6,16 @@ through ``query.masks`` requests (:mod:`carbonfed.federation.client.masking` ans
 
 * :meth:`ServerMasks.begin` (after the setup, or a resume): the training clients' signed X25519
   adverts, then, carrying the accepted ones, their bundles of the next round;
-* :meth:`ServerMasks.shared` (the training request of round r): ``U_r``, the clients whose bundles
+* :meth:`ServerMasks.restrict` (the training request of round r): ``U_r``, the clients whose bundles
   were accepted; only they are asked to train (the others get a ``masks`` line and rejoin next round);
+  the request asks for the bundle of round r+1 too (``mask-next``), and each reply's bundle is taken by
+  :meth:`ServerMasks.offer`;
 * :meth:`ServerMasks.unmask` (after the uploads): the seeds step if anyone who shared is not summed,
-  then one ``unmask`` exchange with every training client that carries the share keys of round r and
-  the bundles of round r+1; the correction is subtracted from the encrypted sum under the public context.
+  then one ``unmask`` exchange with the share-key holders it needs
+  (:meth:`~carbonfed.privacy.mask_recovery.RoundRecovery.pick_holders`: ``T + 1`` clients of a complete
+  graph, starting at a place that moves with the round) and the clients whose round-r+1 bundle did
+  not come with an upload; more holders only if some failed. The correction is subtracted from the
+  encrypted sum under the public context.
 
 One object per stream (:mod:`carbonfed.privacy.mask_streams`): ``update`` (the loop's, as above),
 ``metrics`` (the held-out clients' evaluation counts, round by round, the same steps:
@@ -70,6 +75,7 @@ class ServerMasks:
         self.seen: set[bytes] = set()
         self.recovery: RoundRecovery | None = None     # the round whose bundles were collected
         self.last: dict | None = None                  # the last round's ``masks`` block (ledger)
+        self.ahead: dict[str, bytes] = {}              # the next round's bundles that came with the uploads
         self.bytes = 0                                 # mask messages' bytes received since the last round
         self.setup_bytes = 0
 
@@ -97,21 +103,36 @@ class ServerMasks:
             return dict(self.nodes)
         return {c: n for n, (r, c) in self.fedavg.state.roles.items() if r == self.role}
 
+    def _next(self, rnd: int) -> int:
+        """The stream's round after ``rnd`` (0: none)."""
+        return rnd + 1 if rnd < self.last_round else 0
+
     def restrict(self, rnd: int, config, nodes: list[int]) -> list[int]:
         """The nodes of an upload request of round ``rnd`` that may be sent it: those whose bundles
-        were accepted (:meth:`shared`, which ``config`` gets as ``mask-shared``)."""
+        were accepted (:meth:`shared`, which ``config`` gets as ``mask-shared``); the request asks for
+        the next round's bundle (``mask-next``; not at the setup, whose replies have no room for it)."""
         shared = self.shared(rnd)
         config["mask-shared"] = json.dumps(shared)
+        if self.stream != "stats" and self._next(rnd):
+            config["mask-next"] = self._next(rnd)
         names = {n: c for c, n in self._country_nodes().items()}
         return [n for n in nodes if names.get(n) in shared]
 
-    def _ask(self, countries, rnd: int, step: str, **config) -> dict[str, dict]:
-        """One ``query.masks`` ``step`` per country; ``{country: reply metadata}`` of the answers."""
+    def offer(self, country: str, msg: Message) -> None:
+        """Take the next round's bundle an upload reply carries (checked when that round's recovery starts)."""
+        meta = {} if msg.has_error() else msg.content.config_records.get("meta", ConfigRecord())
+        if isinstance(meta.get("mask-bundle"), bytes):
+            self.ahead[country] = meta["mask-bundle"]
+            self.bytes += len(meta["mask-bundle"])
+
+    def _ask(self, countries, rnd: int, step: str, each: dict[str, dict] | None = None, **config) -> dict[str, dict]:
+        """One ``query.masks`` ``step`` per country (``each``: more config per country);
+        ``{country: reply metadata}`` of the answers."""
         nodes = self._country_nodes()
         names = {n: c for c, n in nodes.items()}
         config = {"server-round": self._flower_round(rnd), "mask-step": step, "mask-stream": self.stream, **config}
-        msgs = [Message(content=RecordDict({"config": ConfigRecord(config)}), message_type=MASKS, dst_node_id=nodes[c])
-                for c in sorted(countries) if c in nodes]
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({**config, **(each or {}).get(c, {})})}),
+                        message_type=MASKS, dst_node_id=nodes[c]) for c in sorted(countries) if c in nodes]
         out = {}
         missing = lambda node, reason: self.note(Rejection(names.get(node, f"node-{node}"), step, reason), rnd)
         for msg in self.courier.stream(self.grid, msgs, missing):
@@ -153,16 +174,15 @@ class ServerMasks:
             self.note(r, 0)
         self.members, self.adverts = set(keys), {c: adverts[c] for c in keys}
         names = sorted(self.adverts)
-        self._collect(rnd, self._ask(train, 0, "share", **{"mask-round": rnd, "mask-senders": json.dumps(names),
-                                                          "mask-adverts": [self.adverts[c] for c in names]}))
+        self._collect(rnd, _bundles(self._ask(train, 0, "share", **{
+            "mask-round": rnd, "mask-senders": json.dumps(names), "mask-adverts": [self.adverts[c] for c in names]})))
         self.setup_bytes, self.bytes = self.bytes, 0     # once per run: adverts and the first bundles
 
-    def _collect(self, rnd: int, replies: dict[str, dict]) -> None:
-        """A new round's recovery with the bundles in ``replies``."""
+    def _collect(self, rnd: int, bundles: dict[str, bytes]) -> None:
+        """A new round's recovery with ``bundles`` (by sender)."""
         rec = RoundRecovery(self.plan, self.run, rnd, self.roster, self.keys, self.members, self.modulus, self.seen)
-        for country, meta in sorted(replies.items()):
-            if isinstance(meta.get("mask-bundle"), bytes):
-                rec.add_bundle(meta["mask-bundle"], sender=country)
+        for country, bundle in sorted(bundles.items()):
+            rec.add_bundle(bundle, sender=country)
         self._notes(rec, 0)
         self.recovery = rec
 
@@ -206,13 +226,18 @@ class ServerMasks:
             rec.start_keys()
         except RoundAbandoned as exc:
             why = exc.reason
-        nxt = rnd + 1 if rnd < self.last_round else 0
-        config = {"mask-round": rnd, "mask-next": nxt, **({} if why else {"mask-summed": json.dumps(rec.summed())})}
-        replies = self._ask(sorted(self._country_nodes()), rnd, "unmask", **config)
+        nxt, ahead, self.ahead = self._next(rnd), self.ahead, {}
+        need = sorted(set(self._country_nodes()) - set(ahead)) if nxt else []   # no bundle came with an upload
+        each = {c: {"mask-next": nxt} for c in need}
         if why is None:
-            for c, meta in sorted(replies.items()):
-                if isinstance(meta.get("mask-keys"), bytes):
-                    rec.add_keys(meta["mask-keys"], sender=c)
+            summed = {"mask-summed": json.dumps(rec.summed())}
+            for c in rec.pick_holders(self._order(rec, rnd, need)):
+                each.setdefault(c, {}).update(summed)
+        replies = self._ask(each, rnd, "unmask", each, **{"mask-round": rnd}) if each else {}
+        if why is None:
+            self._keys(rec, replies)
+            while more := rec.pick_holders(self._order(rec, rnd, [])):    # a holder failed: others instead
+                self._keys(rec, self._ask(more, rnd, "unmask", **{"mask-round": rnd, **summed}))
             try:
                 correction = rec.correction(total.cipher.length)
             except RoundAbandoned as exc:
@@ -220,8 +245,21 @@ class ServerMasks:
         if rec is not None:
             self._notes(rec, seen)
         if nxt:
-            self._collect(nxt, replies)
+            self._collect(nxt, {**ahead, **_bundles(replies)})
         return self._result(rnd, rec, total, kept, correction, why)
+
+    def _order(self, rec: RoundRecovery, rnd: int, first: list[str]) -> list[str]:
+        """Share-key holders to ask, in order: summed clients asked anyway (``first``), the other
+        summed ones from a place that moves with the round (the work spreads), then the rest."""
+        s = [c for c in rec.summed() if c not in set(first)]
+        k = rnd * (self.plan.threshold + 1) % max(1, len(s))
+        return [c for c in first if c in rec.summed()] + s[k:] + s[:k] + sorted(self.members - set(rec.summed()))
+
+    @staticmethod
+    def _keys(rec: RoundRecovery, replies: dict[str, dict]) -> None:
+        for c, meta in sorted(replies.items()):
+            if isinstance(meta.get("mask-keys"), bytes):
+                rec.add_keys(meta["mask-keys"], sender=c)
 
     def _result(self, rnd, rec, total, kept, correction, why) -> tuple[SecureSum, list[str]]:
         cipher = total.cipher
@@ -241,5 +279,11 @@ class ServerMasks:
                 total.add(kept[c])
         out = SecureSum(cipher)
         out.add(unmask_sum(cipher, total.serialize(), correction), len(summed))
-        self.last.update(status="unmasked", reason="", summed=len(summed), dropped=rec.dropped())
+        self.last.update(status="unmasked", reason="", summed=len(summed), dropped=rec.dropped(),
+                         key_holders=len(rec.keys_asked()))      # asked for share keys (T + 1 when all answer)
         return out, summed
+
+
+def _bundles(replies: dict[str, dict]) -> dict[str, bytes]:
+    """The bundles among mask replies, by sender."""
+    return {c: m["mask-bundle"] for c, m in replies.items() if isinstance(m.get("mask-bundle"), bytes)}

@@ -157,9 +157,7 @@ class EncryptedFedAvg(Strategy):
         content = self._payload(server_round, config)
         nodes = self.nodes("train")
         if self.masks is not None:      # only the clients whose mask bundles were accepted, told who they are
-            shared = self.masks.shared(server_round)
-            content["config"]["mask-shared"] = json.dumps(shared)
-            nodes = [n for n in nodes if self.state.roles[n][1] in shared]
+            nodes = self.masks.restrict(server_round, content["config"], nodes)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -177,9 +175,12 @@ class EncryptedFedAvg(Strategy):
         added reply is appended to ``contributors``, its ciphertext kept in ``kept``); each reply's
         :class:`Verdict` goes to :attr:`on_verdict` before the next reply is read."""
         total = SecureSum(self.cipher_for(key))
+        masks = {"update": self.masks, "metrics": self.metric_masks}.get(key)
         for msg in replies:
             verdict = self._judge(msg, total, key)
             country = self.state.roles.get(msg.metadata.src_node_id, ("?", "?"))[1]
+            if masks is not None and country != "?":      # the next round's mask bundle, if it carries one
+                masks.offer(country, msg)
             if verdict.status == "accepted" and contributors is not None:
                 contributors.append(country)
             if verdict.status == "accepted" and kept is not None:

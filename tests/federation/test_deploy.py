@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from carbonfed.federation.client.app import PersistentState, merge_states
+from carbonfed.federation.client.state import PersistentState, merge_states
 from carbonfed.federation.config import APP_COMPONENTS, RunConfig
 from carbonfed.federation.deploy.certs import make_node_key
 from carbonfed.federation.deploy.deployment import Node, local_deployment

@@ -5,6 +5,7 @@ real Ed25519/X25519 keys under a real sealed charter, and the real server-side R
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -133,8 +134,56 @@ def test_the_never_both_rule_survives_a_restart(federation):
     assert "mask-keys" in keys and "mask-bundle" not in keys
     late = step(federation, c, **{"mask-step": "seeds", "mask-round": 2, "mask-summed": json.dumps(roster[2:])})
     assert "share keys were revealed" in late["mask-refused"] and "mask-seeds" not in late
+    # round 3's bundle made before round 2 is over (as it rides on a round-2 upload): round 2 keeps its record
+    ahead = masking.ahead(p := participant(federation, c), {"mask-next": 3}, "update")
+    p.state.flush()
+    assert "mask-bundle" in ahead
+    late = step(federation, c, **{"mask-step": "seeds", "mask-round": 2, "mask-summed": json.dumps(roster[2:])})
+    assert "share keys were revealed" in late["mask-refused"]
+    again = step(federation, c, **{"mask-step": "unmask", "mask-round": 3, "mask-next": 3})
+    assert again["mask-bundle"] == ahead["mask-bundle"]             # made again: the very same bytes
     old = step(federation, c, **{"mask-step": "unmask", "mask-round": 2, "mask-next": 1})
     assert "does not follow" in old["mask-refused"] and "mask-bundle" not in old
+
+
+def test_the_neighbours_keys_lie_beside_the_state_and_a_changed_file_is_refused(federation):
+    _, _, _, charter, keys = federation
+    c = stream_roster(charter, "update")[3]
+    path = keys[c][1]
+    peers = path.with_name(f"{path.stem}.masks-peers.json")
+    saved = json.loads(path.read_text())["masks"]
+    assert "peers" not in saved and len(json.loads(peers.read_text())) == len(stream_roster(charter, "update")) - 1
+    data = peers.read_bytes()
+    masking._PAIR_KEYS.clear()                       # as a fresh process: the file is read
+    try:
+        peers.write_bytes(data.replace(b"0", b"1", 1))
+        with pytest.raises(MaskRefusal, match="lost or changed"):
+            masking.masking_client(participant(federation, c))
+        peers.unlink()
+        with pytest.raises(MaskRefusal, match="lost or changed"):
+            masking.masking_client(participant(federation, c))
+    finally:
+        peers.write_bytes(data)
+    assert masking.masking_client(participant(federation, c)).holders
+
+
+def test_a_server_restarted_in_the_setup_gets_every_stage_bundle_again(tmp_path):
+    """The statistics stream keeps all its stages: a server restarted after stage 3's bundle was made
+    asks for stage 1's again and gets the same bytes (the update stream keeps two rounds: refused)."""
+    fed = _federation(tmp_path)
+    fed = (replace(fed[0], stats_stages=3), *fed[1:])
+    roster = stream_roster(fed[3], "stats")
+    adverts = {c: step(fed, c, **{"mask-step": "advert", "mask-stream": "stats"})["mask-advert"] for c in roster}
+    c = roster[0]
+
+    def share(k: int, stream: str = "stats") -> dict:
+        return step(fed, c, **{"mask-step": "share", "mask-stream": stream, "mask-round": k,
+                               "mask-senders": json.dumps(roster), "mask-adverts": [adverts[x] for x in roster]})
+    first = [share(k)["mask-bundle"] for k in (1, 2, 3)]
+    assert [share(k)["mask-bundle"] for k in (1, 2, 3)] == first
+    last = {"mask-step": "unmask", "mask-stream": "stats", "mask-round": 3, "mask-next": 0}
+    assert "mask-refused" not in step(fed, c, **last)
+    assert fed[0].stats_releases == 3 and masking.masking_client(participant(fed, c), "stats").keep == 3
 
 
 def test_an_unmasked_upload_is_never_made(federation):

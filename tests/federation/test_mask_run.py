@@ -67,6 +67,7 @@ def test_a_third_dropped_after_sharing_is_recovered_exactly(table, keys_dir, tmp
     (block,) = _masks(ledger)
     assert (block["status"], block["shared"], block["uploaded"], block["summed"]) == ("unmasked", 12, 8, 8)
     assert block["dropped"] == ["Barbados", "Chad", "Djibouti", "Laos"]
+    assert block["key_holders"] == 8            # the eight summed: each dealer's T = 7 others; nobody else asked
     assert not [line for line in ledger if line.get("kind") == "masks"]      # nothing refused: all answered
     assert all("masks" not in line for line in plain_ledger if line.get("kind") == "round")
     he = report["he"]["masks"]
@@ -92,6 +93,7 @@ def test_forged_bad_and_replayed_mask_messages_are_ledgered_and_the_round_goes_o
     _, _, ledger = _run(table, keys_dir, tmp_path / "run", report=False, rounds=1, fault_drill=drill, masks=True)
     (block,) = _masks(ledger)
     assert (block["status"], block["shared"], block["summed"]) == ("unmasked", 11, 11)    # the impostor sat it out
+    assert 8 <= block["key_holders"] < 11       # T + 1 = 8 asked, and one more for each bad key among them
     why = {}
     for line in ledger:
         if line.get("kind") == "masks":

@@ -365,6 +365,7 @@ def test_plans():
     assert all(a in graph[b] for a in graph for b in graph[a])
 
 
+
 @pytest.mark.slow
 def test_cost_of_masks_for_the_seed_main_job(feds, ciphers, capsys):
     """112 slots, 131 clients, a third of them gone after uploading: the extra bytes a client

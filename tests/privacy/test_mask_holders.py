@@ -1,0 +1,74 @@
+"""The keys step asks only the share-key holders it needs, and a pair's round material (issue 22).
+
+Real TenSEAL BFV, real X25519 / AES-GCM / ChaCha20 from ``cryptography``, real Ed25519 keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from carbonfed.privacy.he import BFVCipher, keygen, load_public_context, load_secret_context
+from carbonfed.privacy.he_ring import ring_for
+from carbonfed.privacy.mask_wire import names_digest
+from carbonfed.privacy.masks import pair_round, plan_masks, unmask_sum
+from carbonfed.privacy.secure_sum import SecureSum
+from mask_kit import Drops, federation, payload_of, plain_sum, reseal, share_and_upload, updates
+
+LENGTH = 112
+
+
+@pytest.fixture(scope="module")
+def ciphers(tmp_path_factory):
+    """(key holder's cipher, server's cipher) for 112-slot vectors of up to 13 clients and the correction."""
+    secret_path, public_path = keygen(tmp_path_factory.mktemp("holder-keys"), ring_for(LENGTH, 14))
+    return BFVCipher(load_secret_context(secret_path), LENGTH), BFVCipher(load_public_context(public_path), LENGTH)
+
+
+@pytest.mark.parametrize("degree", [None, 4])
+def test_only_the_holders_picked_reveal_and_a_failed_one_is_replaced(degree, ciphers):
+    """The keys step asks only the holders :meth:`pick_holders` names (a complete graph: T + 1 of
+    them); one that sends a bad key leaves its dealers short, and the next pick replaces it; the sum
+    is exact, and no client outside the picks ever revealed a key."""
+    secret_cipher, public_cipher = ciphers
+    fed = federation(12, secret_cipher.plain_modulus, LENGTH, plan_masks(12, degree))
+    xs = updates(fed, seed=12)
+    rec, cts = share_and_upload(fed, 1, xs, secret_cipher, Drops())
+    rec.start_recovery(cts, liveness=False)
+    rec.start_keys()
+    asked, rounds = [], 0
+    while picked := rec.pick_holders(fed.names[5:] + fed.names[:5]):
+        rounds += 1
+        for h in picked:
+            reply = fed.clients[h].reveal_keys(1, rec.summed())
+            if rounds == 1 and h == picked[0]:              # a bad key: opens none of its dealers' shares
+                reply = reseal(fed, h, "keys", 1, payload_of(reply)[:-1] + b"\0", names_digest(rec.summed()))
+            rec.add_keys(reply, sender=h)
+        asked += picked
+    t = fed.plan.threshold
+    if degree is None:                                          # T + 1, then one more for the bad key
+        assert len(asked) == t + 2 and asked[0] == "c005" and rounds == 2
+    assert len(set(asked)) == len(asked) < len(fed.names)      # (degree 4: 10 picks cover all with T = 3)
+    assert [r.client for r in rec.rejections] == [asked[0]]
+    total = SecureSum(public_cipher)
+    for c in rec.summed():
+        total.add(cts[c])
+    out = unmask_sum(public_cipher, total.serialize(), rec.correction(LENGTH))
+    np.testing.assert_array_equal(secret_cipher.decrypt(out), plain_sum(xs, fed.names, secret_cipher.plain_modulus))
+    assert not any(st.keys_revealed for c in set(fed.names) - set(asked) for st in fed.clients[c]._rounds.values())
+
+
+def test_a_pairs_round_material_is_the_chacha20_block_of_that_round():
+    """pair_round(K, r) is keystream block r of ChaCha20 under K, whichever rounds were asked before
+    (eight rounds come from one call), and it refuses a round past the 32-bit block counter."""
+    key = bytes(range(32))
+    for r in (0, 1, 7, 8, 9, 70, 1000, 2 ** 32 - 9):
+        block = Cipher(algorithms.ChaCha20(key, r.to_bytes(4, "little") + b"rnd\0" + bytes(8)),
+                       mode=None).encryptor().update(bytes(64))
+        got = pair_round(key, r)
+        assert got.seed + got.key_low + got.key_high == block
+    assert pair_round(key, 3) != pair_round(bytes(32), 3) and pair_round(key, 3).seed != pair_round(key, 4).seed
+    with pytest.raises(ValueError, match="block counter"):
+        pair_round(key, 2 ** 32 - 8)
+
