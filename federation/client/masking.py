@@ -13,8 +13,8 @@ it at every message from what a deployed client keeps (nothing in memory):
 Steps (run config ``mask-step`` of a ``query.masks`` request, :data:`~carbonfed.federation.wire.MASK_STEPS`):
 ``advert`` (its signed X25519 key), ``share`` (the server's accepted adverts in, the bundle of round
 ``mask-round`` out), ``seeds`` (the pair seeds of dropped neighbours of round ``mask-round``), and
-``unmask`` (the share keys of round ``mask-round`` for the summed clients ``mask-summed``, and in the
-same reply the bundle of round ``mask-next`` unless it is 0). A training request carries
+``unmask`` (with ``mask-summed``, sent to the share-key holders the server picks: the share keys of
+round ``mask-round`` for those summed clients; with ``mask-next``: the bundle of that round). A training request carries
 ``mask-shared``: the clients whose bundles the server accepted; :func:`arm` makes the participant mask
 its update with them. An upload request (training, evaluation) may also carry ``mask-next``: the reply
 then carries this client's bundle of that round (:func:`ahead`), so that the ``unmask`` exchange need go
