@@ -26,7 +26,8 @@ from carbonfed.federation.presets import AUTO, DDP_AUTO, is_auto, preset_help, r
 from carbonfed.privacy.accountant import stats_noise_floor
 
 PRIVACY_MODES = ("none", "dp", "he", "dp+he", "ddp+he")
-DDP_ONLY = ("min_noise_clients", "server_opt", "ddp_sample_rate", "ddp_clip", "ddp_stats_sigma", "ddp_lr_z")
+DDP_ONLY = ("min_noise_clients", "server_opt", "ddp_sample_rate", "ddp_clip", "ddp_stats_sigma", "ddp_lr_z",
+            "ddp_weight_decay")
 MIN_NOISE_FRACTION = 0.8   # default min-noise-clients: ⌈0.8 · training clients⌉ (bench/ddp_twin.py's min_frac)
 # The Flower app's components, as in pyproject.toml's [tool.flwr.app.components] (a test checks).
 APP_COMPONENTS = {"serverapp": "carbonfed.federation.server.app:app", "clientapp": "carbonfed.federation.client.app:app"}
@@ -77,6 +78,8 @@ _MEANINGS = {
     "ddp_stats_sigma": "ddp+he: central noise multiplier of each statistics release (summed from shares); ",
     "ddp_lr_z": "ddp+he with adam: the largest lr x z, z the rounds' central noise multiplier (lr = min(lr, ddp-lr-z / z): "
                 "a smaller step where noise dominates; a large value: no cap); ",
+    "ddp_weight_decay": "ddp+he: decoupled weight decay toward the public start (w -= lr x decay x (w - w0) each "
+                        "round; a noise-driven weight then reverts instead of wandering; 0: off; -1: the preset's); ",
 }
 for _name, _text in _MEANINGS.items():
     _HELP.setdefault(_name, _text)
@@ -117,6 +120,7 @@ def _range_errors(cfg: "RunConfig") -> list[str]:
               "min_noise_clients": (lambda v: v >= 0, ">= 0 (0: ⌈0.8 · training clients⌉)"),
               "ddp_sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"), "ddp_clip": (_nonneg, "finite and >= 0"),
               "ddp_stats_sigma": (_nonneg, "finite and >= 0"), "ddp_lr_z": (_nonneg, "finite and >= 0"),
+              "ddp_weight_decay": (lambda v: v == -1 or _nonneg(v), "finite and >= 0 (-1: the preset's)"),
               "mask_neighbours": (lambda v: v == 0 or (v >= 2 and v % 2 == 0), "0 or an even number >= 2")}
     errors = [f"{name.replace('_', '-')} must be {text}, got {getattr(cfg, name)!r}"
               for name, (ok, text) in checks.items() if not ok(getattr(cfg, name))]
@@ -185,6 +189,7 @@ class RunConfig:
     ddp_clip: float = 0.0
     ddp_stats_sigma: float = 0.0
     ddp_lr_z: float = 0.0
+    ddp_weight_decay: float = -1.0
 
     def __post_init__(self):
         if self.privacy == "ddp":

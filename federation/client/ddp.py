@@ -39,23 +39,30 @@ ADAM_EPS = 1e-8
 
 
 class ServerOptimizer:
-    """Adam (β = 0.9, 0.999, as ``bench/ddp_twin.py``) or heavy-ball momentum on the mean gradient;
+    """Adam (β = 0.9, 0.999, as ``bench/ddp_twin.py``) or heavy-ball momentum on the mean gradient,
+    with decoupled weight decay ``decay`` toward ``start`` (AdamW-style: ``w -= lr·decay·(w - start)``);
     the state is ``(w, m, √v)`` and the number of steps taken."""
 
-    def __init__(self, kind: str, lr: float, momentum: float):
+    def __init__(self, kind: str, lr: float, momentum: float, decay: float = 0.0, start: np.ndarray | None = None):
         self.kind, self.lr, self.momentum = kind, float(lr), float(momentum)
+        self.decay, self.start = float(decay), start
+
+    def _decayed(self, w: np.ndarray, w_new: np.ndarray) -> np.ndarray:
+        if not self.decay:
+            return w_new
+        return w_new - self.lr * self.decay * (w - (0.0 if self.start is None else self.start))
 
     def step(self, w: np.ndarray, m: np.ndarray, sv: np.ndarray, steps: int, g: np.ndarray):
         """(w, m, √v, steps) after one step on gradient ``g``."""
         t = steps + 1
         if self.kind == "momentum":
             m = self.momentum * m + g
-            return w - self.lr * m, m, sv, t
+            return self._decayed(w, w - self.lr * m), m, sv, t
         b1, b2 = ADAM_BETAS
         m = b1 * m + (1 - b1) * g
         v = b2 * sv * sv + (1 - b2) * g * g
         mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
-        return w - self.lr * mh / (np.sqrt(vh) + ADAM_EPS), m, np.sqrt(v), t
+        return self._decayed(w, w - self.lr * mh / (np.sqrt(vh) + ADAM_EPS)), m, np.sqrt(v), t
 
 
 def per_example_grads(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -84,12 +91,8 @@ def next_state(p, plan_, scaler, model_bytes, model_terms: int, parts):
     zero weights and the released class prior as its bias, as ``bench/ddp_twin.py``), else the
     optimizer's step on the released gradient sum of the aggregate received."""
     cfg, lay = p.cfg, p.layouts.update
-    if model_bytes is None:    # the public start: bias at the released class prior (and, linear, zero weights)
-        model = build_model(len(p.dataset.features), len(p.dataset.classes), cfg.hidden_sizes, cfg.seed,
-                            class_counts=scaler.class_counts)
-        if not cfg.hidden_sizes:
-            torch.nn.init.zeros_(model.net[-1].weight)          # bench/ddp_twin.py's start
-        w = flatten_params(model)
+    if model_bytes is None:
+        w = public_start(p, scaler)
         return w, np.zeros_like(w), np.zeros_like(w), 0
     if not may_release(model_terms, plan_.min_clients):
         raise RequestRefused(f"the aggregate sums {model_terms} uploads, below min-noise-clients={plan_.min_clients}: "
@@ -98,8 +101,21 @@ def next_state(p, plan_, scaler, model_bytes, model_terms: int, parts):
     state, steps, gsum = lay.unpack_state(vec, model_terms)
     n = lay.n_params
     g = release(plan_, gsum, model_terms) / (plan_.sample_rate * max(float(scaler.count), 1.0))
-    opt = ServerOptimizer(cfg.server_opt, server_lr(cfg, plan_), cfg.momentum)
+    decay = max(0.0, float(cfg.ddp_weight_decay))
+    opt = ServerOptimizer(cfg.server_opt, server_lr(cfg, plan_), cfg.momentum, decay,
+                          public_start(p, scaler) if decay else None)
     return opt.step(state[:n], state[n:2 * n], state[2 * n:], steps, g)
+
+
+def public_start(p, scaler) -> np.ndarray:
+    """The public initial model: bias at the released class prior (and, linear, zero weights, as
+    ``bench/ddp_twin.py``); the same for every client, from public inputs only."""
+    cfg = p.cfg
+    model = build_model(len(p.dataset.features), len(p.dataset.classes), cfg.hidden_sizes, cfg.seed,
+                        class_counts=scaler.class_counts)
+    if not cfg.hidden_sizes:
+        torch.nn.init.zeros_(model.net[-1].weight)
+    return flatten_params(model)
 
 
 def server_lr(cfg, plan_) -> float:

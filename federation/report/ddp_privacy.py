@@ -48,4 +48,5 @@ def ddp_privacy(cfg: RunConfig, ledger: list[dict]) -> dict | None:
             "share_variance": p.share_variance, "scale": p.scale, "clip": p.clip, "sample_rate": p.sample_rate,
             "l2": p.l2, "l1": p.l1, "wrap_probability": d["wrap_probability"],
             "server_optimizer": {"kind": cfg.server_opt, "lr": server_lr(cfg, p), "lr_setting": cfg.lr,
-                                 "lr_z_cap": cfg.ddp_lr_z if cfg.server_opt == "adam" else None, "momentum": cfg.momentum}}
+                                 "lr_z_cap": cfg.ddp_lr_z if cfg.server_opt == "adam" else None, "momentum": cfg.momentum,
+                                 "weight_decay": max(0.0, cfg.ddp_weight_decay)}}

@@ -5,6 +5,7 @@ the other modes keep their digests."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from carbonfed.federation.config import RunConfig
@@ -87,3 +88,25 @@ def test_adams_step_is_capped_where_noise_dominates():
     assert lr_at(epsilon=1.0, ddp_lr_z=1000.0)[0] == 0.1                        # no cap
     assert lr_at(epsilon=1.0, server_opt="momentum", lr=3.0)[0] == 3.0          # Adam only
     assert RunConfig().digest() == RunConfig(ddp_lr_z=5.0).digest()             # other modes: not a setting
+
+
+def test_weight_decay_pulls_toward_the_public_start_and_is_a_preset_setting():
+    """Decoupled decay: with no gradient (Adam's and momentum's steps are 0) a step moves w by
+    -lr·decay·(w - start) exactly; decay 0 is the plain optimizer; the seed preset sets 0.1 (chosen
+    on validation folds), OWID's 0; an explicit value wins, and -2 is one error."""
+    from carbonfed.federation.client.ddp import ServerOptimizer
+    w, start, zero = np.array([1.0, -2.0, 0.5]), np.array([0.0, 0.0, 0.5]), np.zeros(3)
+    for kind in ("adam", "momentum"):
+        out = ServerOptimizer(kind, 0.1, 0.9, 0.5, start).step(w, zero, zero, 3, zero)[0]
+        np.testing.assert_allclose(out, w - 0.1 * 0.5 * (w - start), rtol=0, atol=1e-15)
+        g = np.array([0.3, -0.1, 0.2])
+        plain = ServerOptimizer(kind, 0.1, 0.9).step(w, zero, zero, 3, g)[0]
+        decayed = ServerOptimizer(kind, 0.1, 0.9, 0.5, start).step(w, zero, zero, 3, g)[0]
+        np.testing.assert_allclose(decayed, plain - 0.05 * (w - start), rtol=0, atol=1e-12)
+        assert not np.allclose(plain, w)
+    assert RunConfig(privacy="ddp+he").ddp_weight_decay == 0.1
+    assert RunConfig(privacy="ddp+he", dataset="owid").ddp_weight_decay == 0.0
+    assert RunConfig(privacy="ddp+he", ddp_weight_decay=0.0).ddp_weight_decay == 0.0
+    assert RunConfig(privacy="ddp+he").digest() != RunConfig(privacy="ddp+he", ddp_weight_decay=0.0).digest()
+    with pytest.raises(ValueError, match="ddp-weight-decay must be finite and >= 0"):
+        RunConfig(privacy="ddp+he", ddp_weight_decay=-2.0)

@@ -108,7 +108,7 @@ def test_report_preset_record_names_what_was_overridden():
     assert record["name"] == "owid" and record["overridden"] == ["lr"]
     assert record["used"] == {"hidden": "linear", "stats_stages": 2, "average_last": 5, "lr": 0.2, "log_bound": 14.0,
                               "rounds": 50, "privacy": "ddp+he", "masks": True, "server_opt": "momentum",
-                              "ddp_clip": 2.0, "ddp_stats_sigma": 10.0, "ddp_lr_z": 1.27}
+                              "ddp_clip": 2.0, "ddp_stats_sigma": 10.0, "ddp_lr_z": 1.27, "ddp_weight_decay": 0.0}
     assert record["preset"]["lr"] == 3.0          # the ddp preset, the one the run's mode follows
     local = RunConfig(dataset="owid", privacy="dp+he")
     record = preset_record("owid", {k: getattr(local, k) for k in (*AUTO, *DDP_AUTO)})
