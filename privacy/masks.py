@@ -123,8 +123,12 @@ def _check_prg(seed: bytes, modulus: int) -> None:
 
 
 def _words(stream, n: int, modulus: int) -> np.ndarray:
-    width = (1 << (modulus - 1).bit_length()) - 1
-    return np.frombuffer(stream.update(bytes(4 * n)), dtype="<u4").astype(np.int64) & width
+    return _masked_words(stream.update(bytes(4 * n)), modulus)
+
+
+def _masked_words(raw: bytes, modulus: int) -> np.ndarray:
+    """32-bit little-endian words of ``raw``, each masked to the bit length of ``modulus``."""
+    return np.frombuffer(raw, dtype="<u4").astype(np.int64) & ((1 << (modulus - 1).bit_length()) - 1)
 
 
 def _stream(seed: bytes, purpose: int):
@@ -160,9 +164,9 @@ def uniform_mod_many(seeds: list[bytes], length: int, modulus: int, purpose: int
     for seed in seeds:
         _check_prg(seed, modulus)
     draw = _first_draw(length)
-    zeros, width = bytes(4 * draw), (1 << (modulus - 1).bit_length()) - 1     # as _words, all rows at once
+    zeros = bytes(4 * draw)                                   # as _words, all rows at once
     raw = b"".join([_stream(seed, purpose).update(zeros) for seed in seeds])
-    rows = (np.frombuffer(raw, dtype="<u4").astype(np.int64) & width).reshape(len(seeds), draw)
+    rows = _masked_words(raw, modulus).reshape(len(seeds), draw)
     out = rows[:, :length].copy()
     redo = np.flatnonzero((out >= modulus).any(axis=1))
     if redo.size:

@@ -333,12 +333,12 @@ def _train_key(p: Participant, rnd: int, model, model_terms: int, stats, shared:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     p = _participant(context)
-    rnd, model, model_terms, stats = _inputs(msg, p)
+    (rnd, model, model_terms, stats), config = _inputs(msg, p), dict(msg.content.config_records["config"])
     try:                                # masks (issue 22): refused before anything is charged
-        shared = masking.arm(p, dict(msg.content.config_records["config"]), rnd)
+        shared = masking.arm(p, config, rnd)
     except masking.MaskRefusal as exc:
         return _refused(msg, context, p, str(exc), "train", rnd)
-    ahead = masking.ahead(p, dict(msg.content.config_records["config"]), "update")
+    ahead = masking.ahead(p, config, "update")
     cached = recall(p.state, "train", _train_key(p, rnd, model, model_terms, stats, shared))
     if cached is not None:              # this very request was answered before: same bytes
         meta, update = cached

@@ -49,7 +49,7 @@ from pathlib import Path
 from flwr.app import Message
 
 from carbonfed.federation.durable import atomic_write
-from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal, mask_root, read_adverts
+from carbonfed.privacy.mask_client import KEPT, MaskingClient, MaskRefusal, mask_root, read_adverts
 from carbonfed.privacy.mask_streams import stream_of, stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import read_unchecked, seal
 
@@ -74,7 +74,7 @@ def masking_client(p, stream: str = "update") -> MaskingClient:
     if plan is None:
         raise MaskRefusal(f"the {stream} stream has one client: nothing to mask its upload among")
     root = mask_root(signer.key, run, p.country)
-    keep = p.cfg.stats_releases if stream == "stats" else 2     # the setup's stages: all of them (a restart)
+    keep = p.cfg.stats_releases if stream == "stats" else KEPT    # the setup's stages: all of them (a restart)
     mc = MaskingClient(p.country, signer.key, run, roster, plan, signer.modulus, root=root, keep=keep)
     saved = p.state.get(state_key(stream)) or {}
     if "peers-sha256" in saved:             # checked once, kept beside the state (written once per run)
@@ -128,10 +128,11 @@ def _save(p, mc: MaskingClient, peers: dict | None = None, stream: str = "update
         saved["peers"] = peers
     elif peers is not None:                 # 13 kB for 130 neighbours: not re-encoded at every message
         data = json.dumps(peers, sort_keys=True).encode()
-        if saved.get("peers-sha256") != hashlib.sha256(data).hexdigest():
+        digest = hashlib.sha256(data).hexdigest()
+        if saved.get("peers-sha256") != digest:
             atomic_write(path, data)
         saved.pop("peers", None)
-        saved["peers-sha256"] = hashlib.sha256(data).hexdigest()
+        saved["peers-sha256"] = digest
     saved["round"] = mc.round_state()
     dict.__setitem__(p.state, state_key(stream), saved)
 
@@ -274,7 +275,7 @@ def ahead(p, config: dict, stream: str) -> dict:
     try:
         mc = getattr(p.maskers.get(stream), "client", None) or masking_client(p, stream)
         bundle = mc.share(nxt)
-    except MaskRefusal:
+    except (MaskRefusal, ValueError, KeyError):     # as :func:`answer`: the unmask exchange asks again
         return {}
     _save(p, mc, stream=stream)       # written with the reply, before the bundle leaves
     return {"mask-bundle": bundle}

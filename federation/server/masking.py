@@ -251,9 +251,10 @@ class ServerMasks:
     def _order(self, rec: RoundRecovery, rnd: int, first: list[str]) -> list[str]:
         """Share-key holders to ask, in order: summed clients asked anyway (``first``), the other
         summed ones from a place that moves with the round (the work spreads), then the rest."""
-        s = [c for c in rec.summed() if c not in set(first)]
+        summed, early = rec.summed(), set(first)
+        s = [c for c in summed if c not in early]
         k = rnd * (self.plan.threshold + 1) % max(1, len(s))
-        return [c for c in first if c in rec.summed()] + s[k:] + s[:k] + sorted(self.members - set(rec.summed()))
+        return [c for c in summed if c in early] + s[k:] + s[:k] + sorted(self.members - set(summed))
 
     @staticmethod
     def _keys(rec: RoundRecovery, replies: dict[str, dict]) -> None:
