@@ -22,6 +22,15 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   SuperLink's reply for a node whose heartbeats stopped carries ``ErrorCode.NODE_UNAVAILABLE``
   from ``flwr.common.constant``.
 
+* **The simulation's message lookup** (:func:`_message_ins_for`, in place of
+  ``InMemoryLinkState.get_message_ins`` while :func:`simulate` runs). The engine asks the link
+  state for each node's next message every 0.1 s, and Flower 1.42.0 answers each ask by checking
+  every stored message (expiry, federation) whatever its addressee: 164 nodes × up to 274 stored
+  messages a round, in the process and under the interpreter lock of the ServerApp. The
+  replacement checks, and hands out, exactly the messages the original would for that node, in the
+  same order and with the same checks, but skips the other nodes' messages (each node's are
+  checked when that node is asked, every sweep).
+
 * **Ray started for Flower** (:func:`_start_ray`): the simulation engine starts Ray itself, which
   replaces the process's SIGTERM handling; starting it first, as the engine would, keeps the
   caller's handlers, so that a signal unwinds the run (see ``carbonfed.federation.run_guard``).
@@ -83,14 +92,43 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     run.override_config = dict(run_config)
     act_as_server_app(run.run_id)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    original = InMemoryLinkState.get_message_ins
     try:
+        InMemoryLinkState.get_message_ins = _message_ins_for
         _start_ray(backend_config.get("init_args") or {})
         _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                         client_app=client_app, server_app=server_app, backend_name="ray",
                         backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
                         verbose_logging=verbose, is_app=True)
     finally:
+        InMemoryLinkState.get_message_ins = original
         _stop_ray()          # Flower shuts Ray down when its engine ends; an interruption may come first
+
+
+def _message_ins_for(state, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
+    """Flower 1.42.0's ``InMemoryLinkState.get_message_ins`` (the messages not yet delivered to
+    ``node_id``, at most ``limit``, marked delivered), checking only that node's messages."""
+    from flwr.supercore.date import now
+
+    if limit is not None and limit < 1:
+        raise AssertionError("`limit` must be >= 1")
+    found: list[Message] = []
+    with state.lock:
+        for msg_id, msg in list(state.message_ins_store.items()):
+            if msg.metadata.dst_node_id != node_id:
+                continue
+            state._check_stored_messages({msg_id})        # expired or out of the federation: deleted
+            kept = state.message_ins_store.get(msg_id)
+            if kept and (run_id is None or kept.metadata.run_id == run_id) and kept.metadata.delivered_at == "":
+                found.append(kept)
+            if limit and len(found) == limit:
+                break
+    delivered_at = now().isoformat()
+    for msg in found:
+        msg.metadata.delivered_at = delivered_at
+    return found
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -42,21 +41,15 @@ class SigningError(ValueError):
     """A key file or public-key list is missing, malformed, or of the wrong kind."""
 
 
-def _finite(obj) -> None:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"{obj!r} cannot be signed: JSON has no faithful encoding of NaN or infinity")
-    if isinstance(obj, dict):
-        for v in obj.values():
-            _finite(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _finite(v)
-
-
 def canonical(obj) -> bytes:
     """The bytes a signature or hash covers: sorted keys, no whitespace, ASCII, finite numbers."""
-    _finite(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except ValueError as e:           # the encoder's own check (in C: the run's ledgers hold ~10^7 numbers)
+        if "Out of range float" not in str(e):
+            raise
+        raise ValueError("a value cannot be signed: JSON has no faithful encoding of NaN or infinity") from e
+    return text.encode()
 
 
 def digest(obj) -> str:
@@ -86,10 +79,19 @@ def sign(key: Ed25519PrivateKey, obj: dict) -> str:
 
 def signature_valid(public: str, obj: dict, signature) -> bool:
     """True if ``signature`` (hex) is the holder of ``public``'s signature of ``obj``."""
+    try:
+        data = canonical(obj)
+    except (ValueError, TypeError):
+        return False
+    return signature_valid_over(public, data, signature)
+
+
+def signature_valid_over(public: str, data: bytes, signature) -> bool:
+    """:func:`signature_valid` for an object's :func:`canonical` bytes, already encoded."""
     if not (is_public_hex(public) and isinstance(signature, str) and _HEX128.match(signature)):
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(bytes.fromhex(signature), canonical(obj))
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(bytes.fromhex(signature), data)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from carbonfed.privacy.signing import digest, sign, signature_valid
+from carbonfed.privacy.signing import canonical, digest, sign, signature_valid_over
 
 STATEMENT_TYPE = "carbonfed.statement.v1"
 FIELD = "signed"             # the ledger-line key (and reply-metadata key) of a statement
@@ -148,14 +148,24 @@ def chain_after(statement: Mapping) -> dict:
 def statement_problem(statement, keys: Mapping[str, str], charter_sha256: str) -> str | None:
     """Why ``statement`` does not count as its client's, under a charter with public ``keys``
     and SHA-256 ``charter_sha256``; None if it does (chain position aside)."""
+    return checked_statement(statement, keys, charter_sha256)[0]
+
+
+def checked_statement(statement, keys: Mapping[str, str], charter_sha256: str) -> tuple[str | None, str | None]:
+    """(:func:`statement_problem`, :func:`statement_hash` or None if it has a problem): one canonical
+    encoding serves the signature and the hash (a run's ledger holds 10^4 statements)."""
     problem = _shape_problem(statement)
     if problem:
-        return f"malformed signed statement: {problem}"
+        return f"malformed signed statement: {problem}", None
     if statement["charter"] != charter_sha256:
-        return f"signed for another charter ({statement['charter'][:12]}…): a statement of another run"
+        return f"signed for another charter ({statement['charter'][:12]}…): a statement of another run", None
     if statement["client"] not in keys:
-        return f"signed in the name of {statement['client']!r}, who is not in the charter"
-    if not signature_valid(keys[statement["client"]], unsigned(statement), statement["sig"]):
+        return f"signed in the name of {statement['client']!r}, who is not in the charter", None
+    try:
+        data = canonical(unsigned(statement))
+    except (ValueError, TypeError):
+        data = b""
+    if not data or not signature_valid_over(keys[statement["client"]], data, statement["sig"]):
         return (f"its signature is not {statement['client']}'s (content edited after signing, or signed with "
-                "another key)")
-    return None
+                "another key)"), None
+    return None, sha256_hex(data)

@@ -44,10 +44,11 @@ def load_run_charter(run: str | Path) -> Charter:
 def signed_epsilons(records: list[dict], charter: Charter) -> dict[str, float]:
     """Client → ε of its last signed statement that carries an accountant history."""
     problems: list[str] = []
-    per = read_statements(records, charter, problems, [0])
+    hashes: dict[int, str] = {}
+    per = read_statements(records, charter, problems, [0], hashes)
     out = {}
     for who, items in sorted(per.items()):
-        claims = claims_of(who, check_chain(who, items, problems, []))
+        claims = claims_of(who, check_chain(who, items, problems, [], hashes))
         eps = [num(c.facts.get("epsilon")) for c in claims if isinstance(c.facts.get("history"), list)]
         if eps and eps[-1] is not None:
             out[who] = eps[-1]

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from carbonfed.privacy.audit.histories import Claim, close, num
 from carbonfed.privacy.charter import Charter
-from carbonfed.privacy.statements import FACT_KEYS, FIELD, GENESIS, statement_hash, statement_problem
+from carbonfed.privacy.statements import FACT_KEYS, FIELD, GENESIS, checked_statement, statement_hash
 
 Chain = list[tuple[int, dict]]      # a client's distinct statements, in seq order: (first line, statement)
+Hashes = dict[int, str]             # line -> the statement_hash of the valid statement it carries
 ROLE_KINDS = {"train": ("stats", "train", "close"), "test": ("evaluate", "close")}
 _LINE_STATUS = {"ok": ("accepted", "rejected"), "refused": ("refused",), "error": ("rejected",)}
 # Facts only a client states; a line's own ``reason`` and ``delta`` are the server's.
@@ -60,9 +61,12 @@ def _line_problems(n: int, rec: dict, st: dict) -> list[str]:
     return out
 
 
-def read_statements(records: list[dict], charter: Charter, problems: list[str], counted: list[int]) -> dict[str, Chain]:
-    """Every valid statement, per client in ledger order; ``counted`` gets the number checked."""
+def read_statements(records: list[dict], charter: Charter, problems: list[str], counted: list[int],
+                    hashes: Hashes | None = None) -> dict[str, Chain]:
+    """Every valid statement, per client in ledger order; ``counted`` gets the number checked and
+    ``hashes`` (given: pass it to :func:`check_chain`) each one's hash."""
     per: dict[str, Chain] = {}
+    hashes = {} if hashes is None else hashes
     for n, rec in enumerate(records, 1):
         st = rec.get(FIELD)
         if st is None:
@@ -71,7 +75,7 @@ def read_statements(records: list[dict], charter: Charter, problems: list[str], 
                                 "server accepted this reply but the line carries no signed statement: stripped, or "
                                 "written by the server itself")
             continue
-        why = statement_problem(st, charter.keys, charter.sha256)
+        why, hashes[n] = checked_statement(st, charter.keys, charter.sha256)
         if why:
             problems.append(f"line {n} ({rec.get('country')}, {rec.get('kind')} round {rec.get('round')}): {why}")
             continue
@@ -81,12 +85,12 @@ def read_statements(records: list[dict], charter: Charter, problems: list[str], 
     return per
 
 
-def _order(who: str, items: Chain, problems: list[str], notes: list[str]) -> Chain:
+def _order(who: str, items: Chain, problems: list[str], notes: list[str], hashes: Hashes) -> Chain:
     """The distinct statements of ``who`` (first occurrences), naming replays, forks and reordering."""
     first: dict[str, tuple[int, dict]] = {}
     latest = None                        # (seq, line) of the highest statement so far
     for n, st in items:
-        h = statement_hash(st)
+        h = hashes[n]
         if h in first:
             m = first[h][0]
             if st["seq"] < latest[0]:
@@ -108,16 +112,18 @@ def _order(who: str, items: Chain, problems: list[str], notes: list[str]) -> Cha
     return sorted(first.values(), key=lambda x: (x[1]["seq"], x[0]))
 
 
-def check_chain(who: str, items: Chain, problems: list[str], notes: list[str]) -> Chain:
-    """``who``'s statements in seq order, with every gap, broken link or reordering named."""
-    chain = _order(who, items, problems, notes)
+def check_chain(who: str, items: Chain, problems: list[str], notes: list[str], hashes: Hashes | None = None) -> Chain:
+    """``who``'s statements in seq order, with every gap, broken link or reordering named
+    (``hashes``: from :func:`read_statements`, else computed here)."""
+    hashes = {n: statement_hash(st) for n, st in items} if hashes is None else hashes
+    chain = _order(who, items, problems, notes, hashes)
     prev = None
     for n, st in chain:
         want = 0 if prev is None else prev[1]["seq"] + 1
         if st["seq"] > want:
             problems.append(f"{who}: its statement(s) {want}..{st['seq'] - 1} are missing from the ledger (before line "
                             f"{n}): lines deleted")
-        elif st["seq"] == want and st["prev"] != (GENESIS if prev is None else statement_hash(prev[1])):
+        elif st["seq"] == want and st["prev"] != (GENESIS if prev is None else hashes[prev[0]]):
             problems.append(f"line {n}: {who}'s statement {st['seq']} does not name its statement {want - 1}"
                             + (f" (line {prev[0]})" if prev else "") + " as its predecessor")
         if prev is not None and st["round"] < prev[1]["round"]:

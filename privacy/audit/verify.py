@@ -204,9 +204,9 @@ def _audit_signed(folder: Path, records: list[dict], doc: dict, server: dict, re
         return
     charter = cc.charter
     res.signed, res.charter_sha256 = True, charter.sha256
-    counted = [0]
-    per = signed.read_statements(records, charter, res.problems, counted)
-    chains = {who: signed.check_chain(who, items, res.problems, res.notes) for who, items in sorted(per.items())}
+    counted, hashes = [0], {}
+    per = signed.read_statements(records, charter, res.problems, counted, hashes)
+    chains = {who: signed.check_chain(who, items, res.problems, res.notes, hashes) for who, items in sorted(per.items())}
     res.statements_checked = counted[0]
     signed.check_complete(charter, chains, records, res.problems)
     signed.check_plan(charter, chains, res.problems)

@@ -12,8 +12,8 @@ import pytest
 from carbonfed.privacy.signing import (PUBLIC_KEYS_FILE, SigningError, canonical, key_file, keygen_clients,
                                        load_public_keys, load_signing_key, new_signing_key, public_hex, sign,
                                        signature_valid)
-from carbonfed.privacy.statements import (FIELD, GENESIS, chain_after, received, sha256_hex, sign_facts,
-                                          statement_hash, statement_problem)
+from carbonfed.privacy.statements import (FIELD, GENESIS, chain_after, checked_statement, received, sha256_hex,
+                                          sign_facts, statement_hash, statement_problem)
 
 CHARTER = "c" * 64
 
@@ -80,6 +80,10 @@ def test_statement_round_trips_through_json_and_chains(key):
     assert nxt["seq"] == 1 and nxt["prev"] == statement_hash(st) != statement_hash(nxt)
     assert statement_problem(nxt, keys, CHARTER) is None
     assert FIELD == "signed"
+    # the verifier's one-encoding check: the same verdict and, for a valid statement, the same hash
+    assert checked_statement(nxt, keys, CHARTER) == (None, statement_hash(nxt))
+    nxt["facts"]["epsilon"] = float("nan")              # unencodable: refused, not raised
+    assert checked_statement(nxt, keys, CHARTER)[1] is None and "signature" in checked_statement(nxt, keys, CHARTER)[0]
 
 
 @pytest.mark.parametrize("edit,why", [

@@ -1,0 +1,73 @@
+"""The simulation's message lookup (:func:`carbonfed.federation.flower_compat._message_ins_for`) against
+Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, on real link states built as the
+simulation engine builds them (``flwr.simulation.run_simulation._run_simulation``)."""
+
+import time
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState, RunRecord
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+from flwr.proto.task_pb2 import Task  # noqa: E402  (Flower internals, as the engine)
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+
+from carbonfed.federation.flower_compat import _message_ins_for, act_as_server_app
+
+ORIGINAL = InMemoryLinkState.get_message_ins
+
+
+def _state_with_messages(plan: list[tuple[int, int]]):
+    """A link state of 5 nodes and one run; ``plan``: (node index, ttl seconds) per message, pushed in order."""
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    nodes = sorted(_register_nodes(5, factory))
+    act_as_server_app(run.run_id)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    msgs = [Message(RecordDict({"c": ConfigRecord({"k": k})}), dst_node_id=nodes[i], message_type="query", ttl=ttl)
+            for k, (i, ttl) in enumerate(plan)]
+    ids = list(grid.push_messages(msgs))
+    assert all(ids)
+    return state, nodes
+
+
+def _asks(state, nodes, lookup, limit):
+    """Each node's answer, as the engine asks (every node in turn), until nothing is left: the
+    ``k`` of each message handed out, per ask."""
+    out = []
+    for _ in range(4):
+        for node in nodes:
+            out.append([m.content["c"]["k"] for m in lookup(state, node, limit)])
+    return out
+
+
+def test_the_lookup_hands_out_what_flowers_does_in_the_same_order():
+    plan = [(0, 60), (1, 60), (0, 60), (2, 60), (3, 60), (0, 60), (4, 60), (2, 60)]
+    for limit in (1, 2, None):
+        ours = _asks(*_state_with_messages(plan), _message_ins_for, limit)
+        theirs = _asks(*_state_with_messages(plan), ORIGINAL, limit)
+        assert ours == theirs
+        assert sorted(k for ask in ours for k in ask) == list(range(len(plan)))    # each once
+    assert _asks(*_state_with_messages(plan), _message_ins_for, 1)[0] == [0]       # node 0's first message first
+
+
+def test_an_expired_message_is_dropped_not_handed_out():
+    plan = [(0, 1), (1, 60), (0, 60)]
+    state, nodes = _state_with_messages(plan)
+    time.sleep(1.1)
+    assert [m.content["c"]["k"] for m in _message_ins_for(state, nodes[0], None)] == [2]
+    assert len(state.message_ins_store) == 2                     # the expired one is deleted, as Flower does
+    state2, nodes2 = _state_with_messages(plan)
+    time.sleep(1.1)
+    assert [m.content["c"]["k"] for m in ORIGINAL(state2, nodes2[0], None)] == [2]
