@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carbonfed.privacy import shamir
@@ -94,7 +94,24 @@ def check_agreement_key(public: bytes) -> None:
     """Raise ``ValueError`` unless ``public`` is a usable X25519 key (32 bytes, not low order)."""
     if len(public) != 32:
         raise ValueError("an X25519 public key is 32 bytes")
-    pair_key(new_agreement_key(), public, "check", "a", "b")
+    if not _usable_key(bytes(public)):
+        raise ValueError("a low-order point: no shared secret")
+
+
+@functools.lru_cache(maxsize=4096)
+def _usable_key(public: bytes) -> bool:
+    """An exchange with it gives a shared secret (X25519 refuses the low-order points), checked
+    once per key and process (every client of a stream checks the same 130 adverts)."""
+    try:
+        _probe_key().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
+@functools.cache
+def _probe_key() -> X25519PrivateKey:
+    return new_agreement_key()
 
 
 def read_adverts(adverts: list[bytes] | dict[str, bytes], run: str, public_keys: dict[str, str],

@@ -256,6 +256,10 @@ def test_a_client_claiming_another_identity_is_named(feds, ciphers):
     keys, rejected = read_adverts([earlier_run, fed.adverts[5], fed.adverts[5]], fed.run, fed.public_keys)
     assert set(keys) == {"c005"} and [r.client for r in rejected] == ["c004", "c005"]
     assert "replayed: made for run 'run-0'" in rejected[0].reason and rejected[1].reason == "a second advert"
+    for low in (bytes(32), (1).to_bytes(32, "little")) * 2:     # low-order points, twice (the check is remembered)
+        keys, rejected = read_adverts({"c004": reseal(fed, "c004", "key", 0, low), "c005": fed.adverts[5]}, fed.run,
+                                      fed.public_keys)
+        assert set(keys) == {"c005"} and rejected[0].reason.startswith("unusable X25519 key")
 
 
 # -- what an honest client refuses, and why that bounds a lying server ---------------------------
