@@ -106,16 +106,27 @@ def _powers(xs: tuple[int, ...], threshold: int) -> np.ndarray:
 
 @lru_cache(maxsize=256)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> np.ndarray:
+    """λ_j = Π_{m≠j} x_m / (x_m − x_j) mod P, for distinct non-zero ``xs``: λ_j = (Π_m x_m) / (x_j · d_j)
+    with d_j = Π_{m≠j} (x_m − x_j); the d_j by a pairwise product tree over the difference matrix,
+    the n inverses by one exponentiation (Montgomery's batch inversion)."""
     x = np.asarray(xs, dtype=np.int64)
-    num = np.ones(x.size, dtype=np.int64)
-    den = np.ones(x.size, dtype=np.int64)
-    for m in range(x.size):
-        factor = (x[m] - x) % P
-        factor[m] = 1                               # skip m == j
-        num = num * np.where(np.arange(x.size) == m, 1, x[m]) % P
-        den = den * factor % P
-    inv = np.array([pow(int(d), P - 2, P) for d in den], dtype=np.int64)
-    return num * inv % P
+    d = (x[None, :] - x[:, None]) % P
+    np.fill_diagonal(d, 1)                            # skip m == j
+    while d.shape[1] > 1:                             # row products, two columns at a time
+        if d.shape[1] % 2:
+            d = np.hstack([d, np.ones((d.shape[0], 1), dtype=np.int64)])
+        d = d[:, 0::2] * d[:, 1::2] % P
+    den = [int(v) * int(xj) % P for v, xj in zip(d[:, 0], x)]
+    prefix = [1]
+    for v in den:
+        prefix.append(prefix[-1] * v % P)
+    inv, out = pow(prefix[-1], P - 2, P), [0] * len(den)
+    for j in range(len(den) - 1, -1, -1):             # inv = 1 / (den_0 ... den_j)
+        out[j], inv = inv * prefix[j] % P, inv * den[j] % P
+    total = 1
+    for v in x:
+        total = total * int(v) % P
+    return np.array([total * o % P for o in out], dtype=np.int64)
 
 
 def combine(xs, shares: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ Real TenSEAL BFV (the ring a 112-slot, 131-client run gets), real X25519 / AES-G
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
@@ -356,6 +358,9 @@ def test_shamir_threshold():
         shamir.split(secret, 131, xs)
     with pytest.raises(ValueError):
         shamir.combine([1, 1], shares[:2])
+    for xs_ in ((3,), (2, 5, 9), (7, 2, 130, 41, 8), tuple(range(1, 88))):      # λ by its definition
+        want = [prod(m * pow(m - j, -1, shamir.P) for m in xs_ if m != j) % shamir.P for j in xs_]
+        assert shamir._lagrange_at_zero(xs_).tolist() == want
 
 
 def test_plans():
