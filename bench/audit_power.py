@@ -11,7 +11,7 @@ refuted it (all must), and the range of the bounds. Prints figures; the exit cod
 acceptance line fails.
 
 ``--mode ddp+he`` does the same for the seed data's ``ddp+he`` main job (``carbonfed run --privacy
-ddp+he``, its preset: 70 rounds; ``OUT/run-ddp+he``, ``OUT/audits-ddp+he.jsonl``): record canaries in
+ddp+he``, its preset: 50 rounds; ``OUT/run-ddp+he``, ``OUT/audits-ddp+he.jsonl``): record canaries in
 the clients' clipped sums, scored from every round's decrypted aggregate
 (:mod:`carbonfed.federation.experiments.audit_ddp`); its drill draws the Skellam shares at a tenth
 of the plan's noise. ``--rounds R`` passes ``--rounds R`` to ``carbonfed run`` (a shorter job).

@@ -126,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seeds", required=True, help="comma-separated seeds (e.g. 0,1,2; required)")
     p.add_argument("--out", required=True, help="sweep folder (runs/, keys/, sweep.csv, tradeoff.png/.md; required)")
     p.add_argument("--modes", default="dp+he", help=f"comma-separated, among {tuple(DP_OF)} (default dp+he)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default: each job's preset, e.g. 30 for dp+he and 70 for ddp+he on the seed data)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default: each job's preset, e.g. 30 for dp+he and 50 for ddp+he on the seed data)")
     p.add_argument("--dataset", choices=(*DATASET_NAMES, CSV), default=None,
                    help=f"the data set (default {RunConfig.dataset}; {CSV} with --data FILE.csv)")
     p.add_argument("--data-dir", default=None, help="folder with the bundled data sets' CSV files "

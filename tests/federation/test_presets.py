@@ -92,7 +92,7 @@ def test_help_names_each_data_sets_preset(capsys):
     assert "default: the data set's preset (seed: 3; owid: 2; csv: 2)" in text
     assert "default: the data set's preset (seed: 10; owid: 10; csv: 10)" in text
     assert "default: the data set's preset (seed: 10.0; owid: 14.0; csv: 10.0)" in text
-    assert "default: the data set's preset (seed: 30; owid: 30; csv: 30), with ddp+he (seed: 70; owid: 50; csv: 50)" in text
+    assert "default: the data set's preset (seed: 30; owid: 30; csv: 30), with ddp+he (seed: 50; owid: 50; csv: 50)" in text
 
 
 def test_run_json_records_the_resolved_values(tmp_path):
@@ -130,6 +130,6 @@ def test_rounds_are_a_preset_setting():
     """The local-DP presets train 30 rounds, the ddp+he ones their own (fewer rounds of one clipped
     gradient sum, chosen on validation folds); an explicit --rounds wins in every mode."""
     assert RunConfig().rounds == RunConfig(dataset="owid", privacy="dp+he").rounds == 30
-    assert RunConfig(privacy="ddp+he").rounds == 70 and RunConfig(privacy="ddp+he", dataset="owid").rounds == 50
+    assert RunConfig(privacy="ddp+he").rounds == 50 and RunConfig(privacy="ddp+he", dataset="owid").rounds == 50
     assert RunConfig(privacy="ddp+he", rounds=100).rounds == 100 and RunConfig(rounds=5).rounds == 5
     assert RunConfig(**_settings("--privacy", "ddp+he", "--rounds", "12")).rounds == 12
