@@ -82,6 +82,10 @@ def test_statement_round_trips_through_json_and_chains(key):
     assert FIELD == "signed"
     # the verifier's one-encoding check: the same verdict and, for a valid statement, the same hash
     assert checked_statement(nxt, keys, CHARTER) == (None, statement_hash(nxt))
+    assert checked_statement(nxt, keys, CHARTER) == (None, statement_hash(nxt))      # again (remembered)
+    flipped = {**nxt, "sig": f"{int(nxt['sig'][:2], 16) ^ 1:02x}" + nxt["sig"][2:]}   # same bytes, other signature
+    edited = {**nxt, "round": 3}                                                     # same signature, other bytes
+    assert all("signature" in checked_statement(x, keys, CHARTER)[0] for x in (flipped, edited))
     nxt["facts"]["epsilon"] = float("nan")              # unencodable: refused, not raised
     assert checked_statement(nxt, keys, CHARTER)[1] is None and "signature" in checked_statement(nxt, keys, CHARTER)[0]
 
