@@ -78,6 +78,7 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     does, a fresh random run id is drawn and the exit telemetry event is the Python API's.
     """
     # Flower 1.42.0 internals; the engine is heavy to import, so only here.
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -92,8 +93,6 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     run.override_config = dict(run_config)
     act_as_server_app(run.run_id)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-
     original = InMemoryLinkState.get_message_ins
     try:
         InMemoryLinkState.get_message_ins = _message_ins_for

@@ -33,6 +33,8 @@ Guarantees
 * A client keeps ``chain_after(statement)`` (``{"seq", "head"}``) in its persistent state and
   signs its next statement with it; a reply replayed from the client's cache carries the same
   statement, which a verifier recognises as one (the same hash), not as a second charge.
+* :func:`checked_statement` verifies a signature with Ed25519 unless this process already verified
+  that signature, by that key, on bytes of the same SHA-256 (only valid signatures are remembered).
 """
 
 from __future__ import annotations
