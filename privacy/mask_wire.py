@@ -18,7 +18,6 @@ Guarantees
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -102,13 +101,6 @@ def read_unchecked(data: bytes) -> Message:
                    header["answers"], payload)
 
 
-@functools.lru_cache(maxsize=4096)
-def _signature_ok(public: str, signed: bytes, signature: bytes) -> bool:
-    """:func:`~carbonfed.privacy.signing.signature_valid_over`, remembered: every client of a stream reads
-    the same adverts (130 signatures each, per stream), and one process simulates many clients."""
-    return signature_valid_over(public, signed, signature.hex())
-
-
 def open_message(data: bytes, kind: str, run: str, rnd: int, public_keys: dict[str, str],
                  sender: str | None = None, answers: str = "") -> Message:
     """Check ``data`` (see the module docstring) and return its content."""
@@ -117,7 +109,7 @@ def open_message(data: bytes, kind: str, run: str, rnd: int, public_keys: dict[s
     claimed = header["client"]
     if claimed not in public_keys:
         raise MaskRejection(sender or claimed, step, f"names {claimed!r}, who is not on the roster")
-    if not _signature_ok(public_keys[claimed], canonical(_signed(header, payload)), signature):
+    if not signature_valid_over(public_keys[claimed], canonical(_signed(header, payload)), signature.hex()):
         raise MaskRejection(sender or claimed, step,
                             f"claims to be {claimed} but is not signed by {claimed}'s key")
     if sender is not None and sender != claimed:

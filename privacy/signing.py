@@ -16,6 +16,10 @@ Guarantees
   :func:`keygen_clients` keeps a key that already exists (a client enrols once) and writes the
   public keys to ``clients.pub.json``, the file a client or reviewer publishes.
 * :func:`signature_valid` returns False (never raises) for a malformed key or signature.
+* A signature verified once in a process is not verified again: :func:`signature_valid_over`
+  remembers the valid ones (only those) by public key, SHA-256 of the signed bytes and signature
+  (a run's statements are checked as they arrive, then by the report, the keyless verify and the
+  documents; every client of a mask stream reads the same adverts).
 """
 
 from __future__ import annotations
@@ -90,11 +94,21 @@ def signature_valid_over(public: str, data: bytes, signature) -> bool:
     """:func:`signature_valid` for an object's :func:`canonical` bytes, already encoded."""
     if not (is_public_hex(public) and isinstance(signature, str) and _HEX128.match(signature)):
         return False
+    key = (public, hashlib.sha256(data).digest(), signature)
+    if key in _VERIFIED:                  # SHA-256 binds the bytes: a hit is a signature on these bytes
+        return True
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(bytes.fromhex(signature), data)
     except (InvalidSignature, ValueError, TypeError):
         return False
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[key] = None
     return True
+
+
+_VERIFIED: dict[tuple[str, bytes, str], None] = {}     # (public, SHA-256 of the bytes, signature) that verified
+_VERIFIED_MAX = 1 << 15
 
 
 # -- key files -----------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ Guarantees
 * A client keeps ``chain_after(statement)`` (``{"seq", "head"}``) in its persistent state and
   signs its next statement with it; a reply replayed from the client's cache carries the same
   statement, which a verifier recognises as one (the same hash), not as a second charge.
-* :func:`checked_statement` verifies a signature with Ed25519 unless this process already verified
-  that signature, by that key, on bytes of the same SHA-256 (only valid signatures are remembered).
 """
 
 from __future__ import annotations
@@ -167,30 +165,8 @@ def checked_statement(statement, keys: Mapping[str, str], charter_sha256: str) -
         data = canonical(unsigned(statement))
     except (ValueError, TypeError):
         data = b""
-    digest = sha256_hex(data)
-    if not data or not _signed_by(keys[statement["client"]], data, digest, statement["sig"]):
+    if not data or not signature_valid_over(keys[statement["client"]], data, statement["sig"]):
         return (f"its signature is not {statement['client']}'s (content edited after signing, or signed with "
                 "another key)"), None
-    return None, digest
+    return None, sha256_hex(data)
 
-
-# (public key, SHA-256 of the signed bytes, signature) of the signatures this process verified: a run's
-# statements are checked as they arrive, then by the report and by the keyless verify (three passes
-# over 10^4 statements at a run's end). SHA-256 binds the bytes, so a hit is a signature on these bytes.
-_VERIFIED: dict[tuple[str, str, str], None] = {}
-_VERIFIED_MAX = 1 << 15
-
-
-def _signed_by(public: str, data: bytes, digest: str, signature) -> bool:
-    """:func:`~carbonfed.privacy.signing.signature_valid_over`, remembering the valid ones (only those)."""
-    if not isinstance(signature, str):
-        return False
-    key = (public, digest, signature)
-    if key in _VERIFIED:
-        return True
-    if not signature_valid_over(public, data, signature):
-        return False
-    if len(_VERIFIED) >= _VERIFIED_MAX:
-        _VERIFIED.clear()
-    _VERIFIED[key] = None
-    return True

@@ -252,9 +252,10 @@ class ServerMasks:
         """Share-key holders to ask, in order: summed clients asked anyway (``first``), the other
         summed ones from a place that moves with the round (the work spreads), then the rest."""
         summed, early = rec.summed(), set(first)
+        in_sum = set(summed)
         s = [c for c in summed if c not in early]
         k = rnd * (self.plan.threshold + 1) % max(1, len(s))
-        return [c for c in summed if c in early] + s[k:] + s[:k] + sorted(self.members - set(summed))
+        return [c for c in first if c in in_sum] + s[k:] + s[:k] + sorted(self.members - in_sum)
 
     @staticmethod
     def _keys(rec: RoundRecovery, replies: dict[str, dict]) -> None:
