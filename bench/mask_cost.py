@@ -6,8 +6,11 @@ Runs the seed main job (``--hidden linear --stats-stages 3 --average-last 10``: 
 SuperNodes, 131 training clients) in one HE mode, ``--no-masks`` then masked (one line per
 ``--neighbours`` value: ``mask-neighbours``, 0 = every other training client), one after the
 other in this process, with the same keys, as ``carbonfed run`` makes them. Per line,
-as ``bench/round_time.py`` measures them: ``seconds_per_round`` (wall time between consecutive
-round ends over rounds 2..R), ``cpu_seconds_per_round`` (this process and every descendant), the
+with the clocks of ``bench/round_time.py``: ``seconds_per_round`` (wall time from the push of round 2's
+training request to the end of round R, over R - 1 rounds: a masked run pushes round r + 1's request
+while round r's evaluation counts are unmasked, so the time between round ends would leave part of
+round 2 out; unmasked, the push follows the end of the round before, as in ``round_time.py``),
+``cpu_seconds_per_round`` (this process and every descendant, over the same span), the
 server's own round ``seconds`` (ledger), and the bytes each training client sends per round:
 ``update_bytes`` (its encrypted update, the same size either way) and, masked, ``mask_bytes``
 (its seeds and share keys of the round and its bundle for the next round, as the ledger's
@@ -28,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from round_time import MAIN_JOB, _mark, _per_round   # noqa: E402  (the same clocks as round_time.py)
 
+from flwr.app import MessageType   # noqa: E402
+
 from carbonfed.federation.config import RunConfig   # noqa: E402
+from carbonfed.federation.server.courier import Courier   # noqa: E402
 from carbonfed.federation.keys import keygen_for   # noqa: E402
 from carbonfed.federation.simulation import run_simulation   # noqa: E402
 from carbonfed.privacy.ledger import read_ledger   # noqa: E402
@@ -45,14 +51,26 @@ def measure(mode: str, masks: bool, rounds: int, out: Path, keys: Path, neighbou
     cfg = RunConfig(privacy=mode, rounds=rounds, masks=masks, keys_dir=str(keys), out_dir=str(out),
                     state_dir=str(out / ".client-state"), mask_neighbours=neighbours, **MAIN_JOB)
     ends: list[tuple[float, float]] = []
+    pushes: list[tuple[float, float]] = []      # (time, CPU) as each training request is pushed
+    push = Courier.push
+
+    def marked_push(courier, grid, messages):
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            pushes.append(_mark())
+        return push(courier, grid, messages)
+
     t0 = time.monotonic()
-    run_simulation(cfg, on_round=lambda summary: ends.append(_mark()))
+    Courier.push = marked_push
+    try:
+        run_simulation(cfg, on_round=lambda summary: ends.append(_mark()))
+    finally:
+        Courier.push = push
     total = time.monotonic() - t0
     lines = [r for r in read_ledger(out / "ledger.jsonl") if r.get("kind") == "round"]
     blocks = [r["masks"] for r in lines if isinstance(r.get("masks"), dict)]
     update = _mean([r.get("upload_bytes_per_client") for r in lines])
     mask = _mean([b.get("bytes_per_client") for b in blocks]) or 0.0
-    return {**_per_round(ends), "first_round_s": lines[0]["seconds"], "total_s": total,
+    return {**_per_round([pushes[1], *ends[1:]]), "first_round_s": lines[0]["seconds"], "total_s": total,
             "server_seconds_per_round": _mean([r["seconds"] for r in lines[1:]]),
             "update_bytes": update, "mask_bytes": mask, "upload_bytes_per_client_round": update + mask,
             "rounds_unmasked": sum(1 for b in blocks if b["status"] == "unmasked"),

@@ -33,6 +33,7 @@ Guarantees
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,9 +119,17 @@ def read_adverts(adverts: list[bytes] | dict[str, bytes], run: str, public_keys:
                  check_keys: bool = True) -> tuple[dict[str, bytes], list[Rejection]]:
     """``{client: X25519 public key}`` of the adverts that check (signed by the named client, for
     this run, a key that no other client advertises and, with ``check_keys``, usable), and the
-    refused ones, named (by their sender, when ``adverts`` maps senders to adverts)."""
-    keys, rejected = {}, []
-    items = adverts.items() if isinstance(adverts, dict) else ((None, a) for a in adverts)
+    refused ones, named (by their sender, when ``adverts`` maps senders to adverts). A pure function
+    of its arguments, memoised per process (every client of a stream reads the same adverts)."""
+    items = tuple(adverts.items()) if isinstance(adverts, dict) else tuple((None, a) for a in adverts)
+    keys, rejected = _read_adverts(items, run, tuple(sorted(public_keys.items())), bool(check_keys))
+    return dict(keys), list(rejected)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_adverts(items: tuple, run: str, public_keys: tuple, check_keys: bool) -> tuple[dict, tuple]:
+    keys, rejected, owner = {}, [], {}       # owner: key -> the client that advertised it
+    public_keys = dict(public_keys)
     for sender, data in items:
         try:
             msg = open_message(data, "key", run, 0, public_keys, sender)
@@ -133,20 +142,61 @@ def read_adverts(adverts: list[bytes] | dict[str, bytes], run: str, public_keys:
         except ValueError as exc:
             rejected.append(Rejection(msg.client, "key", f"unusable X25519 key: {exc}"))
             continue
-        twin = next((c for c, k in keys.items() if k == msg.payload), None)
+        twin = owner.get(msg.payload)
         if msg.client in keys or twin is not None:
             rejected.append(Rejection(msg.client, "key", "a second advert" if msg.client in keys
                                       else f"advertises the same key as {twin}"))
             continue
-        keys[msg.client] = msg.payload
-    return keys, rejected
+        keys[msg.client], owner[msg.payload] = msg.payload, msg.client
+    return keys, tuple(rejected)
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_seed(root: bytes, rnd: int) -> bytes:
+    """The self-mask seed of round ``rnd`` that :meth:`MaskingClient.share` draws from ``root``."""
+    return self_seed(shamir.secret_bytes(shamir.new_secret(_self_draw(root, rnd))))
+
+
+def _self_draw(root: bytes, rnd: int):
+    return shamir.keyed_uniform(_hkdf(root, b"self/%d" % int(rnd)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _bitmap_names(names: tuple[str, ...], bits_hex: str) -> frozenset[str]:
+    """The names (sorted roster ``names``) whose bits are set in a hex bitmap (bit ``i``: ``names[i]``)."""
+    bits = int(bits_hex, 16)
+    return frozenset(names[i] for i in range(min(bits.bit_length(), len(names))) if bits >> i & 1)
+
+
+class _Pairs(Mapping):
+    """A restored round's :class:`PairRound` per holder, each made when asked (:func:`pair_round`
+    is memoised): a client rebuilt at every message needs few of them for most messages."""
+
+    def __init__(self, pair_keys: dict[str, bytes], holders: list[str], rnd: int):
+        self._holders, self._rnd = tuple(holders), int(rnd)
+        self._keys = {h: pair_keys[h] for h in self._holders}      # as they are now
+        self._set = frozenset(self._holders)
+
+    def __getitem__(self, holder: str) -> PairRound:
+        if holder not in self._set:
+            raise KeyError(holder)
+        return pair_round(self._keys[holder], self._rnd)
+
+    def __contains__(self, holder) -> bool:
+        return holder in self._set
+
+    def __iter__(self):
+        return iter(self._holders)
+
+    def __len__(self) -> int:
+        return len(self._holders)
 
 
 @dataclass
 class _Round:
     rnd: int
     own_seed: bytes
-    pairs: dict[str, PairRound]
+    pairs: Mapping[str, PairRound]
     shared: set[str] = field(default_factory=set)
     seeds_revealed: set[str] = field(default_factory=set)
     summed: set[str] | None = None
@@ -162,7 +212,9 @@ class MaskingClient:
         self._signing = signing_key
         self._root = root
         self.neighbours = neighbourhoods(roster, plan, run)[name]
-        self._xs = {c: i + 1 for i, c in enumerate(sorted(roster))}
+        self._near = frozenset(self.neighbours)
+        self._names_sorted = tuple(sorted(roster))
+        self._xs = {c: i + 1 for i, c in enumerate(self._names_sorted)}
         self._agreement = (new_agreement_key() if root is None
                            else X25519PrivateKey.from_private_bytes(_hkdf(root, b"agreement")))
         self._pair_keys: dict[str, bytes] = {}
@@ -189,13 +241,18 @@ class MaskingClient:
         """Derive the pair keys from neighbours' X25519 keys checked before (:func:`read_adverts`);
         returns them (a caller may keep them for :meth:`use_pair_keys`)."""
         for peer, public in keys.items():
-            if peer in self.neighbours:
+            if peer in self._near:
                 self._pair_keys[peer] = pair_key(self._agreement, public, self.run, self.name, peer)
         return dict(self._pair_keys)
 
     def use_pair_keys(self, pair_keys: dict[str, bytes]) -> None:
         """Pair keys :meth:`use_peer_keys` derived for this very client before."""
-        self._pair_keys.update({p: k for p, k in pair_keys.items() if p in self.neighbours})
+        self._pair_keys.update({p: k for p, k in pair_keys.items() if p in self._near})
+
+    @property
+    def root(self) -> bytes | None:
+        """The per-run root its secrets derive from (:func:`mask_root`; None: fresh random secrets)."""
+        return self._root
 
     @property
     def holders(self) -> list[str]:
@@ -229,7 +286,7 @@ class MaskingClient:
         return seal(self._signing, "bundle", self.run, rnd, self.name, b"".join(body))
 
     def _draw(self, rnd: int):
-        return shamir.keyed_uniform(_hkdf(self._root, b"self/%d" % int(rnd)))
+        return _self_draw(self._root, rnd)
 
     def round_state(self) -> dict:
         """What this client must remember of its kept rounds (JSON): see :meth:`restore`."""
@@ -247,8 +304,7 @@ class MaskingClient:
     def _names(self, saved: str | list[str]) -> set[str]:
         if isinstance(saved, list):
             return set(saved)
-        bits = int(saved, 16)
-        return {c for c, i in self._xs.items() if bits >> (i - 1) & 1}
+        return set(_bitmap_names(self._names_sorted, saved))
 
     def restore(self, saved: dict) -> None:
         """Take up the rounds :meth:`round_state` described (a client with a ``root`` and its pair keys)."""
@@ -256,8 +312,8 @@ class MaskingClient:
             raise MaskRefusal("only a client with a derived root can restore a round")
         for entry in saved.get("rounds", [saved] if saved.get("round") is not None else []):
             rnd = int(entry["round"])
-            own = self_seed(shamir.secret_bytes(shamir.new_secret(self._draw(rnd))))      # as share() drew it
-            self._rounds[rnd] = st = _Round(rnd, own, {h: pair_round(self._pair_keys[h], rnd) for h in self.holders})
+            own = _own_seed(self._root, rnd)       # as share() drew it
+            self._rounds[rnd] = st = _Round(rnd, own, _Pairs(self._pair_keys, self.holders, rnd))
             st.shared, st.seeds_revealed = self._names(entry["shared"]), set(entry["seeds"])
             st.keys_revealed = bool(entry["keys"])
             st.summed = None if entry["summed"] is None else self._names(entry["summed"])

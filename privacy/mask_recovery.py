@@ -280,17 +280,21 @@ class RoundRecovery:
         if len(keys) != KEY_BYTES * len(given):
             self._reject(h, "keys", "keys reply of the wrong length")
             return 0
-        opened = 0
+        plain: dict[str, bytes] = {}
         for i, j in enumerate(given):
             ct = self.bundles[j].entries[h][0]
             try:
-                share = AESGCM(keys[i * KEY_BYTES:(i + 1) * KEY_BYTES]).decrypt(
+                plain[j] = AESGCM(keys[i * KEY_BYTES:(i + 1) * KEY_BYTES]).decrypt(
                     NONCE, ct, share_aad(self.run, self.rnd, j, h))
-                self._shares.setdefault(j, {})[self._xs[h]] = shamir.share_from_bytes(share)
-                opened += 1
             except (InvalidTag, ValueError):
                 self._reject(h, "keys", f"its key for {j}'s share does not open that share (bad or replayed)")
-        return opened
+        rows = shamir.shares_from_bytes(list(plain.values()))      # all at once; None: a limb outside the field
+        for j, row in zip(plain, rows):
+            if row is None:
+                self._reject(h, "keys", f"its key for {j}'s share does not open that share (bad or replayed)")
+            else:
+                self._shares.setdefault(j, {})[self._xs[h]] = row
+        return sum(row is not None for row in rows)
 
     def correction(self, length: int, purpose: int = 0) -> np.ndarray:
         """What to subtract from the encrypted sum of the summed clients' ``length``-slot vectors

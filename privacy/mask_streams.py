@@ -51,8 +51,16 @@ def stream_run(run: str, stream: str) -> str:
 
 
 def stream_roster(charter, stream: str) -> list[str]:
-    """The clients of ``stream``: the charter's clients of its role, sorted."""
-    return sorted(c for c, role in charter.roles.items() if role == _ROLE[stream])
+    """The clients of ``stream``: the charter's clients of its role, sorted (a fresh list)."""
+    key = (charter.sha256, stream)        # memoised: the SHA-256 names the charter's body
+    if key not in _ROSTERS:
+        if len(_ROSTERS) >= 64:
+            _ROSTERS.clear()
+        _ROSTERS[key] = tuple(sorted(c for c, role in charter.roles.items() if role == _ROLE[stream]))
+    return list(_ROSTERS[key])
+
+
+_ROSTERS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def stream_plan(cfg, charter, stream: str) -> MaskPlan | None:

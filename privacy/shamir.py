@@ -87,7 +87,7 @@ def split(secret: np.ndarray, threshold: int, xs, draw=None) -> np.ndarray:
     if not 1 <= threshold <= x.size:
         raise ValueError(f"threshold {threshold} outside 1..{x.size} (the number of shares)")
     coeffs = np.vstack([s[None, :], (draw or _uniform)((threshold - 1, LIMBS))])
-    powers = _powers(tuple(int(v) for v in x), threshold)      # x_i^k mod P: the same every round
+    powers = _power_table(int(x.max()), threshold)[x]      # x_i^k mod P: one table per roster and threshold
     # sum_k x_i^k c_k mod P, with each coefficient cut in 16-bit halves so no int64 sum overflows
     # (terms < 2^47, at most 2^16 of them): the values of the polynomials, exactly
     low, high = powers @ (coeffs & 0xFFFF), powers @ (coeffs >> 16)
@@ -95,11 +95,13 @@ def split(secret: np.ndarray, threshold: int, xs, draw=None) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _powers(xs: tuple[int, ...], threshold: int) -> np.ndarray:
-    x = np.asarray(xs, dtype=np.int64)[:, None]
-    out = np.ones((len(xs), threshold), dtype=np.int64)
+def _power_table(top: int, threshold: int) -> np.ndarray:
+    """Row ``x``: ``x^0 .. x^(threshold-1)`` mod P, for ``x`` in ``0 .. top`` (each client's holders
+    are a subset of the roster's x-coordinates: one table serves them all)."""
+    x = np.arange(top + 1, dtype=np.int64)
+    out = np.ones((top + 1, threshold), dtype=np.int64)
     for k in range(1, threshold):
-        out[:, k] = out[:, k - 1] * x[:, 0] % P
+        out[:, k] = out[:, k - 1] * x % P
     out.flags.writeable = False
     return out
 
@@ -141,6 +143,24 @@ def combine(xs, shares: np.ndarray) -> np.ndarray:
 
 def share_to_bytes(share: np.ndarray) -> bytes:
     return np.asarray(share, dtype="<u4").tobytes()
+
+
+def shares_from_bytes(datas: list[bytes]) -> list[np.ndarray | None]:
+    """:func:`share_from_bytes` of each, converted together; ``None`` where it would raise."""
+    if not datas:
+        return []
+    if any(len(d) != SHARE_BYTES for d in datas):
+        return [_or_none(d) for d in datas]
+    rows = np.frombuffer(b"".join(datas), dtype="<u4").astype(np.int64).reshape(len(datas), LIMBS)
+    bad = (rows >= P).any(axis=1)
+    return [None if b else row for row, b in zip(rows, bad)]
+
+
+def _or_none(data: bytes) -> np.ndarray | None:
+    try:
+        return share_from_bytes(data)
+    except ValueError:
+        return None
 
 
 def share_from_bytes(data: bytes) -> np.ndarray:

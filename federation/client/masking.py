@@ -77,11 +77,10 @@ def masking_client(p, stream: str = "update") -> MaskingClient:
     keep = p.cfg.stats_releases if stream == "stats" else KEPT    # the setup's stages: all of them (a restart)
     mc = MaskingClient(p.country, signer.key, run, roster, plan, signer.modulus, root=root, keep=keep)
     saved = p.state.get(state_key(stream)) or {}
+    peers = _peers_id(saved)
     if "peers-sha256" in saved:             # checked once, kept beside the state (written once per run)
-        digest = saved["peers-sha256"]
-        mc.use_pair_keys(_pair_keys(mc, root, digest, lambda: _read_peers(_peers_file(p, stream), digest)))
+        mc.use_pair_keys(_pair_keys(mc, root, peers, lambda: _read_peers(_peers_file(p, stream), peers)))
     else:
-        peers = tuple(sorted(saved.get("peers", {}).items()))
         mc.use_pair_keys(_pair_keys(mc, root, peers, lambda: dict(peers)))
     if saved.get("round"):
         mc.restore(saved["round"])
@@ -91,18 +90,27 @@ def masking_client(p, stream: str = "update") -> MaskingClient:
 _PAIR_KEYS: dict[tuple, dict[str, bytes]] = {}
 
 
+def _peers_id(saved: dict):
+    """What names the neighbours' keys a stream's saved state holds: their file's SHA-256, or the keys."""
+    return saved["peers-sha256"] if "peers-sha256" in saved else tuple(sorted(saved.get("peers", {}).items()))
+
+
 def _pair_keys(mc: MaskingClient, root: bytes, peers, load) -> dict[str, bytes]:
     """The pair keys with the neighbours' keys ``load()`` returns (``peers`` names them: the keys, or
     their file's SHA-256), a pure function of this client's ``root`` and those keys, memoised per
     process: a simulation worker serves many nodes; a deployed client only saves time."""
-    key = (root, peers)
     if not peers:
         return {}
-    if key not in _PAIR_KEYS:
-        while len(_PAIR_KEYS) >= 1024:           # the oldest first: 3 streams of 164 nodes fit
-            _PAIR_KEYS.pop(next(iter(_PAIR_KEYS)))
-        _PAIR_KEYS[key] = mc.use_peer_keys({c: bytes.fromhex(k) for c, k in load().items()})
-    return _PAIR_KEYS[key]
+    if (root, peers) not in _PAIR_KEYS:
+        _remember_pair_keys(root, peers, mc.use_peer_keys({c: bytes.fromhex(k) for c, k in load().items()}))
+    return _PAIR_KEYS[(root, peers)]
+
+
+def _remember_pair_keys(root: bytes, peers, pair_keys: dict[str, bytes]) -> None:
+    """Memoise pair keys just derived from the keys ``peers`` names (see :func:`_pair_keys`)."""
+    while len(_PAIR_KEYS) >= 1024:           # the oldest first: 3 streams of 164 nodes fit
+        _PAIR_KEYS.pop(next(iter(_PAIR_KEYS)))
+    _PAIR_KEYS[(root, peers)] = dict(pair_keys)
 
 
 def _peers_file(p, stream: str) -> Path | None:
@@ -141,9 +149,12 @@ def _share(p, mc: MaskingClient, config: dict, stream: str) -> dict:
     charter = p.signer.charter
     adverts = dict(zip(json.loads(config["mask-senders"]), config["mask-adverts"]))
     keys, _ = read_adverts(adverts, mc.run, charter.keys)
-    mc.use_peer_keys(keys)
+    pair_keys = mc.use_peer_keys(keys)
     bundle = mc.share(int(config["mask-round"]))
-    _save(p, mc, {c: k.hex() for c, k in keys.items() if c in mc.neighbours}, stream)
+    peers = {c: k.hex() for c, k in keys.items() if c in mc.neighbours}
+    _save(p, mc, peers, stream)
+    # what masking_client derives from the saved keys at the next message: derived once, here
+    _remember_pair_keys(mc.root, _peers_id(p.state[state_key(stream)]), {c: pair_keys[c] for c in peers})
     return {"mask-bundle": bundle}
 
 

@@ -14,7 +14,11 @@ Guarantees
 * Once the wait is over, ``on_missing(node, reason)`` is called, in node order, for every node
   Flower reported gone and every node that did not answer in time.
 * :meth:`Courier.node_of` names the node a reply answers for, even for an error reply made by
-  the SuperLink (which carries the SuperLink's id).
+  the SuperLink (which carries the SuperLink's id), for every request pushed and not yet collected.
+* :meth:`Courier.push` then :meth:`Courier.collect` is :meth:`Courier.stream` in two steps: a
+  request pushed early (the next round's training, while the masks' last exchange of a round is
+  under way) keeps its replies in the SuperLink until collected; the timeout counts from the
+  collection.
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ from carbonfed.federation.wire import gone
 POLL_MIN_S, POLL_MAX_S, IDLE_S = 0.03, 0.5, 1.0
 
 
+class Pushed(dict):
+    """A request pushed and not yet collected: ``{message id: addressed node}``."""
+
+
 class Courier:
     """Streams requests through a Flower Grid; ``timeout`` (seconds) bounds each wait."""
 
     def __init__(self, timeout: float):
         """No request under way; every wait lasts at most ``timeout`` seconds."""
         self.timeout = timeout
-        self._addressee: dict[str, int] = {}   # message id -> node it was sent to (current request)
+        self._addressee: dict[str, int] = {}   # message id -> node it was sent to (requests not collected)
 
     def node_of(self, reply: Message) -> int:
         """The node a reply answers for: the addressee of the message it replies to (an error
@@ -52,9 +60,27 @@ class Courier:
                on_missing: Callable[[int, str], None] | None = None) -> Iterator[Message]:
         """Push ``messages``, then yield replies as they arrive; at the end, report the absent
         nodes to ``on_missing``."""
+        return self.collect(grid, self.push(grid, messages), on_missing)
+
+    def push(self, grid: Grid, messages: list[Message]) -> Pushed:
+        """Push ``messages`` now; :meth:`collect` their replies later."""
         ids = list(grid.push_messages(messages))
-        pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
-        self._addressee = dict(pending)
+        pushed = Pushed({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid})
+        self._addressee.update(pushed)
+        return pushed
+
+    def collect(self, grid: Grid, pushed: Pushed,
+                on_missing: Callable[[int, str], None] | None = None) -> Iterator[Message]:
+        """Yield the replies to a pushed request as they arrive; at the end, report the absent
+        nodes to ``on_missing``."""
+        try:
+            yield from self._collect(grid, dict(pushed), on_missing)
+        finally:
+            for mid in pushed:
+                self._addressee.pop(mid, None)
+
+    def _collect(self, grid: Grid, pending: dict[str, int],
+                 on_missing: Callable[[int, str], None] | None) -> Iterator[Message]:
         offline: list[tuple[int, str]] = []
         deadline = time.monotonic() + self.timeout
         pause, next_poll, last_reply = POLL_MIN_S, time.monotonic(), time.monotonic()

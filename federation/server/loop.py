@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from carbonfed.federation.server.checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint, write_checkpoint
-from carbonfed.federation.server.courier import Courier
+from carbonfed.federation.server.courier import Courier, Pushed
 from carbonfed.federation.server.masking import ServerMasks
 from carbonfed.federation.server.recorder import LedgerRecorder
 from carbonfed.federation.server.setup import close, rebind, setup
@@ -81,6 +81,7 @@ class ResumableRun(StrategyWrapper):
         self.on_round = on_round
         self.resumed_from: list[int] = []    # rounds this server resumed after (from checkpoints)
         self.elapsed_before = 0.0            # seconds spent by earlier servers of this run
+        self._pushed: dict[int, Pushed] = {}   # a round's training request pushed early (masks)
         self._t0 = time.monotonic()
 
     def elapsed(self) -> float:
@@ -138,25 +139,39 @@ class ResumableRun(StrategyWrapper):
                 masks.begin(self.fedavg.state.round + 1)    # adverts, then the next round's bundles
         result = Result()
         for rnd in range(self.fedavg.state.round + 1, num_rounds + 1):
-            self._round(grid, rnd, result, train_config or ConfigRecord(), evaluate_config or ConfigRecord())
+            self._round(grid, rnd, result, train_config or ConfigRecord(), evaluate_config or ConfigRecord(),
+                        last=rnd == num_rounds)
         close(grid, self.courier, self.recorder)
         self.checkpoint()                    # its ledger position: the closing lines
         return result
 
     def _round(self, grid: Grid, rnd: int, result: Result, train_config: ConfigRecord,
-               evaluate_config: ConfigRecord) -> None:
-        """Round ``rnd``: train, evaluate, the ``round`` line, the checkpoint, then ``on_round``."""
+               evaluate_config: ConfigRecord, last: bool = False) -> None:
+        """Round ``rnd``: train, evaluate, the ``round`` line, the checkpoint, then ``on_round``.
+        In a masked run the next round's training request is pushed while the evaluation counts'
+        masks are removed (their last exchange; the request needs only the round's model): its
+        replies are read once this round is closed, and the lines its making records (the masks'
+        refusals of round ``rnd + 1``) are held until then."""
         t0 = time.monotonic()
         self.recorder.begin_round()
-        train_msgs = list(self.configure_train(rnd, ArrayRecord(), train_config, grid))
-        replies = self.courier.stream(grid, train_msgs, partial(self.recorder.missing, "train", rnd))
+        pushed = self._pushed.pop(rnd, None)
+        if pushed is None:
+            pushed = self.courier.push(grid, list(self.configure_train(rnd, ArrayRecord(), train_config, grid)))
+        replies = self.courier.collect(grid, pushed, partial(self.recorder.missing, "train", rnd))
         arrays, train_metrics = self.aggregate_train(rnd, replies)
         if arrays is not None:
             result.arrays = arrays
         result.train_metrics_clientapp[rnd] = train_metrics
         eval_msgs = list(self.configure_evaluate(rnd, ArrayRecord(), evaluate_config, grid))
         replies = self.courier.stream(grid, eval_msgs, partial(self.recorder.missing, "evaluate", rnd))
-        eval_metrics = self.aggregate_evaluate(rnd, replies)
+        masks = self.fedavg.metric_masks
+        if masks is not None and not last:
+            masks.alongside = partial(self._push_train, grid, rnd + 1, train_config)
+        try:
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+        finally:
+            if masks is not None:
+                masks.alongside = None
         if eval_metrics is not None:
             result.evaluate_metrics_clientapp[rnd] = eval_metrics
         self.fedavg.state.round = rnd
@@ -164,3 +179,9 @@ class ResumableRun(StrategyWrapper):
         self.checkpoint()
         if self.on_round:
             self.on_round(summary)
+
+    def _push_train(self, grid: Grid, rnd: int, train_config: ConfigRecord) -> None:
+        """Push round ``rnd``'s training request now (:meth:`_round` reads its replies)."""
+        with self.recorder.holding():
+            msgs = list(self.configure_train(rnd, ArrayRecord(), train_config, grid))
+        self._pushed[rnd] = self.courier.push(grid, msgs)

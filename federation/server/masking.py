@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -78,6 +80,7 @@ class ServerMasks:
         self.ahead: dict[str, bytes] = {}              # the next round's bundles that came with the uploads
         self.bytes = 0                                 # mask messages' bytes received since the last round
         self.setup_bytes = 0
+        self.alongside: Callable[[], None] | None = None   # called once, after the next request is pushed
 
     @classmethod
     def for_run(cls, fedavg, recorder, grid, courier, stream: str = "update") -> "ServerMasks | None":
@@ -125,9 +128,10 @@ class ServerMasks:
             self.ahead[country] = meta["mask-bundle"]
             self.bytes += len(meta["mask-bundle"])
 
-    def _ask(self, countries, rnd: int, step: str, each: dict[str, dict] | None = None, **config) -> dict[str, dict]:
+    def _ask(self, countries, rnd: int, step: str, each: dict[str, dict] | None = None,
+             on_reply: Callable[[str, dict], None] | None = None, **config) -> dict[str, dict]:
         """One ``query.masks`` ``step`` per country (``each``: more config per country);
-        ``{country: reply metadata}`` of the answers."""
+        ``{country: reply metadata}`` of the answers (each also to ``on_reply`` as it arrives)."""
         nodes = self._country_nodes()
         names = {n: c for c, n in nodes.items()}
         config = {"server-round": self._flower_round(rnd), "mask-step": step, "mask-stream": self.stream, **config}
@@ -135,7 +139,11 @@ class ServerMasks:
                         message_type=MASKS, dst_node_id=nodes[c]) for c in sorted(countries) if c in nodes]
         out = {}
         missing = lambda node, reason: self.note(Rejection(names.get(node, f"node-{node}"), step, reason), rnd)
-        for msg in self.courier.stream(self.grid, msgs, missing):
+        replies = self.courier.stream(self.grid, msgs, missing)         # pushed
+        if self.alongside is not None:          # (the loop's next training request: its clients are others)
+            alongside, self.alongside = self.alongside, None
+            alongside()
+        for msg in replies:
             country = names.get(self.courier.node_of(msg), f"node-{self.courier.node_of(msg)}")
             if msg.has_error():
                 self.note(Rejection(country, step, f"client error: {msg.error.reason}"), rnd)
@@ -145,6 +153,8 @@ class ServerMasks:
             if "mask-refused" in meta:
                 self.note(Rejection(country, step, f"refused: {meta['mask-refused']}"), rnd)
             out[country] = meta
+            if on_reply is not None:
+                on_reply(country, meta)
         return out
 
     def _flower_round(self, rnd: int) -> int:
@@ -233,11 +243,11 @@ class ServerMasks:
             summed = {"mask-summed": json.dumps(rec.summed())}
             for c in rec.pick_holders(self._order(rec, rnd, need)):
                 each.setdefault(c, {}).update(summed)
-        replies = self._ask(each, rnd, "unmask", each, **{"mask-round": rnd}) if each else {}
+        keys = partial(_keys, rec) if why is None else None       # share keys opened as they come
+        replies = self._ask(each, rnd, "unmask", each, keys, **{"mask-round": rnd}) if each else {}
         if why is None:
-            self._keys(rec, replies)
             while more := rec.pick_holders(self._order(rec, rnd, [])):    # a holder failed: others instead
-                self._keys(rec, self._ask(more, rnd, "unmask", **{"mask-round": rnd, **summed}))
+                self._ask(more, rnd, "unmask", on_reply=keys, **{"mask-round": rnd, **summed})
             try:
                 correction = rec.correction(total.cipher.length)
             except RoundAbandoned as exc:
@@ -256,12 +266,6 @@ class ServerMasks:
         s = [c for c in summed if c not in early]
         k = rnd * (self.plan.threshold + 1) % max(1, len(s))
         return [c for c in first if c in in_sum] + s[k:] + s[:k] + sorted(self.members - in_sum)
-
-    @staticmethod
-    def _keys(rec: RoundRecovery, replies: dict[str, dict]) -> None:
-        for c, meta in sorted(replies.items()):
-            if isinstance(meta.get("mask-keys"), bytes):
-                rec.add_keys(meta["mask-keys"], sender=c)
 
     def _result(self, rnd, rec, total, kept, correction, why) -> tuple[SecureSum, list[str]]:
         cipher = total.cipher
@@ -284,6 +288,12 @@ class ServerMasks:
         self.last.update(status="unmasked", reason="", summed=len(summed), dropped=rec.dropped(),
                          key_holders=len(rec.keys_asked()))      # asked for share keys (T + 1 when all answer)
         return out, summed
+
+
+def _keys(rec: RoundRecovery, country: str, meta: dict) -> None:
+    """A share-key holder's reply: its keys open its shares of the summed clients' self masks."""
+    if isinstance(meta.get("mask-keys"), bytes):
+        rec.add_keys(meta["mask-keys"], sender=country)
 
 
 def _bundles(replies: dict[str, dict]) -> dict[str, bytes]:

@@ -61,6 +61,8 @@ class LedgerRecorder(StrategyWrapper):
         self.node_of = node_of
         self._round_lines: list[dict] = []            # ledger lines of the round under way
         self._context: tuple[str, int, dict] | None = None   # kind, round, extra fields of the replies read
+        self._held: list[dict] | None = None            # lines recorded while holding (the next round's)
+        self._pending_lines: list[dict] = []            # held lines, appended when the next round begins
         strategy.on_verdict = self._record_verdict
         strategy.screen = self._screen
 
@@ -98,10 +100,24 @@ class LedgerRecorder(StrategyWrapper):
         return self.screen_reply(meta, self.line(kind, rnd, self.node_of(msg), extra=extra))
 
     def record(self, line: dict) -> dict:
-        """Append a line of the round under way."""
+        """Append a line of the round under way (inside :meth:`holding`: of the next round, appended
+        when it begins)."""
+        if self._held is not None:
+            self._held.append(line)
+            return line
         rec = self.ledger.append(line)
         self._round_lines.append(rec)
         return rec
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Lines recorded inside belong to the next round: they are appended when it begins
+        (:meth:`begin_round`), after the ``round`` line of the round under way."""
+        self._held = []
+        try:
+            yield
+        finally:
+            self._pending_lines, self._held = [*self._pending_lines, *self._held], None
 
     def accept(self, base: dict, size: int) -> None:
         """The reply was added: its size in bytes."""
@@ -172,8 +188,11 @@ class LedgerRecorder(StrategyWrapper):
 
     # -- rounds --------------------------------------------------------------------------------
     def begin_round(self) -> None:
-        """The lines recorded from now on make the next round's summary."""
+        """The lines recorded from now on make the next round's summary (first the lines held for it)."""
         self._round_lines = []
+        held, self._pending_lines = self._pending_lines, []
+        for line in held:
+            self.record(line)
 
     def close_round(self, rnd: int, seconds: float) -> dict:
         """Append and return the ``round`` line of round ``rnd`` (which took ``seconds``)."""

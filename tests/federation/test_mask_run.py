@@ -90,10 +90,17 @@ def test_more_than_a_third_dropped_is_not_unmasked(table, keys_dir, tmp_path):
 def test_forged_bad_and_replayed_mask_messages_are_ledgered_and_the_round_goes_on(table, keys_dir, tmp_path):
     assert set(MASK_FAULTS) <= set(FAULTS)                       # the drills are accepted by --fault-drill
     drill = "Laos:mask-impostor,Senegal:mask-bad-key,Thailand:mask-replay"
-    _, _, ledger = _run(table, keys_dir, tmp_path / "run", report=False, rounds=1, fault_drill=drill, masks=True)
-    (block,) = _masks(ledger)
-    assert (block["status"], block["shared"], block["summed"]) == ("unmasked", 11, 11)    # the impostor sat it out
-    assert 8 <= block["key_holders"] < 11       # T + 1 = 8 asked, and one more for each bad key among them
+    _, _, ledger = _run(table, keys_dir, tmp_path / "run", report=False, rounds=2, fault_drill=drill, masks=True)
+    for block in _masks(ledger):
+        assert (block["status"], block["shared"], block["summed"]) == ("unmasked", 11, 11)   # the impostor sat out
+        assert 8 <= block["key_holders"] < 11       # T + 1 = 8 asked, and one more for each bad key among them
+    # round 2's training request went out while round 1's evaluation counts were unmasked; what its
+    # making recorded (Laos not asked: no accepted bundle) still follows round 1's `round` line
+    kinds = [(line["kind"], line["round"], line.get("country"), line.get("reason", "")) for line in ledger]
+    end_1 = kinds.index(("round", 1, None, ""))
+    not_asked = [i for i, (kind, rnd, country, why) in enumerate(kinds) if "not asked to train" in why]
+    assert [kinds[i][1:3] for i in not_asked] == [(1, "Laos"), (2, "Laos")] and not_asked[0] < end_1 < not_asked[1]
+    assert all(rnd == 2 for _, rnd, _, _ in kinds[end_1 + 1:kinds.index(("round", 2, None, ""))])
     why = {}
     for line in ledger:
         if line.get("kind") == "masks":

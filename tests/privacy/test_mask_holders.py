@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from carbonfed.privacy.he import BFVCipher, keygen, load_public_context, load_secret_context
 from carbonfed.privacy.he_ring import ring_for
+from carbonfed.privacy.mask_client import read_adverts
 from carbonfed.privacy.mask_wire import names_digest
 from carbonfed.privacy.masks import pair_round, plan_masks, unmask_sum
 from carbonfed.privacy.secure_sum import SecureSum
@@ -72,3 +73,52 @@ def test_a_pairs_round_material_is_the_chacha20_block_of_that_round():
     with pytest.raises(ValueError, match="block counter"):
         pair_round(key, 2 ** 32 - 8)
 
+
+
+def test_shares_read_together_are_the_shares_read_one_by_one():
+    """The keys step reads a holder's opened shares in one go: the same rows, and None exactly where
+    one alone would be refused (a wrong length, a limb outside the field)."""
+    from carbonfed.privacy import shamir
+    shares = shamir.split(shamir.new_secret(), 3, [1, 2, 3, 4])
+    datas = [shamir.share_to_bytes(s) for s in shares]
+    rows = shamir.shares_from_bytes(datas)
+    assert all(np.array_equal(r, shamir.share_from_bytes(d)) for r, d in zip(rows, datas))
+    outside = (shamir.P).to_bytes(4, "little") + datas[1][4:]
+    assert [r is None for r in shamir.shares_from_bytes([datas[0], outside, datas[2]])] == [False, True, False]
+    assert [r is None for r in shamir.shares_from_bytes([datas[0], datas[1][:-1]])] == [False, True]
+    assert shamir.shares_from_bytes([]) == []
+
+
+def test_a_restored_round_masks_and_reveals_as_the_client_that_made_it():
+    """A deployed client rebuilds its masking client at every message: restored from its round state,
+    it masks and reveals exactly what the client that made the bundle would."""
+    from carbonfed.privacy.mask_client import MaskingClient, mask_root, read_adverts
+    from carbonfed.privacy.signing import new_signing_key, public_hex
+    names, run, modulus = [f"c{i}" for i in range(6)], "run-restore", ring_for(LENGTH, 7).plain_modulus
+    plan, signing = plan_masks(6), {c: new_signing_key() for c in names}
+    made = {c: MaskingClient(c, signing[c], run, names, plan, modulus, root=mask_root(signing[c], run, c)) for c in names}
+    keys, _ = read_adverts({c: m.advert() for c, m in made.items()}, run, {c: public_hex(k) for c, k in signing.items()})
+    me = made["c2"]
+    pair_keys = me.use_peer_keys(keys)
+    me.share(1), me.share(2)
+    me.agree(1, names)
+    again = MaskingClient("c2", signing["c2"], run, names, plan, modulus, root=mask_root(signing["c2"], run, "c2"))
+    again.use_pair_keys(pair_keys)
+    again.restore(me.round_state())
+    vec = np.arange(LENGTH) % 7
+    assert np.array_equal(again.mask(1, vec, names), me.mask(1, vec, names))
+    assert again.reveal_keys(1, names[:5]) == me.reveal_keys(1, names[:5])
+    assert again.round_state() == me.round_state()
+
+
+def test_adverts_read_twice_give_fresh_results_and_a_shared_key_is_refused():
+    """read_adverts is remembered per process: a caller that changes what it got changes nothing
+    for the next; the second client advertising a key already advertised is refused."""
+    fed = federation(4, 65537, LENGTH)
+    ads = dict(zip(fed.names, fed.adverts))
+    keys, rejected = read_adverts(ads, fed.run, fed.public_keys)
+    keys.clear(), rejected.append("changed")
+    assert read_adverts(ads, fed.run, fed.public_keys) == (dict(zip(fed.names, map(payload_of, fed.adverts))), [])
+    twin = reseal(fed, "c003", "key", 0, payload_of(fed.adverts[1]))
+    keys, rejected = read_adverts({**ads, "c003": twin}, fed.run, fed.public_keys)
+    assert set(keys) == {"c000", "c001", "c002"} and rejected[0].reason == "advertises the same key as c001"
