@@ -39,8 +39,7 @@ from carbonfed.federation.wire import gone
 POLL_MIN_S, POLL_MAX_S, IDLE_S = 0.03, 0.5, 1.0
 
 
-class Pushed(dict):
-    """A request pushed and not yet collected: ``{message id: addressed node}``."""
+Pushed = dict[str, int]     # a request pushed and not yet collected: {message id: addressed node}
 
 
 class Courier:
@@ -65,7 +64,7 @@ class Courier:
     def push(self, grid: Grid, messages: list[Message]) -> Pushed:
         """Push ``messages`` now; :meth:`collect` their replies later."""
         ids = list(grid.push_messages(messages))
-        pushed = Pushed({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid})
+        pushed = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
         self._addressee.update(pushed)
         return pushed
 
