@@ -177,7 +177,7 @@ def profile(mode: str, rounds: int, profiled: int, out: Path, top: int, masks: b
                                                       cProfile.Profile(time.process_time))
                 grid.server_prof.enable()
             t, c = time.perf_counter(), time.process_time()
-            run._round(grid, rnd, Result(), ConfigRecord(), ConfigRecord())
+            run._round(grid, rnd, Result(), ConfigRecord(), ConfigRecord(), last=rnd == rounds)
             if rnd == profiled:
                 grid.server_prof.disable()
                 profiles = (grid.client_prof, grid.server_prof)

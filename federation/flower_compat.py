@@ -31,6 +31,13 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   same order and with the same checks, but skips the other nodes' messages (each node's are
   checked when that node is asked, every sweep).
 
+* **The simulation's dispatcher, woken by a push** (:func:`_extract_on_push`, in place of
+  ``vce_api.add_messages_to_queue``, and a push that wakes it, while :func:`simulate` runs). Flower
+  1.42.0's engine hands each node its next message in sweeps 0.1 s apart, so every exchange began
+  on average 50 ms after the ServerApp pushed it (a masked round has three exchanges one after the
+  other). The replacement is the same sweep, also run as soon as the ServerApp's grid has stored a
+  push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's.
+
 * **Ray started for Flower** (:func:`_start_ray`): the simulation engine starts Ray itself, which
   replaces the process's SIGTERM handling; starting it first, as the engine would, keeps the
   caller's handlers, so that a signal unwinds the run (see ``carbonfed.federation.run_guard``).
@@ -52,6 +59,7 @@ import signal
 import sys
 import threading
 import warnings
+from functools import partial
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -93,16 +101,22 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     run.override_config = dict(run_config)
     act_as_server_app(run.run_id)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    original = InMemoryLinkState.get_message_ins
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    original = InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages
+    pushed = threading.Event()
     try:
         InMemoryLinkState.get_message_ins = _message_ins_for
+        vce_api.add_messages_to_queue = partial(_extract_on_push, pushed)
+        InMemoryGrid.push_messages = _waking(original[2], pushed)
         _start_ray(backend_config.get("init_args") or {})
         _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                         client_app=client_app, server_app=server_app, backend_name="ray",
                         backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
                         verbose_logging=verbose, is_app=True)
     finally:
-        InMemoryLinkState.get_message_ins = original
+        InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages = original
         _stop_ray()          # Flower shuts Ray down when its engine ends; an interruption may come first
 
 
@@ -128,6 +142,29 @@ def _message_ins_for(state, node_id: int, limit: int | None, *, run_id: int | No
     for msg in found:
         msg.metadata.delivered_at = delivered_at
     return found
+
+
+def _extract_on_push(pushed: threading.Event, state, queue, nodes_mapping, f_stop: threading.Event,
+                     period: float = 0.1) -> None:
+    """Flower 1.42.0's ``vce_api.add_messages_to_queue`` (each node's next message, at most one per
+    sweep, into the workers' queue, a sweep every 0.1 s until ``f_stop``), sweeping again as soon as
+    ``pushed`` is set, not only ``period`` seconds after the last sweep."""
+    while not f_stop.is_set():
+        pushed.clear()                  # a push stored from here on wakes the wait below
+        for node_id in nodes_mapping.keys():
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        pushed.wait(period)
+
+
+def _waking(push, pushed: threading.Event):
+    """``push`` (``InMemoryGrid.push_messages``), then ``pushed`` is set: the whole push is stored."""
+    def push_messages(grid, messages):
+        try:
+            return push(grid, messages)
+        finally:
+            pushed.set()
+    return push_messages
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -23,6 +23,10 @@ Guarantees
 * Never both for one neighbour in one round: the pair seed (seeds step) and the key of the share
   it dealt this client (keys step). The seeds step is refused once keys were revealed, a key is
   withheld for a neighbour whose seed was revealed, and ``S`` may only shrink between requests.
+* A round this client did not share (it missed the sharing, say while it restarted) that comes
+  after every round it made a bundle for: it still reveals the keys of the shares its neighbours
+  dealt it (:meth:`MaskingClient.may_hold`), and from then on makes no bundle, mask or seeds reply
+  for that round, nor a new bundle before it (nobody masked with it there: no seed of it is due).
 * With a ``root`` (:func:`mask_root`, derived from the client's Ed25519 key; a deployed client keeps
   nothing in memory between messages) the agreement key and every round's self-mask secret and
   dealing are derived from it: a bundle asked again is the same bytes, and
@@ -39,11 +43,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carbonfed.privacy import shamir
-from carbonfed.privacy.mask_wire import MaskRejection, Rejection, bitmap, names_digest, open_message, seal
+from carbonfed.privacy.mask_adverts import read_adverts
+from carbonfed.privacy.mask_wire import Rejection, bitmap, names_digest, seal
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from carbonfed.privacy.masks import (DOMAIN, MaskPlan, PairRound, agreement_public, commit, mask_sum,
@@ -89,66 +94,6 @@ def _name_field(name: str) -> bytes:
 def share_aad(run: str, rnd: int, dealer: str, holder: str) -> bytes:
     """What a share's AES-GCM tag binds: run, round, dealer and holder (length-prefixed)."""
     return _aad_head(run, int(rnd)) + _name_field(dealer) + _name_field(holder)
-
-
-def check_agreement_key(public: bytes) -> None:
-    """Raise ``ValueError`` unless ``public`` is a usable X25519 key (32 bytes, not low order)."""
-    if len(public) != 32:
-        raise ValueError("an X25519 public key is 32 bytes")
-    if not _usable_key(bytes(public)):
-        raise ValueError("a low-order point: no shared secret")
-
-
-@functools.lru_cache(maxsize=4096)
-def _usable_key(public: bytes) -> bool:
-    """An exchange with it gives a shared secret (X25519 refuses the low-order points), checked
-    once per key and process (every client of a stream checks the same 130 adverts)."""
-    try:
-        _probe_key().exchange(X25519PublicKey.from_public_bytes(public))
-    except ValueError:
-        return False
-    return True
-
-
-@functools.cache
-def _probe_key() -> X25519PrivateKey:
-    return new_agreement_key()
-
-
-def read_adverts(adverts: list[bytes] | dict[str, bytes], run: str, public_keys: dict[str, str],
-                 check_keys: bool = True) -> tuple[dict[str, bytes], list[Rejection]]:
-    """``{client: X25519 public key}`` of the adverts that check (signed by the named client, for
-    this run, a key that no other client advertises and, with ``check_keys``, usable), and the
-    refused ones, named (by their sender, when ``adverts`` maps senders to adverts). A pure function
-    of its arguments, memoised per process (every client of a stream reads the same adverts)."""
-    items = tuple(adverts.items()) if isinstance(adverts, dict) else tuple((None, a) for a in adverts)
-    keys, rejected = _read_adverts(items, run, tuple(sorted(public_keys.items())), bool(check_keys))
-    return dict(keys), list(rejected)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_adverts(items: tuple, run: str, public_keys: tuple, check_keys: bool) -> tuple[dict, tuple]:
-    keys, rejected, owner = {}, [], {}       # owner: key -> the client that advertised it
-    public_keys = dict(public_keys)
-    for sender, data in items:
-        try:
-            msg = open_message(data, "key", run, 0, public_keys, sender)
-        except MaskRejection as exc:
-            rejected.append(exc.rejection)
-            continue
-        try:
-            if check_keys or len(msg.payload) != 32:
-                check_agreement_key(msg.payload)
-        except ValueError as exc:
-            rejected.append(Rejection(msg.client, "key", f"unusable X25519 key: {exc}"))
-            continue
-        twin = owner.get(msg.payload)
-        if msg.client in keys or twin is not None:
-            rejected.append(Rejection(msg.client, "key", "a second advert" if msg.client in keys
-                                      else f"advertises the same key as {twin}"))
-            continue
-        keys[msg.client], owner[msg.payload] = msg.payload, msg.client
-    return keys, tuple(rejected)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -201,6 +146,7 @@ class _Round:
     seeds_revealed: set[str] = field(default_factory=set)
     summed: set[str] | None = None
     keys_revealed: bool = False
+    holder: bool = False         # not shared by this client: it only revealed keys of its neighbours' shares
 
 
 class MaskingClient:
@@ -262,6 +208,8 @@ class MaskingClient:
 
     def share(self, rnd: int) -> bytes:
         """Step 1: the bundle (see the module docstring)."""
+        if rnd in self._rounds and self._rounds[rnd].holder:
+            raise MaskRefusal(f"this client revealed share keys of round {rnd} as a holder: it makes no bundle for it")
         again = self._root is not None and (rnd == self._last_round or rnd in self._rounds)   # derived: same bytes
         if rnd <= self._last_round and not again:
             raise MaskRefusal(f"round {rnd} does not follow round {self._last_round}")
@@ -274,11 +222,13 @@ class MaskingClient:
         shares = shamir.split(secret, self.plan.threshold, [self._xs[h] for h in holders], draw)
         pairs = {h: pair_round(self._pair_keys[h], rnd) for h in holders}
         body = [commit(b"self", own), bitmap([c in pairs for c in self.neighbours])]
-        for h, share in zip(holders, shares):
-            key = pairs[h].share_key(dealer_first=self.name < h)
-            body.append(AESGCM(key).encrypt(NONCE, shamir.share_to_bytes(share),
-                                            share_aad(self.run, rnd, self.name, h)))
-            body.append(commit(b"pair", pairs[h].seed))
+        plain = shamir.share_to_bytes(shares)             # row i: holder i's share, as share_to_bytes(shares[i])
+        size, head = len(plain) // len(holders), _aad_head(self.run, rnd) + _name_field(self.name)
+        for i, h in enumerate(holders):                   # (share_aad and PairRound.share_key, inlined)
+            pr = pairs[h]
+            body.append(AESGCM(pr.key_low if self.name < h else pr.key_high).encrypt(
+                NONCE, plain[i * size:(i + 1) * size], head + _name_field(h)))
+            body.append(commit(b"pair", pr.seed))
         if rnd not in self._rounds:
             self._rounds[rnd] = _Round(rnd, own, pairs)
         self._last_round = max(self._last_round, rnd)
@@ -292,7 +242,8 @@ class MaskingClient:
         """What this client must remember of its kept rounds (JSON): see :meth:`restore`."""
         return {"last": self._last_round, "rounds": [
             {"round": st.rnd, "shared": self._bits(st.shared), "seeds": sorted(st.seeds_revealed),
-             "keys": st.keys_revealed, "summed": None if st.summed is None else self._bits(st.summed)}
+             "keys": st.keys_revealed, "summed": None if st.summed is None else self._bits(st.summed),
+             **({"holder": True} if st.holder else {})}
             for _, st in sorted(self._rounds.items())]}
 
     def _bits(self, names: set[str]) -> str | list[str]:
@@ -312,8 +263,9 @@ class MaskingClient:
             raise MaskRefusal("only a client with a derived root can restore a round")
         for entry in saved.get("rounds", [saved] if saved.get("round") is not None else []):
             rnd = int(entry["round"])
-            own = _own_seed(self._root, rnd)       # as share() drew it
-            self._rounds[rnd] = st = _Round(rnd, own, _Pairs(self._pair_keys, self.holders, rnd))
+            holder = bool(entry.get("holder"))
+            own = b"" if holder else _own_seed(self._root, rnd)       # as share() drew it
+            self._rounds[rnd] = st = _Round(rnd, own, _Pairs(self._pair_keys, self.holders, rnd), holder=holder)
             st.shared, st.seeds_revealed = self._names(entry["shared"]), set(entry["seeds"])
             st.keys_revealed = bool(entry["keys"])
             st.summed = None if entry["summed"] is None else self._names(entry["summed"])
@@ -321,12 +273,32 @@ class MaskingClient:
 
     def has_round(self, rnd: int) -> bool:
         """Whether this client made (and keeps) a bundle for round ``rnd``."""
-        return int(rnd) in self._rounds
+        return int(rnd) in self._rounds and not self._rounds[int(rnd)].holder
+
+    def may_hold(self, rnd: int) -> bool:
+        """Whether :meth:`reveal_keys` can answer for round ``rnd``: a round it shared and keeps, or one
+        after every round it made a bundle for (it missed that round's sharing, say while it restarted:
+        its neighbours still dealt it shares, which it opens as a holder only)."""
+        return int(rnd) in self._rounds or int(rnd) > self._last_round
 
     def _state(self, rnd: int) -> _Round:
         if rnd not in self._rounds:
             raise MaskRefusal(f"no bundle was made for round {rnd}")
+        if self._rounds[rnd].holder:
+            raise MaskRefusal(f"round {rnd} was not shared by this client (it revealed share keys as a holder only)")
         return self._rounds[rnd]
+
+    def _holder_round(self, rnd: int) -> _Round:
+        """The record of a round this client did not share (:meth:`may_hold`): no self mask, no pair
+        mask of its own; from now on it makes no bundle for that round or any before it."""
+        if not self.may_hold(rnd):
+            raise MaskRefusal(f"no bundle was made for round {rnd}")
+        st = self._rounds.get(rnd)
+        if st is None:
+            st = self._rounds[rnd] = _Round(rnd, b"", _Pairs(self._pair_keys, self.holders, rnd), holder=True)
+            self._last_round = max(self._last_round, rnd)
+            self._rounds = {r: s for r, s in self._rounds.items() if r > self._last_round - self.keep}
+        return st
 
     def mask(self, rnd: int, vector: np.ndarray, shared: list[str], purpose: int = 0) -> np.ndarray:
         """Step 2: ``vector`` plus the self mask and the pair masks with neighbours in ``shared``;
@@ -374,8 +346,9 @@ class MaskingClient:
         return seal(self._signing, "seeds", self.run, rnd, self.name, payload, names_digest(summed))
 
     def reveal_keys(self, rnd: int, summed: list[str]) -> bytes:
-        """Keys step: the key of the share each summed neighbour dealt this client."""
-        st = self._state(rnd)
+        """Keys step: the key of the share each summed neighbour dealt this client (also for a round
+        it did not share: :meth:`may_hold`)."""
+        st = self._holder_round(rnd)
         s = set(summed)
         if st.summed is not None and not s <= st.summed:
             raise MaskRefusal("the summed list grew since the seeds step")

@@ -65,7 +65,7 @@ class _Bundle:
 
 class RoundRecovery:
     """One round's recovery. ``members``: the clients whose key adverts the server accepted for
-    the run (:func:`~carbonfed.privacy.mask_client.read_adverts`, once per run); ``seen_commits``:
+    the run (:func:`~carbonfed.privacy.mask_adverts.read_adverts`, once per run); ``seen_commits``:
     the run's self-mask commitments so far (shared by the rounds, to refuse a replayed seed)."""
 
     def __init__(self, plan: MaskPlan, run: str, rnd: int, roster: list[str], public_keys: dict[str, str],

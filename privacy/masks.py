@@ -156,26 +156,32 @@ def uniform_mod(seed: bytes, length: int, modulus: int, purpose: int = 0) -> np.
 
 
 def uniform_mod_many(seeds: list[bytes], length: int, modulus: int, purpose: int = 0) -> np.ndarray:
-    """``uniform_mod(seed, length, modulus, purpose)`` for each seed, one row each (vectorised: a
-    row whose first ``length`` words were all accepted is those words; only the others, about one
-    row in eight for the 32-bit batching prime and 4096 slots, are compacted)."""
+    """``uniform_mod(seed, length, modulus, purpose)`` for each seed, one row each (int64)."""
+    return _uniform_rows(seeds, length, modulus, purpose).astype(np.int64)
+
+
+def _uniform_rows(seeds: list[bytes], length: int, modulus: int, purpose: int = 0) -> np.ndarray:
+    """:func:`uniform_mod_many` as 32-bit words, vectorised: a row whose first ``length`` words were
+    all accepted is those words, read in place; only the others, about one row in eight for the
+    32-bit batching prime and 4096 slots, are compacted."""
     if not seeds:
-        return np.zeros((0, length), dtype=np.int64)
+        return np.zeros((0, length), dtype=np.uint32)
     for seed in seeds:
         _check_prg(seed, modulus)
     draw = _first_draw(length)
     zeros = bytes(4 * draw)                                   # as _words, all rows at once
     raw = b"".join([_stream(seed, purpose).update(zeros) for seed in seeds])
-    rows = _masked_words(raw, modulus).reshape(len(seeds), draw)
-    out = rows[:, :length].copy()
+    rows = np.frombuffer(raw, dtype="<u4").reshape(len(seeds), draw)
+    bits = (modulus - 1).bit_length()
+    if bits < 32:                                             # as _masked_words
+        rows = rows & np.uint32((1 << bits) - 1)
+    out = rows[:, :length]
     redo = np.flatnonzero((out >= modulus).any(axis=1))
     if redo.size:
-        part = rows[redo]
-        ok = part < modulus
-        first = np.argsort(~ok, axis=1, kind="stable")[:, :length]   # the first `length` accepted words
-        out[redo] = np.take_along_axis(part, first, axis=1)
-        for j in np.flatnonzero(ok.sum(axis=1) < length):            # ~never for a prime close to 2^32
-            out[redo[j]] = uniform_mod(seeds[redo[j]], length, modulus, purpose)
+        out = out.copy()
+        for j in redo:
+            kept = rows[j][rows[j] < modulus]                 # the first `length` accepted words
+            out[j] = kept[:length] if kept.size >= length else uniform_mod(seeds[j], length, modulus, purpose)
     return out
 
 
@@ -332,12 +338,14 @@ def pair_sign(me: str, peer: str) -> int:
 def mask_sum(length: int, modulus: int, own: bytes | None, pair_seeds: dict[str, bytes], me: str,
              purpose: int = 0) -> np.ndarray:
     """``PRG(own) + sum s(me, j) PRG(seed_j)`` modulo ``modulus``, in ``[0, modulus)``."""
-    peers = list(pair_seeds)
-    rows = uniform_mod_many([pair_seeds[p] for p in peers], length, modulus, purpose)
-    plus = np.array([pair_sign(me, p) > 0 for p in peers], dtype=bool)
-    total = rows[plus].sum(axis=0) - rows[~plus].sum(axis=0) if peers else np.zeros(length, dtype=np.int64)
+    plus = [p for p in pair_seeds if pair_sign(me, p) > 0]
+    minus = [p for p in pair_seeds if pair_sign(me, p) < 0]
+    seeds = [pair_seeds[p] for p in plus + minus] + ([own] if own is not None else [])
+    rows = _uniform_rows(seeds, length, modulus, purpose)     # (sums of fewer than 2^31 words fit in int64)
+    k, m = len(plus), len(plus) + len(minus)
+    total = rows[:k].sum(axis=0, dtype=np.int64) - rows[k:m].sum(axis=0, dtype=np.int64)
     if own is not None:
-        total = total + uniform_mod(own, length, modulus, purpose)
+        total += rows[m]
     return np.mod(total, modulus)
 
 

@@ -49,7 +49,8 @@ from pathlib import Path
 from flwr.app import Message
 
 from carbonfed.federation.durable import atomic_write
-from carbonfed.privacy.mask_client import KEPT, MaskingClient, MaskRefusal, mask_root, read_adverts
+from carbonfed.privacy.mask_client import KEPT, MaskingClient, MaskRefusal, mask_root
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_streams import stream_of, stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import read_unchecked, seal
 
@@ -161,7 +162,7 @@ def _share(p, mc: MaskingClient, config: dict, stream: str) -> dict:
 def _unmask(p, mc: MaskingClient, config: dict, stream: str) -> dict:
     out, rnd, nxt, why = {}, int(config["mask-round"]), int(config.get("mask-next", 0)), []
     try:
-        if "mask-summed" in config and mc.has_round(rnd):    # it shared round rnd
+        if "mask-summed" in config and mc.may_hold(rnd):     # it shared round rnd, or missed its sharing
             out["mask-keys"] = mc.reveal_keys(rnd, json.loads(config["mask-summed"]))
             _save(p, mc, stream=stream)       # written before the keys leave (with the reply)
     except MaskRefusal as exc:

@@ -45,7 +45,7 @@ from functools import partial
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from carbonfed.federation.wire import MASKS
-from carbonfed.privacy.mask_client import read_adverts
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_recovery import RoundAbandoned, RoundRecovery
 from carbonfed.privacy.mask_streams import stream_plan, stream_role, stream_roster, stream_run
 from carbonfed.privacy.mask_wire import Rejection

@@ -1,8 +1,14 @@
 """The simulation's message lookup (:func:`carbonfed.federation.flower_compat._message_ins_for`) against
-Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, on real link states built as the
-simulation engine builds them (``flwr.simulation.run_simulation._run_simulation``)."""
+Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, and its dispatcher woken by a push
+(:func:`~carbonfed.federation.flower_compat._extract_on_push`) against ``vce_api.add_messages_to_queue``,
+on real link states built as the simulation engine builds them
+(``flwr.simulation.run_simulation._run_simulation``)."""
 
+import queue
+import threading
 import time
+
+import pytest
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
@@ -15,9 +21,9 @@ from flwr.supercore.run import Run
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 from flwr.proto.task_pb2 import Task  # noqa: E402  (Flower internals, as the engine)
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_messages_to_queue
 
-from carbonfed.federation.flower_compat import _message_ins_for, act_as_server_app
+from carbonfed.federation.flower_compat import _extract_on_push, _message_ins_for, _waking, act_as_server_app
 
 ORIGINAL = InMemoryLinkState.get_message_ins
 
@@ -39,6 +45,7 @@ def _state_with_messages(plan: list[tuple[int, int]]):
             for k, (i, ttl) in enumerate(plan)]
     ids = list(grid.push_messages(msgs))
     assert all(ids)
+    _state_with_messages.grid = grid             # (the last one made: a test that pushes more)
     return state, nodes
 
 
@@ -71,3 +78,44 @@ def test_an_expired_message_is_dropped_not_handed_out():
     state2, nodes2 = _state_with_messages(plan)
     time.sleep(1.1)
     assert [m.content["c"]["k"] for m in ORIGINAL(state2, nodes2[0], None)] == [2]
+
+
+def _dispatched(extract, state, nodes, until: int, timeout: float = 10.0) -> tuple[list, threading.Event, queue.Queue]:
+    """Run ``extract`` (a dispatcher: state, queue, nodes mapping, stop event) in a thread until ``until``
+    messages are in its queue; their ``k``s in queue order, its stop event and its queue."""
+    out, stop = queue.Queue(), threading.Event()
+    threading.Thread(target=extract, args=(state, out, {n: i for i, n in enumerate(nodes)}, stop), daemon=True).start()
+    got, end = [], time.monotonic() + timeout
+    while len(got) < until and time.monotonic() < end:
+        try:
+            got.append(out.get(timeout=0.05).content["c"]["k"])
+        except queue.Empty:
+            pass
+    return got, stop, out
+
+
+def test_the_dispatcher_queues_what_flowers_does_and_a_push_wakes_it():
+    """Each sweep queues each node's next message (one per node, in node order), as Flower's own
+    dispatcher does; a message pushed while it waits is queued at once, not after its period, and
+    one stored in the link state without a push waits for the period."""
+    plan = [(0, 60), (1, 60), (0, 60), (2, 60), (3, 60), (0, 60), (4, 60), (2, 60)]
+    state, nodes = _state_with_messages(plan)
+    theirs, stop, _ = _dispatched(add_messages_to_queue, state, nodes, len(plan))
+    stop.set()
+    pushed = threading.Event()
+    state, nodes = _state_with_messages(plan)
+    grid = _state_with_messages.grid
+    ours, stop, out = _dispatched(lambda *a: _extract_on_push(pushed, *a, period=60.0), state, nodes, 5)
+    assert ours == theirs[:5] == [0, 1, 3, 4, 6]                 # the first sweep: one per node
+    push = _waking(type(grid).push_messages, pushed)
+    t0 = time.monotonic()
+    push(grid, [Message(RecordDict({"c": ConfigRecord({"k": 99})}), dst_node_id=nodes[4], message_type="query",
+                        ttl=60)])
+    woken = [out.get(timeout=20).content["c"]["k"] for _ in range(3)]      # the next sweep, at once
+    assert woken == [2, 7, 99] and time.monotonic() - t0 < 20               # (the period is 60 s)
+    quiet = Message(RecordDict({"c": ConfigRecord({"k": 100})}), dst_node_id=nodes[1], message_type="query", ttl=60)
+    type(grid).push_messages(grid, [quiet])                       # stored, but nobody woke the dispatcher
+    with pytest.raises(queue.Empty):
+        out.get(timeout=1.0)
+    stop.set()
+    pushed.set()

@@ -21,7 +21,8 @@ from carbonfed.federation.run_data import load_run_data, with_data_schema
 from carbonfed.privacy.mask_streams import stream_plan, stream_roster
 from carbonfed.privacy.charter import Charter, seal_charter
 from carbonfed.privacy.he import HEParams
-from carbonfed.privacy.mask_client import MaskRefusal, read_adverts
+from carbonfed.privacy.mask_client import MaskRefusal
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_recovery import RoundRecovery
 from carbonfed.privacy.masks import centred, plan_masks
 from carbonfed.privacy.signing import new_signing_key

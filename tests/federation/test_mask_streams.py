@@ -14,7 +14,8 @@ from carbonfed.federation.client import masking
 from carbonfed.federation.config import RunConfig
 from carbonfed.privacy.charter import Charter, seal_charter
 from carbonfed.privacy.he import HEParams
-from carbonfed.privacy.mask_client import MaskRefusal, read_adverts
+from carbonfed.privacy.mask_client import MaskRefusal
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_recovery import RoundRecovery
 from carbonfed.privacy.mask_streams import stream_of, stream_plan, stream_roster, stream_run
 from carbonfed.privacy.masks import centred

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from carbonfed.privacy.fixed_point import FixedPointCodec
-from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal, read_adverts
+from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_recovery import RoundRecovery
 from carbonfed.privacy.mask_wire import seal
 from carbonfed.privacy.masks import MaskPlan, centred, plan_masks, unmask_sum

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from carbonfed.privacy.he import BFVCipher, keygen, load_public_context, load_secret_context
 from carbonfed.privacy.he_ring import ring_for
-from carbonfed.privacy.mask_client import read_adverts
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_wire import names_digest
 from carbonfed.privacy.masks import pair_round, plan_masks, unmask_sum
 from carbonfed.privacy.secure_sum import SecureSum
@@ -92,7 +92,8 @@ def test_shares_read_together_are_the_shares_read_one_by_one():
 def test_a_restored_round_masks_and_reveals_as_the_client_that_made_it():
     """A deployed client rebuilds its masking client at every message: restored from its round state,
     it masks and reveals exactly what the client that made the bundle would."""
-    from carbonfed.privacy.mask_client import MaskingClient, mask_root, read_adverts
+    from carbonfed.privacy.mask_client import MaskingClient, mask_root
+    from carbonfed.privacy.mask_adverts import read_adverts
     from carbonfed.privacy.signing import new_signing_key, public_hex
     names, run, modulus = [f"c{i}" for i in range(6)], "run-restore", ring_for(LENGTH, 7).plain_modulus
     plan, signing = plan_masks(6), {c: new_signing_key() for c in names}
@@ -122,3 +123,53 @@ def test_adverts_read_twice_give_fresh_results_and_a_shared_key_is_refused():
     twin = reseal(fed, "c003", "key", 0, payload_of(fed.adverts[1]))
     keys, rejected = read_adverts({**ads, "c003": twin}, fed.run, fed.public_keys)
     assert set(keys) == {"c000", "c001", "c002"} and rejected[0].reason == "advertises the same key as c001"
+
+
+def test_a_client_that_missed_sharing_a_round_still_opens_its_shares_and_never_shares_that_round(ciphers):
+    """A client that missed round 2's sharing (it restarted) is not summed, yet its neighbours dealt
+    it shares: asked as a holder, it reveals their keys, and with T summed holders (a complete graph
+    needs T + 1) they rebuild every self mask (the sum is exact). It then refuses every other step of that round, also once
+    restored from its round state, while its next round goes on."""
+    from carbonfed.privacy.mask_client import MaskingClient, MaskRefusal, mask_root
+    secret_cipher, public_cipher = ciphers
+    fed = federation(9, secret_cipher.plain_modulus, LENGTH)
+    late = "c004"
+    signing = fed.signing[late]
+    fed.clients[late] = MaskingClient(late, signing, fed.run, fed.names, fed.plan, fed.modulus,
+                                      root=mask_root(signing, fed.run, late))     # as deployed: a derived root
+    fed.adverts = [fed.clients[c].advert() for c in fed.names]
+    keys = read_adverts(dict(zip(fed.names, fed.adverts)), fed.run, fed.public_keys)[0]
+    for c in fed.names:
+        fed.clients[c].use_peer_keys(keys)
+    pair_keys = fed.clients[late].use_peer_keys(keys)
+    fed.clients[late].share(1)
+    xs = updates(fed, seed=9)
+    rec, cts = share_and_upload(fed, 2, xs, secret_cipher, Drops(before_share=(late,)))
+    assert late not in rec.shared()
+    rec.start_recovery(cts, liveness=False)
+    rec.start_keys()
+    summed, t = rec.summed(), fed.plan.threshold
+    assert len(summed) == 8 and t > 1
+    me = fed.clients[late]
+    assert me.may_hold(2) and not me.has_round(2)
+    holders = summed[:t] + [late]            # without the late client, each of these T holders' own mask is one share short
+    for h in holders:
+        assert rec.add_keys(fed.clients[h].reveal_keys(2, summed), sender=h) > 0
+    assert rec.pick_holders(fed.names) == [] and rec.rejections == []
+    total = SecureSum(public_cipher)
+    for c in summed:
+        total.add(cts[c])
+    out = unmask_sum(public_cipher, total.serialize(), rec.correction(LENGTH))
+    np.testing.assert_array_equal(secret_cipher.decrypt(out), plain_sum(xs, summed, secret_cipher.plain_modulus))
+    again = MaskingClient(late, signing, fed.run, fed.names, fed.plan, fed.modulus, root=mask_root(signing, fed.run, late))
+    again.use_pair_keys(pair_keys)
+    again.restore(me.round_state())
+    for client in (me, again):
+        assert client.reveal_keys(2, summed) == me.reveal_keys(2, summed)       # asked again: the same keys
+        args = {"share": (2,), "agree": (2, fed.names), "reveal_seeds": (2, summed), "mask": (2, xs[late], fed.names)}
+        for step, given in args.items():
+            with pytest.raises(MaskRefusal):
+                getattr(client, step)(*given)
+        assert client.share(3)
+        assert not client.may_hold(1)                      # a round it shared and let go of: never a holder
+    assert again.round_state()["rounds"][0] == {**again.round_state()["rounds"][0], "round": 2, "holder": True}

@@ -16,7 +16,8 @@ from scipy.stats import chisquare
 from carbonfed.privacy.he import BFVCipher, keygen, load_public_context, load_secret_context
 from carbonfed.privacy.he_ring import ring_for
 from carbonfed.privacy import shamir
-from carbonfed.privacy.mask_client import MaskRefusal, read_adverts
+from carbonfed.privacy.mask_client import MaskRefusal
+from carbonfed.privacy.mask_adverts import read_adverts
 from carbonfed.privacy.mask_wire import from_bitmap, names_digest, seal
 from carbonfed.privacy.mask_recovery import RoundAbandoned
 from carbonfed.privacy.masks import (neighbourhoods, pair_round, plan_masks, uniform_mod, uniform_mod_many,
