@@ -223,16 +223,12 @@ class MaskingClient:
         pairs = {h: pair_round(self._pair_keys[h], rnd) for h in holders}
         body = [commit(b"self", own), bitmap([c in pairs for c in self.neighbours])]
         plain = shamir.share_to_bytes(shares)             # row i: holder i's share, as share_to_bytes(shares[i])
-        size, head = len(plain) // len(holders), _aad_head(self.run, rnd) + _name_field(self.name)
-        for i, h in enumerate(holders):                   # (share_aad and PairRound.share_key, inlined)
-            pr = pairs[h]
-            body.append(AESGCM(pr.key_low if self.name < h else pr.key_high).encrypt(
-                NONCE, plain[i * size:(i + 1) * size], head + _name_field(h)))
-            body.append(commit(b"pair", pr.seed))
-        if rnd not in self._rounds:
-            self._rounds[rnd] = _Round(rnd, own, pairs)
-        self._last_round = max(self._last_round, rnd)
-        self._rounds = {r: st for r, st in self._rounds.items() if r > self._last_round - self.keep}
+        size = len(plain) // len(holders)
+        for i, h in enumerate(holders):
+            key = pairs[h].share_key(dealer_first=self.name < h)
+            body.append(AESGCM(key).encrypt(NONCE, plain[i * size:(i + 1) * size], share_aad(self.run, rnd, self.name, h)))
+            body.append(commit(b"pair", pairs[h].seed))
+        self._keep(_Round(rnd, own, pairs))
         return seal(self._signing, "bundle", self.run, rnd, self.name, b"".join(body))
 
     def _draw(self, rnd: int):
@@ -290,14 +286,19 @@ class MaskingClient:
 
     def _holder_round(self, rnd: int) -> _Round:
         """The record of a round this client did not share (:meth:`may_hold`): no self mask, no pair
-        mask of its own; from now on it makes no bundle for that round or any before it."""
+        mask of its own; from now on it makes no bundle for that round, nor a new one before it."""
         if not self.may_hold(rnd):
             raise MaskRefusal(f"no bundle was made for round {rnd}")
-        st = self._rounds.get(rnd)
-        if st is None:
-            st = self._rounds[rnd] = _Round(rnd, b"", _Pairs(self._pair_keys, self.holders, rnd), holder=True)
-            self._last_round = max(self._last_round, rnd)
-            self._rounds = {r: s for r, s in self._rounds.items() if r > self._last_round - self.keep}
+        if rnd in self._rounds:
+            return self._rounds[rnd]
+        return self._keep(_Round(rnd, b"", _Pairs(self._pair_keys, self.holders, rnd), holder=True))
+
+    def _keep(self, st: _Round) -> _Round:
+        """The kept record of round ``st.rnd`` (``st`` unless one is kept already): the latest round
+        so far is at least that one, and only the ``keep`` latest rounds are kept."""
+        st = self._rounds.setdefault(st.rnd, st)
+        self._last_round = max(self._last_round, st.rnd)
+        self._rounds = {r: s for r, s in self._rounds.items() if r > self._last_round - self.keep}
         return st
 
     def mask(self, rnd: int, vector: np.ndarray, shared: list[str], purpose: int = 0) -> np.ndarray:

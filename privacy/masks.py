@@ -123,12 +123,14 @@ def _check_prg(seed: bytes, modulus: int) -> None:
 
 
 def _words(stream, n: int, modulus: int) -> np.ndarray:
-    return _masked_words(stream.update(bytes(4 * n)), modulus)
+    return _masked_words(stream.update(bytes(4 * n)), modulus).astype(np.int64)
 
 
 def _masked_words(raw: bytes, modulus: int) -> np.ndarray:
-    """32-bit little-endian words of ``raw``, each masked to the bit length of ``modulus``."""
-    return np.frombuffer(raw, dtype="<u4").astype(np.int64) & ((1 << (modulus - 1).bit_length()) - 1)
+    """32-bit little-endian words of ``raw`` (uint32), each masked to the bit length of ``modulus``
+    (read in place when that is 32 bits)."""
+    words, bits = np.frombuffer(raw, dtype="<u4"), (modulus - 1).bit_length()
+    return words if bits >= 32 else words & np.uint32((1 << bits) - 1)
 
 
 def _stream(seed: bytes, purpose: int):
@@ -171,10 +173,7 @@ def _uniform_rows(seeds: list[bytes], length: int, modulus: int, purpose: int = 
     draw = _first_draw(length)
     zeros = bytes(4 * draw)                                   # as _words, all rows at once
     raw = b"".join([_stream(seed, purpose).update(zeros) for seed in seeds])
-    rows = np.frombuffer(raw, dtype="<u4").reshape(len(seeds), draw)
-    bits = (modulus - 1).bit_length()
-    if bits < 32:                                             # as _masked_words
-        rows = rows & np.uint32((1 << bits) - 1)
+    rows = _masked_words(raw, modulus).reshape(len(seeds), draw)
     out = rows[:, :length]
     redo = np.flatnonzero((out >= modulus).any(axis=1))
     if redo.size:
