@@ -38,6 +38,14 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   other). The replacement is the same sweep, also run as soon as the ServerApp's grid has stored a
   push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's.
 
+* **The backend drained before Ray stops** (:class:`_Drain`, around ``RayBackend.process_message``
+  and ``RayBackend.terminate`` while :func:`simulate` runs). When the engine stops early (a signal,
+  an error), Flower 1.42.0's ``run_api`` calls ``terminate`` (``ray.shutdown``) while its worker
+  threads may still wait on a ClientApp's result; Ray's core then ends the whole process with exit
+  code 1 ("The core worker has already been shutdown"), before the run can say how to resume. The
+  wrapped ``terminate`` lets the calls in flight finish first (at most ``_DRAIN_S`` seconds) and
+  refuses new ones.
+
 * **Ray started for Flower** (:func:`_start_ray`): the simulation engine starts Ray itself, which
   replaces the process's SIGTERM handling; starting it first, as the engine would, keeps the
   caller's handlers, so that a signal unwinds the run (see ``carbonfed.federation.run_guard``).
@@ -102,21 +110,25 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     act_as_server_app(run.run_id)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    original = InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages
-    pushed = threading.Event()
+    original = (InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages,
+                RayBackend.process_message, RayBackend.terminate)
+    pushed, drain = threading.Event(), _Drain()
     try:
         InMemoryLinkState.get_message_ins = _message_ins_for
         vce_api.add_messages_to_queue = partial(_extract_on_push, pushed)
         InMemoryGrid.push_messages = _waking(original[2], pushed)
+        RayBackend.process_message, RayBackend.terminate = drain.counted(original[3]), drain.draining(original[4])
         _start_ray(backend_config.get("init_args") or {})
         _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                         client_app=client_app, server_app=server_app, backend_name="ray",
                         backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
                         verbose_logging=verbose, is_app=True)
     finally:
-        InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages = original
+        (InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages,
+         RayBackend.process_message, RayBackend.terminate) = original
         _stop_ray()          # Flower shuts Ray down when its engine ends; an interruption may come first
 
 
@@ -165,6 +177,41 @@ def _waking(push, pushed: threading.Event):
         finally:
             pushed.set()
     return push_messages
+
+
+_DRAIN_S = 60.0          # the longest a stopping engine waits for the ClientApp calls in flight
+
+
+class _Drain:
+    """Counts the backend's calls in flight; once :meth:`draining`'s function is called, no new
+    call starts (it raises, and Flower's worker turns that into an error reply nobody reads) and
+    the function waits up to ``timeout`` s for those in flight to end before it runs."""
+
+    def __init__(self, timeout: float = _DRAIN_S):
+        self.timeout, self.in_flight, self.closed = timeout, 0, False
+        self.cond = threading.Condition()
+
+    def counted(self, call):
+        def process_message(backend, *args, **kwargs):
+            with self.cond:
+                if self.closed:
+                    raise RuntimeError("the simulation engine is stopping")
+                self.in_flight += 1
+            try:
+                return call(backend, *args, **kwargs)
+            finally:
+                with self.cond:
+                    self.in_flight -= 1
+                    self.cond.notify_all()
+        return process_message
+
+    def draining(self, stop):
+        def terminate(backend):
+            with self.cond:
+                self.closed = True
+                self.cond.wait_for(lambda: self.in_flight == 0, timeout=self.timeout)
+            return stop(backend)
+        return terminate
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -1,7 +1,7 @@
 """The simulation's message lookup (:func:`carbonfed.federation.flower_compat._message_ins_for`) against
 Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, and its dispatcher woken by a push
 (:func:`~carbonfed.federation.flower_compat._extract_on_push`) against ``vce_api.add_messages_to_queue``,
-on real link states built as the simulation engine builds them
+and the backend drained before Ray stops (:class:`~carbonfed.federation.flower_compat._Drain`), on real link states built as the simulation engine builds them
 (``flwr.simulation.run_simulation._run_simulation``)."""
 
 import queue
@@ -23,7 +23,10 @@ from flwr.superlink.grid import InMemoryGrid
 from flwr.proto.task_pb2 import Task  # noqa: E402  (Flower internals, as the engine)
 from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_messages_to_queue
 
-from carbonfed.federation.flower_compat import _extract_on_push, _message_ins_for, _waking, act_as_server_app
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+from carbonfed.federation.flower_compat import (_Drain, _extract_on_push, _message_ins_for, _waking,
+                                                act_as_server_app)
 
 ORIGINAL = InMemoryLinkState.get_message_ins
 
@@ -119,3 +122,36 @@ def test_the_dispatcher_queues_what_flowers_does_and_a_push_wakes_it():
         out.get(timeout=1.0)
     stop.set()
     pushed.set()
+
+
+def test_a_stopping_backend_waits_for_the_calls_in_flight_and_starts_no_new_one():
+    """Ray is shut down (``terminate``) only once the ClientApp call in flight has its result; a call
+    that comes after the stop began is refused, not sent to a Ray about to go. The wrapped methods
+    are Flower 1.42.0's ``RayBackend.process_message(message, context)`` and ``terminate()``."""
+    import inspect
+
+    assert list(inspect.signature(RayBackend.process_message).parameters) == ["self", "message", "context"]
+    assert list(inspect.signature(RayBackend.terminate).parameters) == ["self"]
+    drain, release, events = _Drain(timeout=30.0), threading.Event(), []
+
+    def slow_call(backend, message, context):
+        events.append("call started")
+        release.wait(30)
+        events.append("call ended")
+        return message, context
+
+    process, terminate = drain.counted(slow_call), drain.draining(lambda backend: events.append("ray shut down"))
+    worker = threading.Thread(target=process, args=(None, "m", "c"))
+    worker.start()
+    while events != ["call started"]:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=terminate, args=(None,))
+    stopper.start()
+    time.sleep(0.5)
+    assert events == ["call started"] and stopper.is_alive()       # terminate waits for the call
+    with pytest.raises(RuntimeError, match="stopping"):
+        process(None, "late", "c")
+    release.set()
+    stopper.join(10)
+    worker.join(10)
+    assert events == ["call started", "call ended", "ray shut down"]
