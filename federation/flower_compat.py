@@ -36,7 +36,8 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   1.42.0's engine hands each node its next message in sweeps 0.1 s apart, so every exchange began
   on average 50 ms after the ServerApp pushed it (a masked round has three exchanges one after the
   other). The replacement is the same sweep, also run as soon as the ServerApp's grid has stored a
-  push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's.
+  push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's,
+  taken in one pass over the stored messages (:func:`_next_messages`), not one per node.
 
 * **The backend drained before Ray stops** (:class:`_Drain`, around ``RayBackend.process_message``
   and ``RayBackend.terminate`` while :func:`simulate` runs). When the engine stops early (a signal,
@@ -163,10 +164,31 @@ def _extract_on_push(pushed: threading.Event, state, queue, nodes_mapping, f_sto
     ``pushed`` is set, not only ``period`` seconds after the last sweep."""
     while not f_stop.is_set():
         pushed.clear()                  # a push stored from here on wakes the wait below
-        for node_id in nodes_mapping.keys():
-            for msg in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(msg)
+        for msg in _next_messages(state, list(nodes_mapping.keys())):
+            queue.put(msg)
         pushed.wait(period)
+
+
+def _next_messages(state, node_ids: list[int]) -> list[Message]:
+    """What ``state.get_message_ins(node_id=n, limit=1)`` hands out for each ``n`` of ``node_ids`` in
+    turn (each node's first undelivered message, checked as :func:`_message_ins_for` checks it, then
+    marked delivered), in node order, from one pass over the stored messages instead of one per node."""
+    from flwr.supercore.date import now
+
+    wanted, first = set(node_ids), {}
+    with state.lock:
+        for msg_id, msg in list(state.message_ins_store.items()):
+            node = msg.metadata.dst_node_id
+            if node not in wanted or node in first:
+                continue
+            state._check_stored_messages({msg_id})        # expired or out of the federation: deleted
+            kept = state.message_ins_store.get(msg_id)
+            if kept and kept.metadata.delivered_at == "":
+                first[node] = kept
+    delivered_at = now().isoformat()
+    for msg in first.values():
+        msg.metadata.delivered_at = delivered_at
+    return [first[n] for n in node_ids if n in first]
 
 
 def _waking(push, pushed: threading.Event):

@@ -35,7 +35,7 @@ Guarantees
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -263,8 +263,11 @@ class DDPAccountant:
     each at the noise floor its share was calibrated for), kept in the client's durable state.
 
     Guarantees: :attr:`history` is plain JSON, one list ``[variance, l2, l1, sample_rate, steps]``
-    per release (:data:`HISTORY_KEYS`; a signed statement keeps each entry as a list); :meth:`state_dict`
-    has a ``steps`` list, so the client state's step count (``accountant_steps``) grows with it."""
+    per run of identical releases (:data:`HISTORY_KEYS`; a signed statement keeps each entry as a
+    list): :meth:`add` of the mechanism the last entry holds adds to its ``steps`` (the same
+    composition, as Opacus' RDP accountant keeps its history), so that the history a client signs
+    every round stays a few entries long, not one per round. :meth:`state_dict` has a ``steps``
+    list, so the client state's step count (``accountant_steps``) grows with it."""
 
     releases: list[Release] = field(default_factory=list)
 
@@ -273,7 +276,12 @@ class DDPAccountant:
         return [[getattr(r, k) for k in HISTORY_KEYS] for r in self.releases]
 
     def add(self, release: Release) -> None:
-        self.releases.append(release)
+        last = self.releases[-1] if self.releases else None
+        if last is not None and (last.variance, last.l2, last.l1, last.sample_rate) == (
+                release.variance, release.l2, release.l1, release.sample_rate):
+            self.releases[-1] = replace(last, steps=last.steps + release.steps)
+        else:
+            self.releases.append(release)
 
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.releases, delta)

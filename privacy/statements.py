@@ -55,6 +55,15 @@ FACT_KEYS = ("epsilon", "epsilon_before", "delta", "noise_multiplier", "sample_r
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def line_history(line: Mapping) -> list | None:
+    """The accountant history a ledger line's statement signs (the line does not repeat it; a line
+    written before carbonfed stopped repeating it carries it at the top level too)."""
+    st = line.get(FIELD)
+    facts = st.get("facts") if isinstance(st, Mapping) else None
+    hist = facts.get("history") if isinstance(facts, Mapping) else None
+    return hist if hist is not None else line.get("history")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(bytes(data)).hexdigest()
 

@@ -138,7 +138,7 @@ def charge_round(p, plan_, server_round: int) -> dict:
         raise BudgetExceeded(f"{p.country}: round {server_round} would raise ε from {eps_before:.4f} to {eps_after:.4f}, "
                              f"above the budget ε={p.cfg.epsilon} at δ={delta}; refusing to train")
     acc.add(rel)
-    dict.__setitem__(p.state, "epsilon", [len(acc.history), eps_after])
+    dict.__setitem__(p.state, "epsilon", [acc.total_steps(), eps_after])
     p._save_accountant(acc)
     # the facts a statement may carry (privacy.statements.FACT_KEYS): the history holds the variance
     return {"noise_multiplier": plan_.noise_multiplier, "epsilon_before": eps_before, "epsilon": eps_after,

@@ -194,13 +194,14 @@ class Participant:
 
     def epsilon(self) -> float:
         """ε of the accountant's history at the run's δ, kept in the state with the number of
-        mechanisms it is of (an accountant's ε is a pure function of its history)."""
+        steps the history composes (an accountant's ε is a pure function of its history, which
+        only grows: every charge adds steps)."""
         acc = self.accountant
         known = self.state.get("epsilon")
-        if known and known[0] == len(acc.history):
+        if known and known[0] == acc.total_steps():
             return float(known[1])
         eps = acc.epsilon(self.cfg.delta)
-        dict.__setitem__(self.state, "epsilon", [len(acc.history), eps])
+        dict.__setitem__(self.state, "epsilon", [acc.total_steps(), eps])
         return eps
 
     def stats_mechanism(self) -> list[tuple[float, float, int]]:
@@ -350,7 +351,7 @@ class Participant:
                     f"{self.country}: round {server_round} would raise ε from {eps_before:.4f} to "
                     f"{eps_after:.4f}, above the budget ε={self.cfg.epsilon} at δ={self.cfg.delta}; refusing to train")
             acc.add(sigma, q, steps)
-            dict.__setitem__(self.state, "epsilon", [len(acc.history), eps_after])   # written with the charge
+            dict.__setitem__(self.state, "epsilon", [acc.total_steps(), eps_after])   # written with the charge
             self._save_accountant(acc)
             facts.update(epsilon=eps_after, total_steps=acc.total_steps())
             settings = settings.with_noise(sigma)

@@ -41,6 +41,7 @@ from carbonfed.privacy.binding import secret_key_bytes, tag_key
 from carbonfed.privacy.charter import Charter
 from carbonfed.privacy.he import SECRET_CONTEXT_FILE, HEParams, load_secret_context
 from carbonfed.privacy.ledger import read_ledger
+from carbonfed.privacy.statements import line_history
 
 
 def scores(cm: np.ndarray) -> dict:
@@ -174,8 +175,8 @@ def _stats_release(ledger: list[dict]) -> tuple[object, bool, int]:
     sig = lambda h: h[0] if len(h) == 3 else float(h[0]) ** 0.5 / float(h[1])  # noqa: E731
     rate = lambda h: float(h[1] if len(h) == 3 else h[3])                     # noqa: E731
     stats_sigma = _one_or_range(sig(h) for l in ledger if l.get("kind") == "stats"
-                                for h in (l.get("history") or []) if rate(h) >= 1.0)
-    stats_releases = max((sum(1 for h in (l.get("history") or []) if rate(h) >= 1.0)
+                                for h in (line_history(l) or []) if rate(h) >= 1.0)
+    stats_releases = max((sum(int(h[-1]) for h in (line_history(l) or []) if rate(h) >= 1.0)
                           for l in ledger if l.get("kind") == "stats"), default=0)
     return stats_sigma, stats_sigma is not None, stats_releases
 

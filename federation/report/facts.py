@@ -32,6 +32,7 @@ from carbonfed.federation.run_data import load_run_data
 from carbonfed.privacy.accountant import ACCOUNTANT_NAME, EPS_ERROR
 from carbonfed.privacy.audit.maths import clt_mu, gdp_epsilon
 from carbonfed.privacy.ledger import check_chain, read_ledger
+from carbonfed.privacy.statements import line_history
 from carbonfed.privacy.stats_release import ASINH_CLIP, CONTRIB_CLIP, REFINE_CLIP
 
 LIBRARIES = ("torch", "flwr", "opacus", "tenseal", "dp-accounting", "numpy")
@@ -134,7 +135,7 @@ def _per_client(ledger: list[dict], v: dict) -> dict[str, dict]:
     per_client = {}
     for who, c in sorted(_client_lines(ledger).items()):
         last = c["last"]
-        hist = last.get("history") if last else None
+        hist = line_history(last) if last else None
         mu = clt_mu(hist) if hist and len(hist[0]) == 3 else None   # ddp+he histories: Skellam, no GDP view
         vc = v.get("per_client", {}).get(who, {})
         per_client[who] = {
@@ -181,7 +182,7 @@ def _mechanism_facts(ledger: list[dict], cfg) -> dict:
     stats_lines = [l for l in ledger if l.get("kind") == "stats"]
     trained = [l for l in train if l.get("status") == "accepted"]
     # the statistics releases of the longest history a stats line carries (stage 1, stage 2)
-    stats_hist = max(([tuple(h) for h in (l.get("history") or []) if len(h) == 3 and float(h[1]) >= 1.0]
+    stats_hist = max(([tuple(h) for h in (line_history(l) or []) if len(h) == 3 and float(h[1]) >= 1.0]
                       for l in stats_lines),
                      key=len, default=[])
     sensitivity, sensitivity_src = _stats_sensitivity(cfg)

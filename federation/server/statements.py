@@ -25,7 +25,7 @@ from carbonfed.privacy.statements import FACT_KEYS, FIELD, statement_problem
 
 # The statement status a line of each status may carry.
 _STATUS_OF_LINE = {"accepted": ("ok",), "refused": ("refused",), "rejected": ("ok", "error")}
-_COPIED = tuple(k for k in FACT_KEYS if k not in ("reason", "delta"))
+_COPIED = tuple(k for k in FACT_KEYS if k not in ("reason", "delta", "history"))   # the history: signed only
 
 
 def reply_statement(meta: dict) -> dict | None:

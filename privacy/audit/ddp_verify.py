@@ -4,7 +4,8 @@
 Guarantees (each failure is a problem naming the client, line or round)
 -----------------------------------------------------------------------
 * **Per client.** Each client's signed history (a list of Skellam mechanisms ``[variance, l2,
-  l1, sample_rate, steps]``) only grows along its statements; its last one is re-accounted and
+  l1, sample_rate, steps]``) only grows along its statements (entries appended, or the last
+  entry's ``steps`` raised: the accountant counts a repeated mechanism there); its last one is re-accounted and
   the claimed ε must lie within ``rel_tol`` of it, and within the budget.
 * **Per round, from signatures.** A round's contributors are the distinct clients of the accepted
   ``train`` lines of that round whose statement verified, never the server's summary: a round
@@ -45,6 +46,17 @@ def _history(raw, where: str, problems: list[str]) -> list[dict] | None:
     return [{k: m[k] for k in KEYS} for m in raw]
 
 
+def extends(hist: list[dict], prev: list[dict]) -> bool:
+    """``hist`` is ``prev`` with releases added: appended, or (the same mechanism as ``prev``'s last
+    entry) counted in that entry's ``steps``, never fewer."""
+    if not prev:
+        return True
+    if len(hist) < len(prev) or hist[:len(prev) - 1] != prev[:-1]:
+        return False
+    a, b = hist[len(prev) - 1], prev[-1]
+    return a == b or (all(a[k] == b[k] for k in KEYS if k != "steps") and a["steps"] > b["steps"])
+
+
 def account_clients(chains: dict, delta: float, rel_tol: float, problems: list[str]) -> tuple[dict, dict]:
     """(per-client summaries, each client's prior: its history at its last statistics statement)."""
     per, priors = {}, {}
@@ -58,8 +70,8 @@ def account_clients(chains: dict, delta: float, rel_tol: float, problems: list[s
             hist = _history(f["history"], where, problems)
             if hist is None:
                 continue
-            if hist[:len(prev)] != prev:
-                problems.append(f"{where}: history does not extend the one before; an accountant only appends")
+            if not extends(hist, prev):
+                problems.append(f"{where}: history does not extend the one before; an accountant only adds")
             if st["kind"] == "stats":
                 priors[who] = hist
             prev, last = hist, (n, st, hist)
@@ -117,7 +129,7 @@ def central_epsilon(charter: Charter, records: list[dict], chains: dict, priors:
             problems.append(f"line {n} (round {r}): released with {m} signed contributors, below the floor {floor}")
         if m >= floor:
             rounds.append(m)
-    prior = max(priors.values(), key=len) if priors else []
+    prior = max(priors.values(), key=lambda h: sum(m["steps"] for m in h)) if priors else []
     history = list(prior)
     if mech is not None:
         share = float(mech["variance"]) / n_min

@@ -52,6 +52,9 @@ def test_the_run_completes_within_epsilon_and_verify_recomputes_it(ddp_run):
         assert abs(e["claimed"] - e["recomputed"]) <= 0.01 * e["recomputed"]
     train = [r for r in ledger if r.get("kind") == "train" and r["status"] == "accepted"]
     hist = [dict(zip(HISTORY_KEYS, m)) for m in train[-1]["signed"]["facts"]["history"]]
+    # the line does not repeat the signed history, which holds a repeated release once, its steps counted
+    assert all("history" not in r for r in ledger) and hist[-1]["steps"] == ROUNDS
+    assert sum(m["steps"] for m in hist) == train[-1]["total_steps"] and len(hist) < train[-1]["total_steps"]
     assert abs(recompute_epsilon(hist, cfg.delta) - res.epsilon_max_claimed) <= 0.01 * res.epsilon_max_claimed
     assert res.ddp["epsilon"] <= res.epsilon_max_claimed + 1e-9      # all contributed: more noise than the floor
 

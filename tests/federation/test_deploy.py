@@ -28,6 +28,7 @@ from carbonfed.federation.deploy.flower_cli import REPO, flower_bin, write_app
 from carbonfed.federation.deploy.local import deploy_local
 from carbonfed.federation.deploy.processes import free_port, marked_pids
 from carbonfed.privacy.ledger import check_chain, read_ledger
+from carbonfed.privacy.statements import line_history
 
 pytestmark = pytest.mark.slow   # builds whole federations
 
@@ -118,7 +119,7 @@ def test_epsilon_never_decreases(faulty_run):
     per: dict[str, list[tuple[float, int]]] = {}
     for l in _lines(out):
         if l["kind"] in ("stats", "train") and l.get("epsilon") is not None:
-            steps = sum(h[2] for h in l["history"])
+            steps = sum(h[2] for h in line_history(l))
             per.setdefault(l["country"], []).append((l["epsilon"], steps))
     assert len(per) == 3
     for country, seq in per.items():

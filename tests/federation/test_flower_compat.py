@@ -25,7 +25,7 @@ from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_message
 
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-from carbonfed.federation.flower_compat import (_Drain, _extract_on_push, _message_ins_for, _waking,
+from carbonfed.federation.flower_compat import (_Drain, _extract_on_push, _message_ins_for, _next_messages, _waking,
                                                 act_as_server_app)
 
 ORIGINAL = InMemoryLinkState.get_message_ins
@@ -81,6 +81,21 @@ def test_an_expired_message_is_dropped_not_handed_out():
     state2, nodes2 = _state_with_messages(plan)
     time.sleep(1.1)
     assert [m.content["c"]["k"] for m in ORIGINAL(state2, nodes2[0], None)] == [2]
+
+
+def test_one_pass_hands_each_node_what_flowers_lookup_does_node_by_node():
+    """:func:`_next_messages` (one pass over the store) gives, sweep after sweep, the messages that
+    Flower's own ``get_message_ins(node, limit=1)`` gives each node in turn, an expired one dropped."""
+    plan = [(0, 1), (1, 60), (0, 60), (2, 60), (3, 1), (0, 60), (4, 60), (2, 60), (3, 60)]
+    ours_state, nodes = _state_with_messages(plan)
+    theirs_state, their_nodes = _state_with_messages(plan)
+    time.sleep(1.1)
+    for _ in range(4):
+        ours = [m.content["c"]["k"] for m in _next_messages(ours_state, nodes)]
+        theirs = [m.content["c"]["k"] for n in their_nodes for m in ORIGINAL(theirs_state, n, 1)]
+        assert ours == theirs
+    assert len(ours_state.message_ins_store) == len(theirs_state.message_ins_store) == len(plan) - 2
+    assert all(m.metadata.delivered_at for m in ours_state.message_ins_store.values())
 
 
 def _dispatched(extract, state, nodes, until: int, timeout: float = 10.0) -> tuple[list, threading.Event, queue.Queue]:

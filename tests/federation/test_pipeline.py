@@ -17,6 +17,7 @@ from carbonfed.federation.report.build import build_report
 from carbonfed.federation.simulation import run_simulation
 from carbonfed.privacy.binding import BindingError
 from carbonfed.privacy.ledger import Ledger, check_chain, read_ledger
+from carbonfed.privacy.statements import line_history
 
 pytestmark = pytest.mark.slow   # builds whole federations
 
@@ -108,12 +109,12 @@ def test_epsilon_recomputed_by_independent_accountant(dphe):
     assert check_chain(ledger) == []
     last = {}
     for line in ledger:
-        if line["kind"] in ("stats", "train") and line.get("history"):
+        if line["kind"] in ("stats", "train") and line_history(line):
             last[line["country"]] = line
-    histories = {json.dumps(l["history"]) for l in last.values()}
+    histories = {json.dumps(line_history(l)) for l in last.values()}
     for h in histories:                                   # every client of the seed set has 73 rows
         hist = json.loads(h)
-        claimed = {l["epsilon"] for l in last.values() if json.dumps(l["history"]) == h}
+        claimed = {l["epsilon"] for l in last.values() if json.dumps(line_history(l)) == h}
         independent = pld_epsilon(hist, cfg.delta)
         for c in claimed:
             assert c == pytest.approx(independent, rel=0.05)
@@ -131,12 +132,12 @@ def test_three_statistics_stages_each_charged_once(dphe):
     s = cfg.stats_sigma
     for line in stats:
         want = [[s, 1.0, 1]] * line.get("stage", 1)
-        assert line["history"] == want
+        assert line_history(line) == want
     first_train = {}
     for line in ledger:
-        if line["kind"] == "train" and line.get("history") and line["country"] not in first_train:
+        if line["kind"] == "train" and line_history(line) and line["country"] not in first_train:
             first_train[line["country"]] = line
-    assert all(l["history"][:3] == [[s, 1.0, 1]] * 3 for l in first_train.values())
+    assert all(line_history(l)[:3] == [[s, 1.0, 1]] * 3 for l in first_train.values())
     pre = rep["preprocessing"]
     assert pre["stages"] == 3 and pre["covered_by_epsilon"] and "3 Gaussian release(s)" in pre["statement"]
     assert pre["transform"].startswith("asinh(x / c)") and pre["third_stage"]

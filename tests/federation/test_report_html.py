@@ -19,6 +19,7 @@ import pytest
 
 from carbonfed.federation.report_command import main as report_main
 from carbonfed.privacy.ledger import read_ledger
+from carbonfed.privacy.statements import line_history
 
 pytestmark = pytest.mark.slow   # builds whole federations
 
@@ -93,7 +94,7 @@ def test_privacy_statement_states_the_ledger(run):
         assert f"| {country} | {line['epsilon']:.4f} |" in md
     # μ-GDP by the CLT formula, recomputed here from the ledger's mechanism
     # (the largest over the clients: with the fault drills, not every client has the same history)
-    mu2 = max(sum(st / s ** 2 if q == 1.0 else q * q * st * math.expm1(1 / s ** 2) for s, q, st in line["history"])
+    mu2 = max(sum(st / s ** 2 if q == 1.0 else q * q * st * math.expm1(1 / s ** 2) for s, q, st in line_history(line))
               for line in last.values())
     assert f"μ_max ≈ {math.sqrt(mu2):.4f}" in md and "not a bound" in md
     # the plaintext section names what the server sees in the clear

@@ -12,7 +12,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from carbonfed.data.features import Standardizer
 from carbonfed.privacy.audit.ddp_epsilon import numeric_skellam_rdp, recompute_epsilon
-from carbonfed.privacy.distributed_dp import (DDPPlan, NoiseFloorError, calibrate, contribution, may_release,
+from carbonfed.privacy.audit.ddp_verify import KEYS, extends
+from carbonfed.privacy.distributed_dp import (DDPAccountant, DDPPlan, NoiseFloorError, calibrate, contribution, may_release,
                                               plan, release, spent, upload_epsilon)
 from carbonfed.privacy.fixed_point import WrapError
 from carbonfed.privacy.he import BFVCipher, HEParams, new_secret_context
@@ -127,6 +128,29 @@ def test_calibration_hits_the_target_and_the_independent_recomputation_agrees(q,
     # less noise than calibrated spends more than the target, by both accountants
     less = history[:-1] + [Release(0.9 * cal.central_variance, l2, l1_bound(l2, 110), q, rounds)]
     assert epsilon_of(less, DELTA) > epsilon and recompute_epsilon([r.to_dict() for r in less], DELTA) > epsilon
+
+
+def test_the_accountant_counts_a_repeated_release_in_one_entry_and_verify_reads_it_as_grown():
+    """A client's history holds one entry per run of identical releases (the steps counted there),
+    so a 50-round history is three entries, not 53; ε is that of the releases one by one, by
+    both accountants; along the statements, verify accepts the entry's steps growing, and
+    refuses steps that fall or a mechanism changed behind the last entry."""
+    stats = [Release(8.4e8, 1449.0, 10037.0), Release(1.05e10, 5121.0, 33577.0), Release(1.05e10, 5121.0, 33577.0)]
+    train = Release(7.7e9, 8193.0, 85924.0, 0.9)
+    acc, seen = DDPAccountant(), []
+    for r in stats + [train] * 50:
+        acc.add(r)
+        seen.append([dict(zip(KEYS, m)) for m in acc.history])
+    assert [m[-1] for m in acc.history] == [1, 2, 50] and acc.total_steps() == 53
+    one_by_one = epsilon_of(stats + [train] * 50, DELTA)
+    assert acc.epsilon(DELTA) == pytest.approx(one_by_one, rel=1e-12)
+    assert recompute_epsilon([dict(zip(KEYS, m)) for m in acc.history], DELTA) == pytest.approx(one_by_one, rel=0.01)
+    assert DDPAccountant.from_state(acc.state_dict()).history == acc.history
+    assert all(extends(later, earlier) for earlier, later in zip(seen, seen[1:]))
+    assert extends(seen[-1], seen[10]) and not extends(seen[10], seen[-1])          # steps never fall
+    changed = [dict(m) for m in seen[-1]]
+    changed[1]["variance"] *= 0.5
+    assert not extends(changed, seen[10])                                         # an earlier entry rewritten
 
 
 def test_closed_form_bounds_the_exact_renyi_divergence_of_the_skellam():
