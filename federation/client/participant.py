@@ -193,9 +193,8 @@ class Participant:
         self.state["accountant"] = acc.state_dict()
 
     def epsilon(self) -> float:
-        """ε of the accountant's history at the run's δ, kept in the state with the number of
-        steps the history composes (an accountant's ε is a pure function of its history, which
-        only grows: every charge adds steps)."""
+        """ε of the accountant's history at the run's δ, kept in the state with the steps the
+        history composes (ε is a pure function of the history, and every charge adds steps)."""
         acc = self.accountant
         known = self.state.get("epsilon")
         if known and known[0] == acc.total_steps():
