@@ -5,8 +5,8 @@ Guarantees (each failure is a problem naming the client, line or round)
 -----------------------------------------------------------------------
 * **Per client.** Each client's signed history (a list of Skellam mechanisms ``[variance, l2,
   l1, sample_rate, steps]``) only grows along its statements (entries appended, or the last
-  entry's ``steps`` raised: the accountant counts a repeated mechanism there); its last one is re-accounted and
-  the claimed ε must lie within ``rel_tol`` of it, and within the budget.
+  entry's ``steps`` raised: the accountant counts a repeated mechanism there); its last one is
+  re-accounted and the claimed ε must lie within ``rel_tol`` of it, and within the budget.
 * **Per round, from signatures.** A round's contributors are the distinct clients of the accepted
   ``train`` lines of that round whose statement verified, never the server's summary: a round
   line stating more contributors than that (a raised count, which would understate ε) is named,
