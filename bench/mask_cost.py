@@ -16,7 +16,9 @@ server's own round ``seconds`` (ledger), and the bytes each training client send
 (its seeds and share keys of the round and its bundle for the next round, as the ledger's
 ``masks`` blocks count them) and ``mask_setup_bytes`` (once per run: advert and first bundle).
 ``ratio`` divides each masked line by the unmasked one of the same pass; ``targets`` are the issue's:
-round time ≤ 1.5×, upload ≤ 1.2× today's (``update_bytes`` of the unmasked line). Prints one JSON object.
+round time ≤ 1.5× the unmasked line's, and upload ≤ 1.2× the 62.0 kB per client per round that the issue
+quotes as "today's" (74.4 kB: the unmasked upload when it was filed; seeded ciphertexts have since cut the
+unmasked upload to about 15 kB, so ``ratio`` shows the masks' share of today's). Prints one JSON object.
 """
 
 import argparse
@@ -39,7 +41,8 @@ from carbonfed.federation.keys import keygen_for   # noqa: E402
 from carbonfed.federation.simulation import run_simulation   # noqa: E402
 from carbonfed.privacy.ledger import read_ledger   # noqa: E402
 
-TARGETS = {"seconds_per_round": 1.5, "upload_bytes_per_client_round": 1.2}
+TARGETS = {"seconds_per_round": 1.5}                       # × the unmasked line of the same pass
+UPLOAD_AT_MOST = 1.2 * 62.0e3      # bytes per client per round: 1.2 × the issue's "today's 62.0 kB"
 
 
 def _mean(values: list) -> float | None:
@@ -91,6 +94,9 @@ def one_pass(mode: str, rounds: int, out: Path, keys: Path, neighbours: list[int
         res[name]["ratio"] = ratio
         res[name]["targets"] = {k: {"ratio": ratio.get(k), "at_most": limit, "met": (ratio.get(k) or 0) <= limit}
                                 for k, limit in TARGETS.items()}
+        up = res[name]["upload_bytes_per_client_round"]
+        res[name]["targets"]["upload_bytes_per_client_round"] = {"bytes": up, "at_most": UPLOAD_AT_MOST,
+                                                                 "met": up <= UPLOAD_AT_MOST}
     return res
 
 
