@@ -136,8 +136,6 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
 def _message_ins_for(state, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
     """Flower 1.42.0's ``InMemoryLinkState.get_message_ins`` (the messages not yet delivered to
     ``node_id``, at most ``limit``, marked delivered), checking only that node's messages."""
-    from flwr.supercore.date import now
-
     if limit is not None and limit < 1:
         raise AssertionError("`limit` must be >= 1")
     found: list[Message] = []
@@ -145,16 +143,30 @@ def _message_ins_for(state, node_id: int, limit: int | None, *, run_id: int | No
         for msg_id, msg in list(state.message_ins_store.items()):
             if msg.metadata.dst_node_id != node_id:
                 continue
-            state._check_stored_messages({msg_id})        # expired or out of the federation: deleted
-            kept = state.message_ins_store.get(msg_id)
-            if kept and (run_id is None or kept.metadata.run_id == run_id) and kept.metadata.delivered_at == "":
+            kept = _undelivered(state, msg_id)
+            if kept and (run_id is None or kept.metadata.run_id == run_id):
                 found.append(kept)
             if limit and len(found) == limit:
                 break
+    return _delivered(found)
+
+
+def _undelivered(state, msg_id: str) -> Message | None:
+    """The stored message ``msg_id`` if it is still to be delivered, checked as Flower 1.42.0 checks
+    it (expired or out of the federation: deleted); the caller holds ``state.lock``."""
+    state._check_stored_messages({msg_id})
+    kept = state.message_ins_store.get(msg_id)
+    return kept if kept and kept.metadata.delivered_at == "" else None
+
+
+def _delivered(messages: list[Message]) -> list[Message]:
+    """``messages``, marked delivered now (as Flower 1.42.0 marks what it hands out)."""
+    from flwr.supercore.date import now
+
     delivered_at = now().isoformat()
-    for msg in found:
+    for msg in messages:
         msg.metadata.delivered_at = delivered_at
-    return found
+    return messages
 
 
 def _extract_on_push(pushed: threading.Event, state, queue, nodes_mapping, f_stop: threading.Event,
@@ -173,22 +185,13 @@ def _next_messages(state, node_ids: list[int]) -> list[Message]:
     """What ``state.get_message_ins(node_id=n, limit=1)`` hands out for each ``n`` of ``node_ids`` in
     turn (each node's first undelivered message, checked as :func:`_message_ins_for` checks it, then
     marked delivered), in node order, from one pass over the stored messages instead of one per node."""
-    from flwr.supercore.date import now
-
     wanted, first = set(node_ids), {}
     with state.lock:
         for msg_id, msg in list(state.message_ins_store.items()):
             node = msg.metadata.dst_node_id
-            if node not in wanted or node in first:
-                continue
-            state._check_stored_messages({msg_id})        # expired or out of the federation: deleted
-            kept = state.message_ins_store.get(msg_id)
-            if kept and kept.metadata.delivered_at == "":
+            if node in wanted and node not in first and (kept := _undelivered(state, msg_id)):
                 first[node] = kept
-    delivered_at = now().isoformat()
-    for msg in first.values():
-        msg.metadata.delivered_at = delivered_at
-    return [first[n] for n in node_ids if n in first]
+    return _delivered([first[n] for n in node_ids if n in first])
 
 
 def _waking(push, pushed: threading.Event):
