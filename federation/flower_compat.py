@@ -22,22 +22,16 @@ Everything else in carbonfed uses Flower's public API (``flwr.app``, ``flwr.serv
   SuperLink's reply for a node whose heartbeats stopped carries ``ErrorCode.NODE_UNAVAILABLE``
   from ``flwr.common.constant``.
 
-* **The simulation's message lookup** (:func:`_message_ins_for`, in place of
-  ``InMemoryLinkState.get_message_ins`` while :func:`simulate` runs). The engine asks the link
-  state for each node's next message every 0.1 s, and Flower 1.42.0 answers each ask by checking
-  every stored message (expiry, federation) whatever its addressee: 164 nodes × up to 274 stored
-  messages a round, in the process and under the interpreter lock of the ServerApp. The
-  replacement checks, and hands out, exactly the messages the original would for that node, in the
-  same order and with the same checks, but skips the other nodes' messages (each node's are
-  checked when that node is asked, every sweep).
-
 * **The simulation's dispatcher, woken by a push** (:func:`_extract_on_push`, in place of
   ``vce_api.add_messages_to_queue``, and a push that wakes it, while :func:`simulate` runs). Flower
   1.42.0's engine hands each node its next message in sweeps 0.1 s apart, so every exchange began
   on average 50 ms after the ServerApp pushed it (a masked round has three exchanges one after the
   other). The replacement is the same sweep, also run as soon as the ServerApp's grid has stored a
-  push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's,
-  taken in one pass over the stored messages (:func:`_next_messages`), not one per node.
+  push (``InMemoryGrid.push_messages`` returns); messages, order and checks are the original's
+  (``InMemoryLinkState.get_message_ins(node, limit=1)`` for each node in turn), taken in one pass
+  over the stored messages (:func:`_next_messages`): Flower's lookup checks every stored message
+  (expiry, federation) for each node it is asked about, 164 nodes × up to 274 stored messages a
+  sweep, in the process and under the interpreter lock of the ServerApp.
 
 * **The backend drained before Ray stops** (:class:`_Drain`, around ``RayBackend.process_message``
   and ``RayBackend.terminate`` while :func:`simulate` runs). When the engine stops early (a signal,
@@ -95,7 +89,6 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     does, a fresh random run id is drawn and the exit telemetry event is the Python API's.
     """
     # Flower 1.42.0 internals; the engine is heavy to import, so only here.
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -114,41 +107,21 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    original = (InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages,
-                RayBackend.process_message, RayBackend.terminate)
+    original = (vce_api.add_messages_to_queue, InMemoryGrid.push_messages, RayBackend.process_message,
+                RayBackend.terminate)
     pushed, drain = threading.Event(), _Drain()
     try:
-        InMemoryLinkState.get_message_ins = _message_ins_for
         vce_api.add_messages_to_queue = partial(_extract_on_push, pushed)
-        InMemoryGrid.push_messages = _waking(original[2], pushed)
-        RayBackend.process_message, RayBackend.terminate = drain.counted(original[3]), drain.draining(original[4])
+        InMemoryGrid.push_messages = _waking(original[1], pushed)
+        RayBackend.process_message, RayBackend.terminate = drain.counted(original[2]), drain.draining(original[3])
         _start_ray(backend_config.get("init_args") or {})
         _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                         client_app=client_app, server_app=server_app, backend_name="ray",
                         backend_config=backend_config, app_dir=app_dir, run=run, server_app_context=context,
                         verbose_logging=verbose, is_app=True)
     finally:
-        (InMemoryLinkState.get_message_ins, vce_api.add_messages_to_queue, InMemoryGrid.push_messages,
-         RayBackend.process_message, RayBackend.terminate) = original
+        vce_api.add_messages_to_queue, InMemoryGrid.push_messages, RayBackend.process_message, RayBackend.terminate = original
         _stop_ray()          # Flower shuts Ray down when its engine ends; an interruption may come first
-
-
-def _message_ins_for(state, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
-    """Flower 1.42.0's ``InMemoryLinkState.get_message_ins`` (the messages not yet delivered to
-    ``node_id``, at most ``limit``, marked delivered), checking only that node's messages."""
-    if limit is not None and limit < 1:
-        raise AssertionError("`limit` must be >= 1")
-    found: list[Message] = []
-    with state.lock:
-        for msg_id, msg in list(state.message_ins_store.items()):
-            if msg.metadata.dst_node_id != node_id:
-                continue
-            kept = _undelivered(state, msg_id)
-            if kept and (run_id is None or kept.metadata.run_id == run_id):
-                found.append(kept)
-            if limit and len(found) == limit:
-                break
-    return _delivered(found)
 
 
 def _undelivered(state, msg_id: str) -> Message | None:
@@ -183,8 +156,8 @@ def _extract_on_push(pushed: threading.Event, state, queue, nodes_mapping, f_sto
 
 def _next_messages(state, node_ids: list[int]) -> list[Message]:
     """What ``state.get_message_ins(node_id=n, limit=1)`` hands out for each ``n`` of ``node_ids`` in
-    turn (each node's first undelivered message, checked as :func:`_message_ins_for` checks it, then
-    marked delivered), in node order, from one pass over the stored messages instead of one per node."""
+    turn (each node's first undelivered message, checked as Flower checks it, then marked
+    delivered), in node order, from one pass over the stored messages instead of one per node."""
     wanted, first = set(node_ids), {}
     with state.lock:
         for msg_id, msg in list(state.message_ins_store.items()):

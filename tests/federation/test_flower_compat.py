@@ -1,8 +1,8 @@
-"""The simulation's message lookup (:func:`carbonfed.federation.flower_compat._message_ins_for`) against
-Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, and its dispatcher woken by a push
+"""The simulation's message lookup (:func:`carbonfed.federation.flower_compat._next_messages`) against
+Flower 1.42.0's own ``InMemoryLinkState.get_message_ins``, its dispatcher woken by a push
 (:func:`~carbonfed.federation.flower_compat._extract_on_push`) against ``vce_api.add_messages_to_queue``,
-and the backend drained before Ray stops (:class:`~carbonfed.federation.flower_compat._Drain`), on real link states built as the simulation engine builds them
-(``flwr.simulation.run_simulation._run_simulation``)."""
+and the backend drained before Ray stops (:class:`~carbonfed.federation.flower_compat._Drain`), on real
+link states built as the simulation engine builds them (``flwr.simulation.run_simulation._run_simulation``)."""
 
 import queue
 import threading
@@ -25,7 +25,7 @@ from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_message
 
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-from carbonfed.federation.flower_compat import (_Drain, _extract_on_push, _message_ins_for, _next_messages, _waking,
+from carbonfed.federation.flower_compat import (_Drain, _extract_on_push, _next_messages, _waking,
                                                 act_as_server_app)
 
 ORIGINAL = InMemoryLinkState.get_message_ins
@@ -50,37 +50,6 @@ def _state_with_messages(plan: list[tuple[int, int]]):
     assert all(ids)
     _state_with_messages.grid = grid             # (the last one made: a test that pushes more)
     return state, nodes
-
-
-def _asks(state, nodes, lookup, limit):
-    """Each node's answer, as the engine asks (every node in turn), until nothing is left: the
-    ``k`` of each message handed out, per ask."""
-    out = []
-    for _ in range(4):
-        for node in nodes:
-            out.append([m.content["c"]["k"] for m in lookup(state, node, limit)])
-    return out
-
-
-def test_the_lookup_hands_out_what_flowers_does_in_the_same_order():
-    plan = [(0, 60), (1, 60), (0, 60), (2, 60), (3, 60), (0, 60), (4, 60), (2, 60)]
-    for limit in (1, 2, None):
-        ours = _asks(*_state_with_messages(plan), _message_ins_for, limit)
-        theirs = _asks(*_state_with_messages(plan), ORIGINAL, limit)
-        assert ours == theirs
-        assert sorted(k for ask in ours for k in ask) == list(range(len(plan)))    # each once
-    assert _asks(*_state_with_messages(plan), _message_ins_for, 1)[0] == [0]       # node 0's first message first
-
-
-def test_an_expired_message_is_dropped_not_handed_out():
-    plan = [(0, 1), (1, 60), (0, 60)]
-    state, nodes = _state_with_messages(plan)
-    time.sleep(1.1)
-    assert [m.content["c"]["k"] for m in _message_ins_for(state, nodes[0], None)] == [2]
-    assert len(state.message_ins_store) == 2                     # the expired one is deleted, as Flower does
-    state2, nodes2 = _state_with_messages(plan)
-    time.sleep(1.1)
-    assert [m.content["c"]["k"] for m in ORIGINAL(state2, nodes2[0], None)] == [2]
 
 
 def test_one_pass_hands_each_node_what_flowers_lookup_does_node_by_node():
